@@ -1,0 +1,443 @@
+//! A cached response and its versioned binary codec.
+//!
+//! The layout is `MAGIC (2) | VERSION (1) | fixed fields | headers | body |
+//! trailers | vary`, all integers big-endian, every variable part length
+//! prefixed. Decoding checks every length and every header, so a record that
+//! was truncated, written by another program or by a future version decodes
+//! to an error (the caller treats it as a miss and deletes it), never to a
+//! panic and never to a wrong response.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+const MAGIC: [u8; 2] = *b"TF";
+const VERSION: u8 = 1;
+
+/// A stored response: what is replayed on a hit, and the times that decide
+/// whether it may be.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) trailers: Option<HeaderMap>,
+    /// When the response was generated, as far as this cache can tell
+    /// (arrival time minus the `Age` it arrived with), in ms since the epoch.
+    pub(crate) stored_at_ms: u64,
+    /// Until when the entry is fresh (ms since the epoch).
+    pub(crate) fresh_until_ms: u64,
+    /// Until when the entry may be served stale (ms since the epoch); never
+    /// before `fresh_until_ms`.
+    pub(crate) stale_until_ms: u64,
+    /// How long the origin took to produce the response (XFetch's delta).
+    pub(crate) rebuild_ms: u32,
+    /// The request header values the response varies on (`Vary`), as sent by
+    /// the request that filled the entry: `None` when the header was absent.
+    pub(crate) vary: Vec<(HeaderName, Option<HeaderValue>)>,
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("status", &self.status)
+            .field("headers", &self.headers.len())
+            .field("body_len", &self.body.len())
+            .field("trailers", &self.trailers.as_ref().map(HeaderMap::len))
+            .field("stored_at_ms", &self.stored_at_ms)
+            .field("fresh_until_ms", &self.fresh_until_ms)
+            .field("stale_until_ms", &self.stale_until_ms)
+            .field("rebuild_ms", &self.rebuild_ms)
+            .finish()
+    }
+}
+
+/// Why a stored record could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DecodeError {
+    /// The record does not start with the tower-fence magic bytes.
+    NotAnEntry,
+    /// Written by a codec version this build does not know.
+    UnknownVersion(u8),
+    /// The record ends before a field it announces.
+    Truncated,
+    /// A status, header name or header value is not valid HTTP.
+    Invalid,
+    /// Bytes follow the last field.
+    TrailingBytes,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::NotAnEntry => f.write_str("record is not a tower-fence entry"),
+            DecodeError::UnknownVersion(v) => write!(f, "unknown entry codec version {v}"),
+            DecodeError::Truncated => f.write_str("entry record is truncated"),
+            DecodeError::Invalid => f.write_str("entry record holds invalid HTTP data"),
+            DecodeError::TrailingBytes => f.write_str("entry record has trailing bytes"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+impl Entry {
+    /// Encodes the entry into one contiguous value (one Redis `SET`).
+    pub(crate) fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.encoded_len_hint());
+        out.put_slice(&MAGIC);
+        out.put_u8(VERSION);
+        out.put_u16(self.status.as_u16());
+        out.put_u64(self.stored_at_ms);
+        out.put_u64(self.fresh_until_ms);
+        out.put_u64(self.stale_until_ms);
+        out.put_u32(self.rebuild_ms);
+        put_headers(&mut out, &self.headers);
+        put_len(&mut out, self.body.len());
+        out.put_slice(&self.body);
+        match &self.trailers {
+            None => out.put_u8(0),
+            Some(trailers) => {
+                out.put_u8(1);
+                put_headers(&mut out, trailers);
+            }
+        }
+        put_len(&mut out, self.vary.len());
+        for (name, value) in &self.vary {
+            put_bytes(&mut out, name.as_str().as_bytes());
+            match value {
+                None => out.put_u8(0),
+                Some(value) => {
+                    out.put_u8(1);
+                    put_bytes(&mut out, value.as_bytes());
+                }
+            }
+        }
+        out.freeze()
+    }
+
+    fn encoded_len_hint(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 8)
+            .sum();
+        64 + headers + self.body.len()
+    }
+
+    /// Decodes a record written by [`Entry::encode`]. The body is a
+    /// zero-copy slice of `record`.
+    pub(crate) fn decode(record: &Bytes) -> Result<Entry, DecodeError> {
+        let mut buf = record.clone();
+        if buf.remaining() < MAGIC.len() || buf[..2] != MAGIC {
+            return Err(DecodeError::NotAnEntry);
+        }
+        buf.advance(2);
+        let version = get_u8(&mut buf)?;
+        if version != VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let status = StatusCode::from_u16(get_u16(&mut buf)?).map_err(|_| DecodeError::Invalid)?;
+        let stored_at_ms = get_u64(&mut buf)?;
+        let fresh_until_ms = get_u64(&mut buf)?;
+        let stale_until_ms = get_u64(&mut buf)?;
+        if stale_until_ms < fresh_until_ms {
+            return Err(DecodeError::Invalid);
+        }
+        let rebuild_ms = get_u32(&mut buf)?;
+        let headers = get_headers(&mut buf)?;
+        let body = get_bytes(&mut buf)?;
+        let trailers = match get_u8(&mut buf)? {
+            0 => None,
+            1 => Some(get_headers(&mut buf)?),
+            _ => return Err(DecodeError::Invalid),
+        };
+        let vary_len = get_len(&mut buf)?;
+        let mut vary = Vec::with_capacity(vary_len.min(64));
+        for _ in 0..vary_len {
+            let name =
+                HeaderName::from_bytes(&get_bytes(&mut buf)?).map_err(|_| DecodeError::Invalid)?;
+            let value = match get_u8(&mut buf)? {
+                0 => None,
+                1 => Some(
+                    HeaderValue::from_maybe_shared(get_bytes(&mut buf)?)
+                        .map_err(|_| DecodeError::Invalid)?,
+                ),
+                _ => return Err(DecodeError::Invalid),
+            };
+            vary.push((name, value));
+        }
+        if buf.has_remaining() {
+            return Err(DecodeError::TrailingBytes);
+        }
+        Ok(Entry {
+            status,
+            headers,
+            body,
+            trailers,
+            stored_at_ms,
+            fresh_until_ms,
+            stale_until_ms,
+            rebuild_ms,
+            vary,
+        })
+    }
+
+    /// Milliseconds the entry stays fresh after `now_ms` (negative once stale).
+    pub(crate) fn ttl_ms(&self, now_ms: u64) -> i64 {
+        saturating_diff(self.fresh_until_ms, now_ms)
+    }
+
+    /// Whether the entry is fresh at `now_ms`.
+    pub(crate) fn is_fresh(&self, now_ms: u64) -> bool {
+        now_ms < self.fresh_until_ms
+    }
+
+    /// Whole seconds since the response was generated (RFC 9111 §4.2.3).
+    pub(crate) fn age_secs(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.stored_at_ms) / 1000
+    }
+
+    /// How long a store should keep the record: until the end of its stale
+    /// window, at least one millisecond.
+    pub(crate) fn store_ttl(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(self.stale_until_ms.saturating_sub(now_ms).max(1))
+    }
+}
+
+fn saturating_diff(a: u64, b: u64) -> i64 {
+    let diff = i128::from(a) - i128::from(b);
+    diff.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock set before 1970).
+pub(crate) fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn put_len(out: &mut BytesMut, len: usize) {
+    // Bodies are capped far below 4 GiB by `max_body_size`; saturate anyway.
+    out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+}
+
+fn put_bytes(out: &mut BytesMut, bytes: &[u8]) {
+    put_len(out, bytes.len());
+    out.put_slice(bytes);
+}
+
+fn put_headers(out: &mut BytesMut, headers: &HeaderMap) {
+    put_len(out, headers.len());
+    for (name, value) in headers {
+        put_bytes(out, name.as_str().as_bytes());
+        put_bytes(out, value.as_bytes());
+    }
+}
+
+fn get_u8(buf: &mut Bytes) -> Result<u8, DecodeError> {
+    buf.try_get_u8().map_err(|_| DecodeError::Truncated)
+}
+
+fn get_u16(buf: &mut Bytes) -> Result<u16, DecodeError> {
+    buf.try_get_u16().map_err(|_| DecodeError::Truncated)
+}
+
+fn get_u32(buf: &mut Bytes) -> Result<u32, DecodeError> {
+    buf.try_get_u32().map_err(|_| DecodeError::Truncated)
+}
+
+fn get_u64(buf: &mut Bytes) -> Result<u64, DecodeError> {
+    buf.try_get_u64().map_err(|_| DecodeError::Truncated)
+}
+
+fn get_len(buf: &mut Bytes) -> Result<usize, DecodeError> {
+    let len = get_u32(buf)? as usize;
+    // Every element takes at least one byte, so a length beyond what is left
+    // is a lie: refuse it before allocating for it.
+    if len > buf.remaining() {
+        return Err(DecodeError::Truncated);
+    }
+    Ok(len)
+}
+
+fn get_bytes(buf: &mut Bytes) -> Result<Bytes, DecodeError> {
+    let len = get_len(buf)?;
+    Ok(buf.split_to(len))
+}
+
+fn get_headers(buf: &mut Bytes) -> Result<HeaderMap, DecodeError> {
+    let count = get_len(buf)?;
+    let mut headers = HeaderMap::with_capacity(count.min(128));
+    for _ in 0..count {
+        let name = HeaderName::from_bytes(&get_bytes(buf)?).map_err(|_| DecodeError::Invalid)?;
+        let value =
+            HeaderValue::from_maybe_shared(get_bytes(buf)?).map_err(|_| DecodeError::Invalid)?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Entry {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        Entry {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from_static(b"hello"),
+            trailers: Some(trailers),
+            stored_at_ms: 1_000,
+            fresh_until_ms: 61_000,
+            stale_until_ms: 71_000,
+            rebuild_ms: 42,
+            vary: vec![
+                (
+                    HeaderName::from_static("accept-encoding"),
+                    Some(HeaderValue::from_static("gzip")),
+                ),
+                (HeaderName::from_static("accept-language"), None),
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_every_field_and_header_order() {
+        let entry = sample();
+        let decoded = Entry::decode(&entry.encode()).unwrap();
+        assert_eq!(decoded, entry);
+        let multi: Vec<_> = decoded.headers.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["a", "b"]);
+    }
+
+    #[test]
+    fn foreign_values_are_not_entries() {
+        assert_eq!(
+            Entry::decode(&Bytes::from_static(b"hello")),
+            Err(DecodeError::NotAnEntry)
+        );
+        assert_eq!(Entry::decode(&Bytes::new()), Err(DecodeError::NotAnEntry));
+    }
+
+    #[test]
+    fn future_versions_are_refused() {
+        let mut record = BytesMut::from(&sample().encode()[..]);
+        record[2] = VERSION + 1;
+        assert_eq!(
+            Entry::decode(&record.freeze()),
+            Err(DecodeError::UnknownVersion(VERSION + 1))
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let record = sample().encode();
+        for cut in 0..record.len() {
+            assert!(Entry::decode(&record.slice(..cut)).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_an_error() {
+        let mut record = BytesMut::from(&sample().encode()[..]);
+        record.put_u8(0);
+        assert_eq!(
+            Entry::decode(&record.freeze()),
+            Err(DecodeError::TrailingBytes)
+        );
+    }
+
+    #[test]
+    fn ttl_and_age_saturate() {
+        let entry = sample();
+        assert_eq!(entry.ttl_ms(0), 61_000);
+        assert_eq!(entry.ttl_ms(u64::MAX), i64::MIN);
+        assert_eq!(entry.age_secs(0), 0);
+        assert_eq!(entry.age_secs(3_500), 2);
+        assert_eq!(entry.store_ttl(u64::MAX), Duration::from_millis(1));
+    }
+
+    fn header_name() -> impl Strategy<Value = HeaderName> {
+        "[a-z][a-z0-9-]{0,20}".prop_map(|s| HeaderName::from_bytes(s.as_bytes()).unwrap())
+    }
+
+    fn header_value() -> impl Strategy<Value = HeaderValue> {
+        "[ -~]{0,40}".prop_map(|s| HeaderValue::from_str(&s).unwrap())
+    }
+
+    fn header_map() -> impl Strategy<Value = HeaderMap> {
+        proptest::collection::vec((header_name(), header_value()), 0..8).prop_map(|pairs| {
+            let mut map = HeaderMap::new();
+            for (n, v) in pairs {
+                map.append(n, v);
+            }
+            map
+        })
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        (
+            (100u16..1000).prop_map(|s| StatusCode::from_u16(s).unwrap()),
+            header_map(),
+            proptest::collection::vec(any::<u8>(), 0..2048),
+            proptest::option::of(header_map()),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec((header_name(), proptest::option::of(header_value())), 0..4),
+        )
+            .prop_map(
+                |(status, headers, body, trailers, stored, fresh, extra, rebuild, vary)| Entry {
+                    status,
+                    headers,
+                    body: Bytes::from(body),
+                    trailers,
+                    stored_at_ms: stored,
+                    fresh_until_ms: fresh,
+                    stale_until_ms: fresh.saturating_add(extra % 1_000_000),
+                    rebuild_ms: rebuild,
+                    vary,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn encode_decode_round_trips(entry in entry()) {
+            prop_assert_eq!(Entry::decode(&entry.encode()).unwrap(), entry);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Entry::decode(&Bytes::from(bytes));
+        }
+
+        #[test]
+        fn garbage_after_a_valid_header_never_panics(
+            tail in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let mut record = BytesMut::from(&b"TF\x01"[..]);
+            record.put_slice(&tail);
+            let _ = Entry::decode(&record.freeze());
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(entry in entry(), index in any::<usize>(), byte in any::<u8>()) {
+            let mut record = BytesMut::from(&entry.encode()[..]);
+            let i = index % record.len();
+            record[i] = byte;
+            let _ = Entry::decode(&record.freeze());
+        }
+    }
+}

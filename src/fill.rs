@@ -1,0 +1,116 @@
+//! Turning a recorded response into a stored entry.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::entry::Entry;
+use crate::key::CacheKey;
+use crate::layer::{Counters, Shared};
+use crate::policy::Freshness;
+use crate::service::with_timeout;
+
+/// Everything needed to store a response once its body has been read.
+#[derive(Debug)]
+pub(crate) struct Fill {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) key: CacheKey,
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) freshness: Freshness,
+    pub(crate) vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    pub(crate) started: Instant,
+}
+
+/// Collects a response body, as the client reads it, up to the size cap.
+#[derive(Debug)]
+pub(crate) struct Recorder {
+    fill: Fill,
+    chunks: Vec<Bytes>,
+    len: usize,
+    trailers: Option<HeaderMap>,
+}
+
+impl Recorder {
+    pub(crate) fn new(fill: Fill) -> Self {
+        Recorder {
+            fill,
+            chunks: Vec::new(),
+            len: 0,
+            trailers: None,
+        }
+    }
+
+    /// Adds a data frame; `false` when the body outgrew the cap (the
+    /// recording must then be dropped).
+    pub(crate) fn push_data(&mut self, data: &Bytes) -> bool {
+        self.len = self.len.saturating_add(data.len());
+        if self.len > self.fill.shared.max_body_size {
+            return false;
+        }
+        if !data.is_empty() {
+            self.chunks.push(data.clone());
+        }
+        true
+    }
+
+    pub(crate) fn push_trailers(&mut self, trailers: &HeaderMap) {
+        match &mut self.trailers {
+            Some(existing) => existing.extend(trailers.clone()),
+            None => self.trailers = Some(trailers.clone()),
+        }
+    }
+
+    /// The body ended cleanly: store the entry (in the background).
+    pub(crate) fn finish(self) {
+        let body = match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks.into_iter().next().unwrap_or_default(),
+            _ => {
+                let mut buf = BytesMut::with_capacity(self.len);
+                for chunk in &self.chunks {
+                    buf.extend_from_slice(chunk);
+                }
+                buf.freeze()
+            }
+        };
+        let fill = self.fill;
+        let rebuild_ms = u32::try_from(fill.started.elapsed().as_millis()).unwrap_or(u32::MAX);
+        let entry = Entry {
+            status: fill.status,
+            headers: fill.headers,
+            body,
+            trailers: self.trailers,
+            stored_at_ms: fill.freshness.stored_at_ms,
+            fresh_until_ms: fill.freshness.fresh_until_ms,
+            stale_until_ms: fill.freshness.stale_until_ms,
+            rebuild_ms,
+            vary: fill.vary,
+        };
+        store_entry(fill.shared, fill.key, entry);
+    }
+}
+
+/// Writes `entry` to the store in a background task, bounded by the store
+/// timeout. Without a Tokio runtime nothing is stored (and nothing panics).
+pub(crate) fn store_entry(shared: Arc<Shared>, key: CacheKey, entry: Entry) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        tracing::debug!("no tokio runtime; response not stored");
+        return;
+    };
+    handle.spawn(async move {
+        let now_ms = crate::entry::unix_ms(std::time::SystemTime::now());
+        let ttl = entry.store_ttl(now_ms);
+        let record = entry.encode();
+        let put = shared.store.put(key.as_str(), record, ttl);
+        match with_timeout(shared.store_timeout, put).await {
+            Ok(()) => Counters::bump(&shared.counters.stores),
+            Err(err) => {
+                Counters::bump(&shared.counters.store_errors);
+                tracing::warn!(key = key.as_str(), error = %err, "tower-fence: storing a response failed");
+            }
+        }
+    });
+}

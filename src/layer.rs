@@ -1,0 +1,369 @@
+//! [`FenceLayer`] and its builder.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, StatusCode};
+use tower_layer::Layer;
+
+use crate::error::ConfigError;
+use crate::key::{self, KeyConfig};
+use crate::policy::{PolicyConfig, DEFAULT_CACHEABLE_STATUSES};
+use crate::service::FenceService;
+use crate::store::{MemoryStore, Store};
+
+/// Default key namespace: `tf:`.
+pub const DEFAULT_NAMESPACE: &str = "tf:";
+/// Default TTL for responses that state no freshness of their own: 60 s.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+/// Default largest body that is cached: 1 MiB.
+pub const DEFAULT_MAX_BODY_SIZE: usize = 1024 * 1024;
+/// Default longest wait for one store call: 50 ms.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// Adds HTTP response caching to a service. See the [crate docs](crate).
+///
+/// Cloning is cheap: every clone, and every [`FenceService`] a clone makes,
+/// shares one store and one set of counters (axum calls [`Layer::layer`]
+/// once per route).
+#[derive(Clone)]
+#[must_use]
+pub struct FenceLayer {
+    shared: Arc<Shared>,
+}
+
+/// What every service made by one layer shares.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) key: KeyConfig,
+    pub(crate) policy: PolicyConfig,
+    pub(crate) max_body_size: usize,
+    pub(crate) store_timeout: Option<Duration>,
+    pub(crate) counters: Counters,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("store", &self.store)
+            .field("namespace", &self.key.namespace)
+            .field("default_ttl", &self.policy.default_ttl)
+            .field("max_body_size", &self.max_body_size)
+            .field("store_timeout", &self.store_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FenceLayer {
+    /// A layer caching in Redis through `pool`, with the default settings.
+    ///
+    /// ```no_run
+    /// use axum::{routing::get, Router};
+    /// use bb8_redis::RedisConnectionManager;
+    /// use tower_fence::FenceLayer;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = bb8::Pool::builder()
+    ///     .build(RedisConnectionManager::new("redis://127.0.0.1:6379")?)
+    ///     .await?;
+    /// let app: Router = Router::new()
+    ///     .route("/", get(|| async { "hello" }))
+    ///     .layer(FenceLayer::new(pool));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn new(pool: crate::store::RedisPool) -> Self {
+        Self::with_store(crate::store::RedisStore::new(pool))
+    }
+
+    /// A layer caching in process memory (a [`MemoryStore`] of 64 MiB), with
+    /// the default settings.
+    pub fn memory() -> Self {
+        Self::with_store(MemoryStore::default())
+    }
+
+    /// A layer caching in `store`, with the default settings.
+    pub fn with_store(store: impl Store) -> Self {
+        FenceLayer::builder()
+            .store(store)
+            .build()
+            .expect("the default configuration is valid")
+    }
+
+    /// A builder for a layer with other settings; its store defaults to a
+    /// [`MemoryStore`] of 64 MiB.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use http::StatusCode;
+    /// use tower_fence::{store::MemoryStore, FenceLayer};
+    ///
+    /// let layer = FenceLayer::builder()
+    ///     .store(MemoryStore::new(16 * 1024 * 1024))
+    ///     .namespace("shop:")
+    ///     .default_ttl(Duration::from_secs(30))
+    ///     .max_body_size(256 * 1024)
+    ///     .cacheable_statuses([StatusCode::OK, StatusCode::NOT_FOUND])
+    ///     .store_timeout(Duration::from_millis(20))
+    ///     .key_header("x-tenant")
+    ///     .build()
+    ///     .unwrap();
+    /// ```
+    pub fn builder() -> FenceLayerBuilder {
+        FenceLayerBuilder::default()
+    }
+
+    /// What the layer's services have done so far, summed over all of them.
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
+    /// The store the layer caches in.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+}
+
+impl fmt::Debug for FenceLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FenceLayer")
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for FenceLayer {
+    type Service = FenceService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        FenceService::new(inner, self.shared.clone())
+    }
+}
+
+/// Builds a [`FenceLayer`]; start with [`FenceLayer::builder`].
+#[must_use]
+pub struct FenceLayerBuilder {
+    store: Option<Arc<dyn Store>>,
+    namespace: String,
+    default_ttl: Duration,
+    grace: Duration,
+    max_body_size: usize,
+    cacheable_statuses: Vec<StatusCode>,
+    store_timeout: Option<Duration>,
+    key_headers: Vec<String>,
+}
+
+impl Default for FenceLayerBuilder {
+    fn default() -> Self {
+        FenceLayerBuilder {
+            store: None,
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            default_ttl: DEFAULT_TTL,
+            grace: Duration::ZERO,
+            max_body_size: DEFAULT_MAX_BODY_SIZE,
+            cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
+            store_timeout: Some(DEFAULT_STORE_TIMEOUT),
+            key_headers: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Debug for FenceLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FenceLayerBuilder")
+            .field("store", &self.store)
+            .field("namespace", &self.namespace)
+            .field("default_ttl", &self.default_ttl)
+            .field("grace", &self.grace)
+            .field("max_body_size", &self.max_body_size)
+            .field("cacheable_statuses", &self.cacheable_statuses)
+            .field("store_timeout", &self.store_timeout)
+            .field("key_headers", &self.key_headers)
+            .finish()
+    }
+}
+
+impl FenceLayerBuilder {
+    /// The store entries live in. Defaults to a [`MemoryStore`] of 64 MiB.
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Caches in Redis through `pool` (a [`RedisStore`](crate::store::RedisStore)).
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn redis(self, pool: crate::store::RedisPool) -> Self {
+        self.store(crate::store::RedisStore::new(pool))
+    }
+
+    /// Prefix of every key the layer writes, so that several apps can share
+    /// one Redis. It may not hold `* ? [ ] \ { } #` nor control characters.
+    /// Defaults to `tf:`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// How long a response that states no freshness of its own
+    /// (`Cache-Control: max-age`/`s-maxage`, `Expires`) stays fresh, for the
+    /// statuses of [`cacheable_statuses`](Self::cacheable_statuses).
+    /// `Duration::ZERO` stores only what the response's headers make
+    /// cacheable. Defaults to 60 s.
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// How long after it turns stale an entry is kept (and, once grace is
+    /// served, may be served while it is refreshed). Not applied to
+    /// responses with `must-revalidate` or `proxy-revalidate`. Defaults to 0.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Largest response body that is cached, in bytes. A larger response is
+    /// streamed to the client untouched and not stored; the layer never
+    /// holds more than this many bytes of one response. Defaults to 1 MiB.
+    pub fn max_body_size(mut self, bytes: usize) -> Self {
+        self.max_body_size = bytes;
+        self
+    }
+
+    /// Statuses cached under the [default TTL](Self::default_ttl) when the
+    /// response states no freshness. A response that does state it is cached
+    /// whatever its final status (RFC 9111 §3), except `206` and `304`.
+    /// Defaults to RFC 9110 §15.1's heuristically cacheable codes without
+    /// `206`: 200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501.
+    pub fn cacheable_statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        self.cacheable_statuses = statuses.into_iter().collect();
+        self
+    }
+
+    /// Longest a store call may take before the request goes to the inner
+    /// service (fail open). Defaults to 50 ms; `None` waits as long as the
+    /// store does.
+    pub fn store_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.store_timeout = timeout.into();
+        self
+    }
+
+    /// Adds a request header whose values become part of the key, such as a
+    /// tenant id or a language: requests that differ in it are cached apart.
+    pub fn key_header(mut self, name: impl Into<String>) -> Self {
+        self.key_headers.push(name.into());
+        self
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] when the namespace holds a forbidden character or a
+    /// key header is not a valid header name.
+    pub fn build(self) -> Result<FenceLayer, ConfigError> {
+        if !key::valid_namespace(&self.namespace) {
+            return Err(ConfigError::new(format!(
+                "namespace {:?} holds a glob, brace, `#` or control character",
+                self.namespace
+            )));
+        }
+        let headers = self
+            .key_headers
+            .iter()
+            .map(|name| {
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    ConfigError::new(format!("key header {name:?} is not a header name"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::default()));
+        Ok(FenceLayer {
+            shared: Arc::new(Shared {
+                store,
+                key: KeyConfig {
+                    namespace: self.namespace,
+                    headers,
+                },
+                policy: PolicyConfig {
+                    default_ttl: self.default_ttl,
+                    grace: self.grace,
+                    cacheable_statuses: self.cacheable_statuses,
+                },
+                max_body_size: self.max_body_size,
+                store_timeout: self.store_timeout,
+                counters: Counters::default(),
+            }),
+        })
+    }
+}
+
+/// What the services of one layer have done, summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Requests answered from the cache.
+    pub hits: u64,
+    /// Cacheable requests that found no usable entry and went to the inner
+    /// service.
+    pub misses: u64,
+    /// Requests that did not consult the cache (method, `Authorization`,
+    /// store failure, ...).
+    pub bypasses: u64,
+    /// Responses written to the store.
+    pub stores: u64,
+    /// Store calls that failed or timed out.
+    pub store_errors: u64,
+    /// Stored records that did not decode (deleted, treated as misses).
+    pub decode_errors: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) bypasses: AtomicU64,
+    pub(crate) stores: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) decode_errors: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Stats {
+        Stats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            bypasses: self.bypasses.load(Ordering::Relaxed),
+            stores: self.stores.load(Ordering::Relaxed),
+            store_errors: self.store_errors.load(Ordering::Relaxed),
+            decode_errors: self.decode_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_namespace_and_key_header_are_config_errors() {
+        assert!(FenceLayer::builder().namespace("a*").build().is_err());
+        assert!(FenceLayer::builder().namespace("{x}").build().is_err());
+        assert!(FenceLayer::builder()
+            .key_header("bad header")
+            .build()
+            .is_err());
+        assert!(FenceLayer::builder().namespace("app:v1:").build().is_ok());
+    }
+}

@@ -1,0 +1,348 @@
+//! [`FenceService`]: the way of a request through the cache.
+
+use std::future::Future;
+use std::mem;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::FenceBody;
+use crate::entry::{unix_ms, Entry};
+use crate::fill::{Fill, Recorder};
+use crate::future::ResponseFuture;
+use crate::key::{self, CacheKey};
+use crate::layer::{Counters, Shared};
+use crate::policy::{self, RequestPlan};
+use crate::status::{CacheStatus, Fwd};
+use crate::store::StoreError;
+
+/// Caches the responses of the inner service `S`; made by
+/// [`FenceLayer`](crate::FenceLayer).
+///
+/// `GET` requests are looked up and, on a miss, their responses stored when
+/// HTTP allows it; `HEAD` requests are answered from the `GET` entry. Every
+/// other request goes to `S` untouched. Errors of `S` pass through as they
+/// are: the cache adds none, and a store that fails or is slow sends the
+/// request to `S` (fail open).
+pub struct FenceService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> FenceService<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        FenceService { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for FenceService<S> {
+    fn clone(&self) -> Self {
+        FenceService {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for FenceService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FenceService")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for FenceService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: Body,
+{
+    type Response = Response<FenceBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let may_store = match policy::plan_request(req.method(), req.headers()) {
+            RequestPlan::Bypass(detail) => {
+                Counters::bump(&self.shared.counters.bypasses);
+                let fut = self.inner.call(req);
+                return ResponseFuture::inner(fut, Outcome::Pass(CacheStatus::bypass(detail)));
+            }
+            RequestPlan::Lookup { may_store } => may_store,
+        };
+        let (parts, body) = req.into_parts();
+        let key = key::derive(&self.shared.key, &parts);
+        let req = Request::from_parts(parts, body);
+        // `poll_ready` readied `self.inner`: take that one for this request
+        // and leave a fresh clone behind (tower's clone-and-swap).
+        let clone = self.inner.clone();
+        let svc = mem::replace(&mut self.inner, clone);
+        let lookup = Box::pin(lookup(self.shared.clone(), key.clone()));
+        ResponseFuture::lookup(
+            lookup,
+            svc,
+            req,
+            Miss {
+                shared: self.shared.clone(),
+                key,
+                may_store,
+            },
+        )
+    }
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub(crate) enum Found {
+    Entry(Entry),
+    Nothing,
+    Failed(StoreError),
+}
+
+pub(crate) type LookupFuture = Pin<Box<dyn Future<Output = Found> + Send>>;
+
+async fn lookup(shared: Arc<Shared>, key: CacheKey) -> Found {
+    match with_timeout(shared.store_timeout, shared.store.get(key.as_str())).await {
+        Ok(Some(record)) => match Entry::decode(&record) {
+            Ok(entry) => Found::Entry(entry),
+            Err(err) => {
+                Counters::bump(&shared.counters.decode_errors);
+                tracing::warn!(key = key.as_str(), error = %err, "tower-fence: deleting a record that does not decode");
+                spawn_delete(shared, key);
+                Found::Nothing
+            }
+        },
+        Ok(None) => Found::Nothing,
+        Err(err) => {
+            Counters::bump(&shared.counters.store_errors);
+            tracing::warn!(key = key.as_str(), error = %err, "tower-fence: store lookup failed; passing through");
+            Found::Failed(err)
+        }
+    }
+}
+
+fn spawn_delete(shared: Arc<Shared>, key: CacheKey) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async move {
+            let _ = with_timeout(shared.store_timeout, shared.store.delete(key.as_str())).await;
+        });
+    }
+}
+
+/// Runs a store call under the layer's store timeout.
+pub(crate) async fn with_timeout<T, F>(timeout: Option<Duration>, call: F) -> Result<T, StoreError>
+where
+    F: Future<Output = Result<T, StoreError>>,
+{
+    match timeout {
+        None => call.await,
+        Some(limit) => tokio::time::timeout(limit, call)
+            .await
+            .unwrap_or_else(|_| Err(StoreError::timeout())),
+    }
+}
+
+/// What a looked-up request needs if it turns out to be a miss.
+#[derive(Debug)]
+pub(crate) struct Miss {
+    shared: Arc<Shared>,
+    key: CacheKey,
+    may_store: bool,
+}
+
+/// What to do with the inner service's response.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Pass it through, saying this in `Cache-Status`.
+    Pass(CacheStatus),
+    /// A miss: store the response if it may be stored.
+    Fill {
+        miss: Miss,
+        fwd: Fwd,
+        method: Method,
+        request_headers: HeaderMap,
+        started: Instant,
+    },
+}
+
+/// Decides, after the lookup, whether the request is answered from `found`
+/// (`Ok`) or goes to the inner service with an [`Outcome`] (`Err`).
+pub(crate) fn resolve<B, ReqBody>(
+    found: Found,
+    req: &Request<ReqBody>,
+    miss: Miss,
+) -> Result<Response<FenceBody<B>>, Outcome> {
+    let now_ms = unix_ms(SystemTime::now());
+    let fwd = match found {
+        Found::Failed(err) => {
+            return Err(Outcome::Pass(CacheStatus::bypass(err.detail())));
+        }
+        Found::Nothing => Fwd::UriMiss,
+        Found::Entry(entry) if !vary_matches(&entry, req.headers()) => Fwd::VaryMiss,
+        Found::Entry(entry) if !entry.is_fresh(now_ms) => Fwd::Stale,
+        Found::Entry(entry) => {
+            Counters::bump(&miss.shared.counters.hits);
+            return Ok(hit_response(entry, req.method() == Method::HEAD, now_ms));
+        }
+    };
+    Counters::bump(&miss.shared.counters.misses);
+    Err(Outcome::Fill {
+        miss,
+        fwd,
+        method: req.method().clone(),
+        request_headers: req.headers().clone(),
+        started: Instant::now(),
+    })
+}
+
+fn hit_response<B>(entry: Entry, head: bool, now_ms: u64) -> Response<FenceBody<B>> {
+    let ttl_secs = entry.ttl_ms(now_ms).div_euclid(1000);
+    let age = entry.age_secs(now_ms);
+    let body_len = entry.body.len();
+    let body = if head {
+        FenceBody::cached(Bytes::new(), None)
+    } else {
+        FenceBody::cached(entry.body, entry.trailers)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = entry.status;
+    *response.headers_mut() = entry.headers;
+    let headers = response.headers_mut();
+    if may_have_content_length(entry.status) && !headers.contains_key(header::CONTENT_LENGTH) {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    }
+    headers.insert(header::AGE, HeaderValue::from(age));
+    CacheStatus::hit(ttl_secs).append_to(headers);
+    response
+}
+
+fn may_have_content_length(status: StatusCode) -> bool {
+    !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
+}
+
+/// The request's values for the headers a stored response varies on: all
+/// field lines joined by `, `; `None` for an absent header.
+fn vary_values(
+    names: &[HeaderName],
+    request: &HeaderMap,
+) -> Vec<(HeaderName, Option<HeaderValue>)> {
+    names
+        .iter()
+        .map(|name| (name.clone(), joined(request, name)))
+        .collect()
+}
+
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let mut rest = values.peekable();
+    if rest.peek().is_none() {
+        return Some(first.clone());
+    }
+    let mut out = first.as_bytes().to_vec();
+    for value in rest {
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(value.as_bytes());
+    }
+    HeaderValue::from_bytes(&out).ok()
+}
+
+fn vary_matches(entry: &Entry, request: &HeaderMap) -> bool {
+    entry
+        .vary
+        .iter()
+        .all(|(name, stored)| joined(request, name).as_ref() == stored.as_ref())
+}
+
+/// Wraps the inner service's response: records it for the store when it may
+/// be stored, and says what happened in `Cache-Status`.
+pub(crate) fn finish<B: Body>(response: Response<B>, outcome: Outcome) -> Response<FenceBody<B>> {
+    let (mut parts, body) = response.into_parts();
+    let (status, body) = match outcome {
+        Outcome::Pass(status) => (status, FenceBody::passthrough(body)),
+        Outcome::Fill {
+            miss,
+            fwd,
+            method,
+            request_headers,
+            started,
+        } => {
+            let mut status = CacheStatus {
+                fwd_status: Some(parts.status.as_u16()),
+                ..CacheStatus::forward(fwd)
+            };
+            let body = if method != Method::GET {
+                FenceBody::passthrough(body)
+            } else if !miss.may_store {
+                status.detail = Some("request-no-store");
+                FenceBody::passthrough(body)
+            } else {
+                let shared = &miss.shared;
+                match policy::storability(
+                    &shared.policy,
+                    parts.status,
+                    &parts.headers,
+                    SystemTime::now(),
+                ) {
+                    Err(reason) => {
+                        status.detail = Some(reason);
+                        FenceBody::passthrough(body)
+                    }
+                    Ok(_) if body.size_hint().lower() > shared.max_body_size as u64 => {
+                        status.detail = Some("too-large");
+                        FenceBody::passthrough(body)
+                    }
+                    Ok(freshness) => {
+                        let names = policy::vary_names(&parts.headers).unwrap_or_default();
+                        status.stored = body
+                            .size_hint()
+                            .upper()
+                            .is_some_and(|upper| upper <= shared.max_body_size as u64);
+                        let fill = Fill {
+                            shared: miss.shared.clone(),
+                            key: miss.key,
+                            status: parts.status,
+                            headers: policy::storable_headers(&parts.headers),
+                            freshness,
+                            vary: vary_values(&names, &request_headers),
+                            started,
+                        };
+                        FenceBody::recording(body, Recorder::new(fill))
+                    }
+                }
+            };
+            (status, body)
+        }
+    };
+    status.append_to(&mut parts.headers);
+    Response::from_parts(parts, body)
+}

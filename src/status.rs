@@ -1,0 +1,139 @@
+//! The `Cache-Status` response header (RFC 9211).
+
+use std::fmt::Write as _;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The name tower-fence gives itself in `Cache-Status`.
+pub const CACHE_NAME: &str = "tower-fence";
+
+/// `Cache-Status` (RFC 9211).
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// Why the request went forward to the inner service (RFC 9211 §2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fwd {
+    /// Not consulted: configuration, method or a store failure.
+    Bypass,
+    /// No entry for the URI.
+    UriMiss,
+    /// An entry for the URI, but for other `Vary` header values.
+    VaryMiss,
+    /// An entry that matched, but was stale.
+    Stale,
+}
+
+impl Fwd {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fwd::Bypass => "bypass",
+            Fwd::UriMiss => "uri-miss",
+            Fwd::VaryMiss => "vary-miss",
+            Fwd::Stale => "stale",
+        }
+    }
+}
+
+/// One cache's member of the `Cache-Status` list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct CacheStatus {
+    pub(crate) hit: bool,
+    pub(crate) fwd: Option<Fwd>,
+    pub(crate) fwd_status: Option<u16>,
+    /// Remaining freshness in seconds (negative when stale).
+    pub(crate) ttl: Option<i64>,
+    pub(crate) stored: bool,
+    pub(crate) detail: Option<&'static str>,
+}
+
+impl CacheStatus {
+    pub(crate) fn hit(ttl_secs: i64) -> Self {
+        CacheStatus {
+            hit: true,
+            ttl: Some(ttl_secs),
+            ..CacheStatus::default()
+        }
+    }
+
+    pub(crate) fn forward(fwd: Fwd) -> Self {
+        CacheStatus {
+            fwd: Some(fwd),
+            ..CacheStatus::default()
+        }
+    }
+
+    pub(crate) fn bypass(detail: &'static str) -> Self {
+        CacheStatus {
+            fwd: Some(Fwd::Bypass),
+            detail: Some(detail),
+            ..CacheStatus::default()
+        }
+    }
+
+    /// Renders the member, e.g. `tower-fence; fwd=uri-miss; fwd-status=200; stored`.
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::from(CACHE_NAME);
+        if self.hit {
+            out.push_str("; hit");
+        }
+        if let Some(fwd) = self.fwd {
+            let _ = write!(out, "; fwd={}", fwd.as_str());
+        }
+        if let Some(status) = self.fwd_status {
+            let _ = write!(out, "; fwd-status={status}");
+        }
+        if let Some(ttl) = self.ttl {
+            let _ = write!(out, "; ttl={ttl}");
+        }
+        if self.stored {
+            out.push_str("; stored");
+        }
+        if let Some(detail) = self.detail {
+            let _ = write!(out, "; detail={detail}");
+        }
+        out
+    }
+
+    /// Appends this member to the response's `Cache-Status` list: the cache
+    /// closest to the user comes last (RFC 9211 §2).
+    pub(crate) fn append_to(&self, headers: &mut HeaderMap) {
+        if let Ok(value) = HeaderValue::from_str(&self.render()) {
+            headers.append(CACHE_STATUS.clone(), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_rfc_9211_members() {
+        assert_eq!(CacheStatus::hit(42).render(), "tower-fence; hit; ttl=42");
+        let miss = CacheStatus {
+            fwd_status: Some(200),
+            stored: true,
+            ..CacheStatus::forward(Fwd::UriMiss)
+        };
+        assert_eq!(
+            miss.render(),
+            "tower-fence; fwd=uri-miss; fwd-status=200; stored"
+        );
+        assert_eq!(
+            CacheStatus::bypass("store-timeout").render(),
+            "tower-fence; fwd=bypass; detail=store-timeout"
+        );
+    }
+
+    #[test]
+    fn appends_after_upstream_members() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static("origin-cache; hit"),
+        );
+        CacheStatus::hit(1).append_to(&mut headers);
+        let all: Vec<_> = headers.get_all(&CACHE_STATUS).iter().collect();
+        assert_eq!(all, ["origin-cache; hit", "tower-fence; hit; ttl=1"]);
+    }
+}

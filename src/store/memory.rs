@@ -1,0 +1,262 @@
+//! The in-process store.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::sync::Cache;
+use moka::Expiry;
+
+use super::{Store, StoreFuture};
+
+/// Bytes counted for an entry besides its key and record (moka's own
+/// bookkeeping, roughly).
+const ENTRY_OVERHEAD_BYTES: usize = 96;
+
+/// Default capacity of [`MemoryStore::default`]: 64 MiB.
+pub const DEFAULT_MEMORY_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// An in-process store bounded by the total size of its keys and records,
+/// with a time to live per record. Backed by [moka] (TinyLFU admission, LRU
+/// eviction); entries are not shared between processes.
+///
+/// [moka]: https://docs.rs/moka
+#[derive(Clone)]
+pub struct MemoryStore {
+    cache: Cache<String, Record>,
+    capacity_bytes: u64,
+}
+
+#[derive(Clone)]
+struct Record {
+    bytes: Bytes,
+    ttl: Duration,
+}
+
+struct PerRecordTtl;
+
+impl Expiry<String, Record> for PerRecordTtl {
+    fn expire_after_create(&self, _: &String, record: &Record, _: Instant) -> Option<Duration> {
+        Some(record.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        record: &Record,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(record.ttl)
+    }
+}
+
+impl MemoryStore {
+    /// A store holding at most `capacity_bytes` of keys and records (plus a
+    /// small per-entry overhead); the least recently used go first.
+    pub fn new(capacity_bytes: u64) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(capacity_bytes)
+            .weigher(|key: &String, record: &Record| {
+                let weight = key.len() + record.bytes.len() + ENTRY_OVERHEAD_BYTES;
+                u32::try_from(weight).unwrap_or(u32::MAX)
+            })
+            .expire_after(PerRecordTtl)
+            .build();
+        MemoryStore {
+            cache,
+            capacity_bytes,
+        }
+    }
+
+    /// The configured capacity in bytes.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
+    }
+
+    /// Bytes held now (keys, records and overhead), after pending evictions
+    /// have run.
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.weighted_size()
+    }
+
+    /// Number of records held now, after pending evictions have run.
+    pub fn entry_count(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+}
+
+impl Default for MemoryStore {
+    /// A store of [`DEFAULT_MEMORY_CAPACITY_BYTES`] (64 MiB).
+    fn default() -> Self {
+        MemoryStore::new(DEFAULT_MEMORY_CAPACITY_BYTES)
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("capacity_bytes", &self.capacity_bytes)
+            .field("entries", &self.cache.entry_count())
+            .finish()
+    }
+}
+
+impl Store for MemoryStore {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
+        let found = self.cache.get(key).map(|record| record.bytes);
+        Box::pin(std::future::ready(Ok(found)))
+    }
+
+    fn put<'a>(&'a self, key: &'a str, record: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
+        if !ttl.is_zero() {
+            self.cache
+                .insert(key.to_owned(), Record { bytes: record, ttl });
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        self.cache.invalidate(key);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn records_expire_after_their_ttl() {
+        block_on(async {
+            let store = MemoryStore::new(1 << 20);
+            store
+                .put("short", Bytes::from_static(b"a"), Duration::from_millis(30))
+                .await
+                .unwrap();
+            store
+                .put("long", Bytes::from_static(b"b"), Duration::from_secs(60))
+                .await
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(80));
+            assert_eq!(store.get("short").await.unwrap(), None);
+            assert_eq!(
+                store.get("long").await.unwrap(),
+                Some(Bytes::from_static(b"b"))
+            );
+        });
+    }
+
+    #[test]
+    fn capacity_bounds_the_bytes_held() {
+        block_on(async {
+            let store = MemoryStore::new(64 * 1024);
+            for i in 0..1000 {
+                store
+                    .put(
+                        &format!("k{i}"),
+                        Bytes::from(vec![0u8; 1000]),
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .unwrap();
+            }
+            assert!(
+                store.weighted_size() <= 64 * 1024,
+                "{}",
+                store.weighted_size()
+            );
+            assert!(store.entry_count() < 1000);
+        });
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Put(u8, Vec<u8>),
+        Get(u8),
+        Delete(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(k, v)| Op::Put(k % 16, v)),
+            any::<u8>().prop_map(|k| Op::Get(k % 16)),
+            any::<u8>().prop_map(|k| Op::Delete(k % 16)),
+        ]
+    }
+
+    proptest! {
+        // With room for everything, the store behaves as a map: what a get
+        // returns is what the model holds.
+        #[test]
+        fn behaves_like_a_map_when_nothing_is_evicted(ops in proptest::collection::vec(op(), 0..64)) {
+            block_on(async {
+                let store = MemoryStore::new(1 << 20);
+                let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+                for op in ops {
+                    match op {
+                        Op::Put(k, v) => {
+                            let key = format!("k{k}");
+                            store.put(&key, Bytes::from(v.clone()), Duration::from_secs(60)).await.unwrap();
+                            model.insert(key, v);
+                        }
+                        Op::Get(k) => {
+                            let key = format!("k{k}");
+                            let got = store.get(&key).await.unwrap().map(|b| b.to_vec());
+                            assert_eq!(got, model.get(&key).cloned());
+                        }
+                        Op::Delete(k) => {
+                            let key = format!("k{k}");
+                            store.delete(&key).await.unwrap();
+                            model.remove(&key);
+                        }
+                    }
+                }
+            });
+        }
+
+        // Under a tight bound, a get returns either nothing or the latest
+        // value put, never an older or foreign one, and the bound holds.
+        #[test]
+        fn never_returns_a_wrong_value_under_pressure(ops in proptest::collection::vec(op(), 0..128)) {
+            block_on(async {
+                let store = MemoryStore::new(600);
+                let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+                for op in ops {
+                    match op {
+                        Op::Put(k, v) => {
+                            let key = format!("k{k}");
+                            store.put(&key, Bytes::from(v.clone()), Duration::from_secs(60)).await.unwrap();
+                            model.insert(key, v);
+                        }
+                        Op::Get(k) => {
+                            let key = format!("k{k}");
+                            if let Some(got) = store.get(&key).await.unwrap() {
+                                assert_eq!(Some(&got.to_vec()), model.get(&key));
+                            }
+                        }
+                        Op::Delete(k) => {
+                            let key = format!("k{k}");
+                            store.delete(&key).await.unwrap();
+                            model.remove(&key);
+                            assert_eq!(store.get(&key).await.unwrap(), None);
+                        }
+                    }
+                }
+                assert!(store.weighted_size() <= 600);
+            });
+        }
+    }
+}
