@@ -1,6 +1,8 @@
 //! Turning a recorded response into a stored entry.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -100,7 +102,7 @@ pub(crate) fn store_entry(shared: Arc<Shared>, key: CacheKey, entry: Entry) {
         tracing::debug!("no tokio runtime; response not stored");
         return;
     };
-    handle.spawn(async move {
+    let mut write = Box::pin(async move {
         let now_ms = crate::entry::unix_ms(std::time::SystemTime::now());
         let ttl = entry.store_ttl(now_ms);
         let record = entry.encode();
@@ -113,4 +115,11 @@ pub(crate) fn store_entry(shared: Arc<Shared>, key: CacheKey, entry: Entry) {
             }
         }
     });
+    // A store that completes at once (the memory store) is done before the
+    // client sees the end of the body, so the next request finds the entry;
+    // a remote one finishes in the background.
+    let mut cx = Context::from_waker(Waker::noop());
+    if write.as_mut().poll(&mut cx).is_pending() {
+        handle.spawn(write);
+    }
 }

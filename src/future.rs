@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::body::FenceBody;
-use crate::service::{finish, resolve, LookupFuture, Miss, Outcome};
+use crate::service::{finish, resolve, LookupFuture, Miss, Outcome, Resolved};
 
 pin_project! {
     /// Response future of [`FenceService`](crate::FenceService): a store
@@ -109,11 +109,11 @@ where
                         continue;
                     };
                     match resolve(found, &req, miss) {
-                        Ok(hit) => {
+                        Resolved::Hit(hit) => {
                             state.set(State::Done);
                             return Poll::Ready(Ok(hit));
                         }
-                        Err(outcome) => {
+                        Resolved::Forward(outcome) => {
                             let fut = svc.call(req);
                             state.set(State::Inner {
                                 fut,

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, StatusCode};
+use http::{HeaderName, Request, StatusCode};
 use tower_layer::Layer;
 
 use crate::error::ConfigError;
@@ -125,6 +125,27 @@ impl FenceLayer {
     /// The store the layer caches in.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
+    }
+
+    /// The store key `request` is cached under (see the crate docs for its
+    /// shape). `HEAD` and `GET` share a key.
+    ///
+    /// ```
+    /// use tower_fence::FenceLayer;
+    ///
+    /// let layer = FenceLayer::memory();
+    /// let key = layer.cache_key(&http::Request::get("/users/42?x=1").body(()).unwrap());
+    /// assert!(key.starts_with("tf:/users/42#{"));
+    /// ```
+    pub fn cache_key<B>(&self, request: &Request<B>) -> String {
+        key::derive_from(
+            &self.shared.key,
+            request.method(),
+            request.uri(),
+            request.headers(),
+        )
+        .as_str()
+        .to_owned()
     }
 }
 

@@ -97,9 +97,7 @@ where
             }
             RequestPlan::Lookup { may_store } => may_store,
         };
-        let (parts, body) = req.into_parts();
-        let key = key::derive(&self.shared.key, &parts);
-        let req = Request::from_parts(parts, body);
+        let key = key::derive_from(&self.shared.key, req.method(), req.uri(), req.headers());
         // `poll_ready` readied `self.inner`: take that one for this request
         // and leave a fresh clone behind (tower's clone-and-swap).
         let clone = self.inner.clone();
@@ -118,8 +116,10 @@ where
     }
 }
 
-/// What a lookup found.
+/// What a lookup found. Moved once per request, so the size difference
+/// between variants costs nothing worth a box.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Found {
     Entry(Entry),
     Nothing,
@@ -192,28 +192,33 @@ pub(crate) enum Outcome {
     },
 }
 
+/// Where a looked-up request goes (returned by value once per request).
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Resolved<B> {
+    /// Answered from the cache.
+    Hit(Response<FenceBody<B>>),
+    /// To the inner service, with what to do with its response.
+    Forward(Outcome),
+}
+
 /// Decides, after the lookup, whether the request is answered from `found`
-/// (`Ok`) or goes to the inner service with an [`Outcome`] (`Err`).
-pub(crate) fn resolve<B, ReqBody>(
-    found: Found,
-    req: &Request<ReqBody>,
-    miss: Miss,
-) -> Result<Response<FenceBody<B>>, Outcome> {
+/// or goes to the inner service.
+pub(crate) fn resolve<B, ReqBody>(found: Found, req: &Request<ReqBody>, miss: Miss) -> Resolved<B> {
     let now_ms = unix_ms(SystemTime::now());
     let fwd = match found {
         Found::Failed(err) => {
-            return Err(Outcome::Pass(CacheStatus::bypass(err.detail())));
+            return Resolved::Forward(Outcome::Pass(CacheStatus::bypass(err.detail())));
         }
         Found::Nothing => Fwd::UriMiss,
         Found::Entry(entry) if !vary_matches(&entry, req.headers()) => Fwd::VaryMiss,
         Found::Entry(entry) if !entry.is_fresh(now_ms) => Fwd::Stale,
         Found::Entry(entry) => {
             Counters::bump(&miss.shared.counters.hits);
-            return Ok(hit_response(entry, req.method() == Method::HEAD, now_ms));
+            return Resolved::Hit(hit_response(entry, req.method() == Method::HEAD, now_ms));
         }
     };
     Counters::bump(&miss.shared.counters.misses);
-    Err(Outcome::Fill {
+    Resolved::Forward(Outcome::Fill {
         miss,
         fwd,
         method: req.method().clone(),

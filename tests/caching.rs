@@ -1,0 +1,633 @@
+//! The caching behaviour suite: every test runs against the memory store and
+//! against a real Redis started for it.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt;
+use support::RedisProcess;
+use tower::ServiceExt;
+use tower_fence::store::{MemoryStore, RedisStore};
+use tower_fence::{FenceLayer, FenceLayerBuilder};
+
+/// Where a test's entries live.
+struct Backend {
+    redis: Option<RedisProcess>,
+}
+
+impl Backend {
+    fn memory() -> Self {
+        Backend { redis: None }
+    }
+
+    async fn redis() -> Self {
+        Backend {
+            redis: Some(RedisProcess::start_async().await),
+        }
+    }
+
+    async fn builder(&self) -> FenceLayerBuilder {
+        match &self.redis {
+            None => FenceLayer::builder().store(MemoryStore::new(8 << 20)),
+            Some(redis) => FenceLayer::builder().redis(redis.pool().await),
+        }
+    }
+}
+
+/// An origin whose behaviour the query string picks:
+/// `cc=` Cache-Control, `cookie` a Set-Cookie, `vary=` Vary, `status=`,
+/// `size=N` an N-byte body (else `call N`).
+#[derive(Clone, Default)]
+struct Origin {
+    calls: Arc<AtomicUsize>,
+}
+
+impl Origin {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn router(&self) -> Router {
+        async fn handler(
+            State(origin): State<Origin>,
+            Path(_path): Path<String>,
+            RawQuery(query): RawQuery,
+        ) -> http::Response<Body> {
+            let n = origin.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let mut response = http::Response::builder();
+            let mut body = format!("call {n}").into_bytes();
+            for pair in query.as_deref().unwrap_or("").split('&') {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let value = value
+                    .replace("%3D", "=")
+                    .replace("%20", " ")
+                    .replace("%2C", ",");
+                response = match name {
+                    "cc" => response.header("cache-control", value),
+                    "cookie" => response.header("set-cookie", "session=abc"),
+                    "vary" => response.header("vary", value),
+                    "status" => response.status(value.parse::<u16>().unwrap()),
+                    "size" => {
+                        body = vec![b'x'; value.parse().unwrap()];
+                        response
+                    }
+                    _ => response,
+                };
+            }
+            response.body(Body::from(body)).unwrap()
+        }
+
+        async fn trailers(State(origin): State<Origin>) -> http::Response<Body> {
+            origin.calls.fetch_add(1, Ordering::SeqCst);
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let frames = vec![
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(
+                    b"part1,",
+                ))),
+                Ok(http_body::Frame::data(Bytes::from_static(b"part2"))),
+                Ok(http_body::Frame::trailers(trailers)),
+            ];
+            let body = Frames(frames.into_iter().map(|f| f.unwrap()).collect());
+            http::Response::builder()
+                .header("cache-control", "max-age=60")
+                .body(Body::new(body))
+                .unwrap()
+        }
+
+        Router::new()
+            .route("/trailers", get(trailers))
+            .route("/{*path}", get(handler).post(handler))
+            .with_state(self.clone())
+    }
+}
+
+/// A body that yields prepared frames (data, then trailers).
+struct Frames(std::collections::VecDeque<http_body::Frame<Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl Reply {
+    fn cache_status(&self) -> String {
+        self.headers
+            .get_all("cache-status")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn is_hit(&self) -> bool {
+        self.cache_status().starts_with("tower-fence; hit")
+    }
+}
+
+async fn send(app: &Router, req: Request<Body>) -> Reply {
+    let response = tokio::time::timeout(Duration::from_secs(10), app.clone().oneshot(req))
+        .await
+        .expect("response within 10 s")
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    }
+}
+
+async fn get_path(app: &Router, uri: &str) -> Reply {
+    send(app, Request::get(uri).body(Body::empty()).unwrap()).await
+}
+
+/// Waits until the background fill of the last miss is in the store.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::memory()).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::redis().await).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    second_get_is_a_hit,
+    head_is_answered_from_the_get_entry,
+    unsafe_methods_pass_through,
+    private_cookie_and_no_store_are_not_stored,
+    large_bodies_stream_through_unstored,
+    every_route_shares_one_store,
+    query_and_key_headers_separate_entries,
+    entries_expire,
+    garbage_records_are_misses_and_deleted,
+    inner_errors_pass_through,
+    trailers_are_cached,
+    vary_mismatch_is_a_miss,
+    authorization_bypasses,
+    status_codes_follow_the_configuration,
+);
+
+async fn second_get_is_a_hit(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+
+    let first = get_path(&app, "/users/1?cc=max-age%3D60").await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        first.cache_status(),
+        "tower-fence; fwd=uri-miss; fwd-status=200; stored"
+    );
+    assert!(first.headers.get("age").is_none());
+    settle().await;
+    let second = get_path(&app, "/users/1?cc=max-age%3D60").await;
+    assert!(second.is_hit(), "{}", second.cache_status());
+    assert!(second.cache_status().contains("ttl="));
+    assert_eq!(second.headers["age"], "0");
+    assert_eq!(second.headers["cache-control"], "max-age=60");
+    assert_eq!(second.body, first.body);
+    assert_eq!(origin.calls(), 1);
+    let stats = layer.stats();
+    assert_eq!((stats.hits, stats.misses, stats.stores), (1, 1, 1));
+}
+
+async fn head_is_answered_from_the_get_entry(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    let get = get_path(&app, "/h?cc=max-age%3D60").await;
+    settle().await;
+    let head = send(
+        &app,
+        Request::head("/h?cc=max-age%3D60")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(head.is_hit(), "{}", head.cache_status());
+    assert!(head.body.is_empty());
+    assert_eq!(head.headers["content-length"], get.body.len().to_string());
+    assert_eq!(origin.calls(), 1);
+}
+
+async fn unsafe_methods_pass_through(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    for _ in 0..2 {
+        let reply = send(
+            &app,
+            Request::post("/p?cc=max-age%3D60")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            reply.cache_status(),
+            "tower-fence; fwd=bypass; detail=method"
+        );
+    }
+    assert_eq!(origin.calls(), 2);
+    assert_eq!(layer.stats().bypasses, 2);
+}
+
+async fn private_cookie_and_no_store_are_not_stored(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    let cases = [
+        ("/a?cc=private%2C%20max-age%3D60", "private"),
+        ("/b?cc=max-age%3D60&cookie", "set-cookie"),
+        ("/c?cc=no-store", "no-store"),
+        ("/d?cc=no-cache", "no-cache"),
+    ];
+    for (uri, detail) in cases {
+        for _ in 0..2 {
+            let reply = get_path(&app, uri).await;
+            assert_eq!(
+                reply.cache_status(),
+                format!("tower-fence; fwd=uri-miss; fwd-status=200; detail={detail}")
+            );
+            settle().await;
+        }
+    }
+    assert_eq!(origin.calls(), 8);
+}
+
+async fn large_bodies_stream_through_unstored(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.max_body_size(1000).build().unwrap());
+    for _ in 0..2 {
+        let reply = get_path(&app, "/big?cc=max-age%3D60&size=5000").await;
+        assert_eq!(reply.body.len(), 5000);
+        assert!(reply.cache_status().contains("detail=too-large"));
+        settle().await;
+    }
+    let small = get_path(&app, "/small?cc=max-age%3D60&size=1000").await;
+    assert!(small.cache_status().contains("stored"));
+    settle().await;
+    assert!(get_path(&app, "/small?cc=max-age%3D60&size=1000")
+        .await
+        .is_hit());
+    assert_eq!(origin.calls(), 3);
+}
+
+async fn every_route_shares_one_store(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    // `Router::layer` calls `Layer::layer` once per route.
+    let app = Router::new()
+        .route("/one", get(|| async { "one" }))
+        .route("/two", get(|| async { "two" }))
+        .merge(origin.router())
+        .layer(layer.clone());
+    for uri in ["/one", "/two", "/three"] {
+        get_path(&app, uri).await;
+    }
+    settle().await;
+    for uri in ["/one", "/two", "/three"] {
+        assert!(get_path(&app, uri).await.is_hit(), "{uri}");
+    }
+    let stats = layer.stats();
+    assert_eq!((stats.misses, stats.hits, stats.stores), (3, 3, 3));
+}
+
+async fn query_and_key_headers_separate_entries(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin.router().layer(
+        backend
+            .builder()
+            .await
+            .key_header("x-tenant")
+            .build()
+            .unwrap(),
+    );
+    let req = |uri: &str, tenant: &str| {
+        Request::get(uri)
+            .header("x-tenant", tenant)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let a = send(&app, req("/q?v=1", "a")).await;
+    let b = send(&app, req("/q?v=2", "a")).await;
+    let c = send(&app, req("/q?v=1", "b")).await;
+    settle().await;
+    assert_eq!(origin.calls(), 3);
+    assert_eq!(send(&app, req("/q?v=1", "a")).await.body, a.body);
+    assert_eq!(send(&app, req("/q?v=2", "a")).await.body, b.body);
+    assert_eq!(send(&app, req("/q?v=1", "b")).await.body, c.body);
+    assert_eq!(origin.calls(), 3);
+}
+
+async fn entries_expire(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    get_path(&app, "/e?cc=max-age%3D1").await;
+    settle().await;
+    assert!(get_path(&app, "/e?cc=max-age%3D1").await.is_hit());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = get_path(&app, "/e?cc=max-age%3D1").await;
+    assert!(
+        after.cache_status().starts_with("tower-fence; fwd="),
+        "{}",
+        after.cache_status()
+    );
+    assert_eq!(origin.calls(), 2);
+}
+
+async fn garbage_records_are_misses_and_deleted(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let uri = "/g?cc=max-age%3D60";
+    get_path(&app, uri).await;
+    settle().await;
+    let key = layer.cache_key(&Request::get(uri).body(()).unwrap());
+    assert!(key.starts_with("tf:/g#{"), "{key}");
+    assert!(layer.store().get(&key).await.unwrap().is_some());
+    layer
+        .store()
+        .put(
+            &key,
+            Bytes::from_static(b"not an entry"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let reply = get_path(&app, uri).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        reply.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        reply.cache_status()
+    );
+    assert_eq!(layer.stats().decode_errors, 1);
+    settle().await;
+    // The refill replaced the garbage with a real entry.
+    assert!(get_path(&app, uri).await.is_hit());
+    assert_eq!(origin.calls(), 2);
+    if let Some(redis) = &backend.redis {
+        assert_eq!(redis.keys_matching("tf:/g#*").await, vec![key]);
+    }
+}
+
+async fn inner_errors_pass_through(backend: Backend) {
+    let layer = backend.builder().await.build().unwrap();
+    let failing = tower::service_fn(|_req: Request<Body>| async {
+        Err::<http::Response<Body>, _>(std::io::Error::other("origin down"))
+    });
+    let svc = tower::Layer::layer(&layer, failing);
+    let err = svc
+        .oneshot(Request::get("/x").body(Body::empty()).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "origin down");
+}
+
+async fn trailers_are_cached(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    let first = get_path(&app, "/trailers").await;
+    assert_eq!(first.body, "part1,part2");
+    assert_eq!(first.trailers.as_ref().unwrap()["grpc-status"], "0");
+    settle().await;
+    let second = get_path(&app, "/trailers").await;
+    assert!(second.is_hit(), "{}", second.cache_status());
+    assert_eq!(second.body, "part1,part2");
+    assert_eq!(second.trailers.as_ref().unwrap()["grpc-status"], "0");
+    assert_eq!(origin.calls(), 1);
+}
+
+async fn vary_mismatch_is_a_miss(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    let req = |lang: &str| {
+        Request::get("/v?cc=max-age%3D60&vary=accept-language")
+            .header("accept-language", lang)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let en = send(&app, req("en")).await;
+    settle().await;
+    assert!(send(&app, req("en")).await.is_hit());
+    let de = send(&app, req("de")).await;
+    assert!(
+        de.cache_status().contains("fwd=vary-miss"),
+        "{}",
+        de.cache_status()
+    );
+    assert_ne!(de.body, en.body);
+    assert_eq!(origin.calls(), 2);
+}
+
+async fn authorization_bypasses(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    let req = || {
+        Request::get("/secret?cc=max-age%3D60")
+            .header("authorization", "Bearer t")
+            .body(Body::empty())
+            .unwrap()
+    };
+    send(&app, req()).await;
+    settle().await;
+    let second = send(&app, req()).await;
+    assert_eq!(
+        second.cache_status(),
+        "tower-fence; fwd=bypass; detail=authorization"
+    );
+    assert_eq!(origin.calls(), 2);
+}
+
+async fn status_codes_follow_the_configuration(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin.router().layer(
+        backend
+            .builder()
+            .await
+            .cacheable_statuses([StatusCode::OK])
+            .build()
+            .unwrap(),
+    );
+    // 404 is not in the configured set and states no freshness: not stored.
+    get_path(&app, "/s?status=404").await;
+    settle().await;
+    assert!(!get_path(&app, "/s?status=404").await.is_hit());
+    // With explicit freshness, any final status may be stored.
+    get_path(&app, "/s?status=404&cc=max-age%3D60").await;
+    settle().await;
+    assert!(get_path(&app, "/s?status=404&cc=max-age%3D60")
+        .await
+        .is_hit());
+    // 500 with the default TTL is not stored.
+    get_path(&app, "/s?status=500").await;
+    settle().await;
+    assert!(!get_path(&app, "/s?status=500").await.is_hit());
+    assert_eq!(origin.calls(), 5);
+}
+
+#[tokio::test]
+async fn redis_hit_is_one_get_and_no_ping() {
+    let redis = RedisProcess::start_async().await;
+    let origin = Origin::default();
+    let store = RedisStore::new(redis.pool().await);
+    let app = origin
+        .router()
+        .layer(FenceLayer::builder().store(store).build().unwrap());
+    get_path(&app, "/one-trip?cc=max-age%3D60").await;
+    settle().await;
+    let mut conn = redis.conn().await;
+    let _: () = bb8_redis::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        assert!(get_path(&app, "/one-trip?cc=max-age%3D60").await.is_hit());
+    }
+    let info: String = bb8_redis::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let calls = |cmd: &str| {
+        info.lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    assert_eq!(calls("get"), 10, "{info}");
+    assert_eq!(calls("ping"), 0, "{info}");
+    assert_eq!(origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn redis_down_fails_open_and_recovers() {
+    let mut redis = RedisProcess::start_async().await;
+    let origin = Origin::default();
+    let layer = FenceLayer::builder()
+        .redis(redis.pool().await)
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer.clone());
+    get_path(&app, "/f?cc=max-age%3D60").await;
+    settle().await;
+    assert!(get_path(&app, "/f?cc=max-age%3D60").await.is_hit());
+
+    redis.stop();
+    for _ in 0..3 {
+        let reply = get_path(&app, "/f?cc=max-age%3D60").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(
+            reply
+                .cache_status()
+                .starts_with("tower-fence; fwd=bypass; detail=store-"),
+            "{}",
+            reply.cache_status()
+        );
+    }
+    assert!(layer.stats().store_errors >= 3);
+
+    redis.restart();
+    let mut recovered = false;
+    for _ in 0..50 {
+        let reply = get_path(&app, "/f?cc=max-age%3D60").await;
+        settle().await;
+        if reply.is_hit() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the cache works again once Redis is back");
+}
+
+#[tokio::test]
+async fn paused_redis_times_out_into_a_pass_through() {
+    let redis = RedisProcess::start_async().await;
+    let origin = Origin::default();
+    let layer = FenceLayer::builder()
+        .redis(redis.pool().await)
+        .store_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer.clone());
+    get_path(&app, "/t?cc=max-age%3D60").await;
+    settle().await;
+    redis.pause();
+    let reply = get_path(&app, "/t?cc=max-age%3D60").await;
+    redis.resume();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.cache_status(),
+        "tower-fence; fwd=bypass; detail=store-timeout"
+    );
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn the_default_layer_caches_in_memory() {
+    let origin = Origin::default();
+    let app = origin.router().layer(FenceLayer::memory());
+    get_path(&app, "/m").await;
+    settle().await;
+    assert!(get_path(&app, "/m").await.is_hit());
+    assert_eq!(origin.calls(), 1);
+}
