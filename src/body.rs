@@ -1,5 +1,6 @@
 //! [`FenceBody`]: cached bytes, or the inner body passed through.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -16,7 +17,7 @@ pin_project! {
     /// from the cache (and their trailers), or the inner service's body
     /// passed through frame by frame, recorded for the cache on the way when
     /// the response is to be stored. Its error type is the inner body's.
-    pub struct FenceBody<B> {
+    pub struct FenceBody<B: Body> {
         #[pin]
         kind: Kind<B>,
     }
@@ -24,7 +25,7 @@ pin_project! {
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<B> {
+    enum Kind<B: Body> {
         Cached {
             data: Option<Bytes>,
             trailers: Option<HeaderMap>,
@@ -38,10 +39,17 @@ pin_project! {
             body: B,
             recorder: Option<Recorder>,
         },
+        // What was read of a body while trying to cache it, then the rest
+        // of it (or the error that stopped the reading).
+        Replay {
+            prefix: VecDeque<Bytes>,
+            error: Option<B::Error>,
+            rest: Option<Pin<Box<B>>>,
+        },
     }
 }
 
-impl<B> FenceBody<B> {
+impl<B: Body> FenceBody<B> {
     /// A body replaying cached bytes, then trailers if any.
     pub(crate) fn cached(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         FenceBody {
@@ -58,9 +66,23 @@ impl<B> FenceBody<B> {
             kind: Kind::Passthrough { body },
         }
     }
-}
 
-impl<B: Body> FenceBody<B> {
+    /// The chunks already read from a body, then the rest of it (`rest`),
+    /// or the error that stopped the reading (`error`).
+    pub(crate) fn replay(
+        prefix: Vec<Bytes>,
+        rest: Option<Pin<Box<B>>>,
+        error: Option<B::Error>,
+    ) -> Self {
+        FenceBody {
+            kind: Kind::Replay {
+                prefix: prefix.into(),
+                error,
+                rest,
+            },
+        }
+    }
+
     /// The inner body, recorded into `recorder` as the client reads it.
     pub(crate) fn recording(body: B, recorder: Recorder) -> Self {
         if body.is_end_stream() {
@@ -77,12 +99,13 @@ impl<B: Body> FenceBody<B> {
     }
 }
 
-impl<B> fmt::Debug for FenceBody<B> {
+impl<B: Body> fmt::Debug for FenceBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.kind {
             Kind::Cached { .. } => "Cached",
             Kind::Passthrough { .. } => "Passthrough",
             Kind::Recording { .. } => "Recording",
+            Kind::Replay { .. } => "Replay",
         };
         f.debug_struct("FenceBody").field("kind", &kind).finish()
     }
@@ -149,6 +172,28 @@ where
                     }
                 }
             }
+            KindProj::Replay {
+                prefix,
+                error,
+                rest,
+            } => {
+                if let Some(chunk) = prefix.pop_front() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                if let Some(err) = error.take() {
+                    return Poll::Ready(Some(Err(err)));
+                }
+                match rest {
+                    Some(body) => {
+                        let frame = ready!(body.as_mut().poll_frame(cx));
+                        if frame.is_none() {
+                            *rest = None;
+                        }
+                        Poll::Ready(frame.map(|r| r.map(|f| f.map_data(into_bytes))))
+                    }
+                    None => Poll::Ready(None),
+                }
+            }
         }
     }
 
@@ -156,6 +201,15 @@ where
         match &self.kind {
             Kind::Cached { data, trailers } => data.is_none() && trailers.is_none(),
             Kind::Passthrough { body } | Kind::Recording { body, .. } => body.is_end_stream(),
+            Kind::Replay {
+                prefix,
+                error,
+                rest,
+            } => {
+                prefix.is_empty()
+                    && error.is_none()
+                    && rest.as_ref().is_none_or(|b| b.is_end_stream())
+            }
         }
     }
 
@@ -165,6 +219,19 @@ where
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Kind::Passthrough { body } | Kind::Recording { body, .. } => body.size_hint(),
+            Kind::Replay { prefix, rest, .. } => {
+                let buffered: u64 = prefix.iter().map(|c| c.len() as u64).sum();
+                let rest = rest
+                    .as_ref()
+                    .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint());
+                // Upper first: `SizeHint` asserts lower <= upper on each set.
+                let mut hint = SizeHint::new();
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(buffered));
+                }
+                hint.set_lower(rest.lower().saturating_add(buffered));
+                hint
+            }
         }
     }
 }
@@ -185,6 +252,46 @@ mod tests {
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers(), Some(&trailers));
         assert_eq!(collected.to_bytes(), Bytes::from_static(b"abc"));
+    }
+
+    #[tokio::test]
+    async fn replay_yields_the_prefix_then_the_rest() {
+        let rest = Box::pin(http_body_util::Full::new(Bytes::from_static(b"cd")));
+        let body = FenceBody::replay(
+            vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
+            Some(rest),
+            None,
+        );
+        assert_eq!(body.size_hint().exact(), Some(4));
+        assert_eq!(
+            body.collect().await.unwrap().to_bytes(),
+            Bytes::from_static(b"abcd")
+        );
+    }
+
+    #[tokio::test]
+    async fn replay_ends_with_the_error_that_stopped_reading() {
+        let body: FenceBody<http_body_util::Full<Bytes>> =
+            FenceBody::replay(vec![Bytes::from_static(b"a")], None, None);
+        assert_eq!(
+            body.collect().await.unwrap().to_bytes(),
+            Bytes::from_static(b"a")
+        );
+        #[derive(Debug)]
+        struct Failing;
+        impl Body for Failing {
+            type Data = Bytes;
+            type Error = &'static str;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+                Poll::Ready(Some(Err("broken")))
+            }
+        }
+        let body =
+            FenceBody::<Failing>::replay(vec![Bytes::from_static(b"a")], None, Some("broken"));
+        assert_eq!(body.collect().await.unwrap_err(), "broken");
     }
 
     #[tokio::test]

@@ -29,9 +29,13 @@ pub(crate) struct Entry {
     pub(crate) stored_at_ms: u64,
     /// Until when the entry is fresh (ms since the epoch).
     pub(crate) fresh_until_ms: u64,
-    /// Until when the entry may be served stale (ms since the epoch); never
-    /// before `fresh_until_ms`.
+    /// Until when the entry may be served stale while one request refreshes
+    /// it (stale-while-revalidate, grace; ms since the epoch); never before
+    /// `fresh_until_ms`.
     pub(crate) stale_until_ms: u64,
+    /// Until when the entry may be served stale when the origin fails
+    /// (stale-if-error; ms since the epoch); never before `fresh_until_ms`.
+    pub(crate) error_until_ms: u64,
     /// How long the origin took to produce the response (XFetch's delta).
     pub(crate) rebuild_ms: u32,
     /// The request header values the response varies on (`Vary`), as sent by
@@ -49,6 +53,7 @@ impl fmt::Debug for Entry {
             .field("stored_at_ms", &self.stored_at_ms)
             .field("fresh_until_ms", &self.fresh_until_ms)
             .field("stale_until_ms", &self.stale_until_ms)
+            .field("error_until_ms", &self.error_until_ms)
             .field("rebuild_ms", &self.rebuild_ms)
             .finish()
     }
@@ -93,6 +98,7 @@ impl Entry {
         out.put_u64(self.stored_at_ms);
         out.put_u64(self.fresh_until_ms);
         out.put_u64(self.stale_until_ms);
+        out.put_u64(self.error_until_ms);
         out.put_u32(self.rebuild_ms);
         put_headers(&mut out, &self.headers);
         put_len(&mut out, self.body.len());
@@ -143,7 +149,8 @@ impl Entry {
         let stored_at_ms = get_u64(&mut buf)?;
         let fresh_until_ms = get_u64(&mut buf)?;
         let stale_until_ms = get_u64(&mut buf)?;
-        if stale_until_ms < fresh_until_ms {
+        let error_until_ms = get_u64(&mut buf)?;
+        if stale_until_ms < fresh_until_ms || error_until_ms < fresh_until_ms {
             return Err(DecodeError::Invalid);
         }
         let rebuild_ms = get_u32(&mut buf)?;
@@ -180,6 +187,7 @@ impl Entry {
             stored_at_ms,
             fresh_until_ms,
             stale_until_ms,
+            error_until_ms,
             rebuild_ms,
             vary,
         })
@@ -200,10 +208,33 @@ impl Entry {
         now_ms.saturating_sub(self.stored_at_ms) / 1000
     }
 
-    /// How long a store should keep the record: until the end of its stale
-    /// window, at least one millisecond.
+    /// Whether the entry may be served stale while it is refreshed.
+    pub(crate) fn in_grace(&self, now_ms: u64) -> bool {
+        now_ms < self.stale_until_ms
+    }
+
+    /// Whether the entry may be served stale because the origin failed.
+    pub(crate) fn usable_on_error(&self, now_ms: u64) -> bool {
+        now_ms < self.error_until_ms
+    }
+
+    /// How long a store should keep the record: until the end of its last
+    /// stale window, at least one millisecond.
     pub(crate) fn store_ttl(&self, now_ms: u64) -> Duration {
-        Duration::from_millis(self.stale_until_ms.saturating_sub(now_ms).max(1))
+        let until = self.stale_until_ms.max(self.error_until_ms);
+        Duration::from_millis(until.saturating_sub(now_ms).max(1))
+    }
+
+    /// XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): whether a hit
+    /// at `now_ms` should refresh the entry early. The chance grows as expiry
+    /// nears, scaled by how long the rebuild took and by `beta`; `random` is
+    /// uniform in (0, 1].
+    pub(crate) fn xfetch_due(&self, now_ms: u64, beta: f64, random: f64) -> bool {
+        if beta <= 0.0 || random.is_nan() || random <= 0.0 {
+            return false;
+        }
+        let gap = -(f64::from(self.rebuild_ms)) * beta * random.ln();
+        now_ms as f64 + gap >= self.fresh_until_ms as f64
     }
 }
 
@@ -300,6 +331,7 @@ mod tests {
             stored_at_ms: 1_000,
             fresh_until_ms: 61_000,
             stale_until_ms: 71_000,
+            error_until_ms: 161_000,
             rebuild_ms: 42,
             vary: vec![
                 (
@@ -365,6 +397,22 @@ mod tests {
         assert_eq!(entry.age_secs(0), 0);
         assert_eq!(entry.age_secs(3_500), 2);
         assert_eq!(entry.store_ttl(u64::MAX), Duration::from_millis(1));
+        assert_eq!(entry.store_ttl(1_000), Duration::from_millis(160_000));
+    }
+
+    #[test]
+    fn xfetch_refreshes_only_near_expiry() {
+        let entry = sample(); // fresh until 61 s, rebuilt in 42 ms
+                              // Far from expiry even an unlucky draw does not refresh.
+        assert!(!entry.xfetch_due(1_000, 1.0, 1e-9));
+        // At expiry every draw refreshes.
+        assert!(entry.xfetch_due(61_000, 1.0, 0.5));
+        // Just before expiry: a small draw does, a large one does not.
+        assert!(entry.xfetch_due(60_990, 1.0, 0.01));
+        assert!(!entry.xfetch_due(60_990, 1.0, 0.99));
+        // beta 0 switches it off; a zero draw is refused.
+        assert!(!entry.xfetch_due(61_000, 0.0, 0.5));
+        assert!(!entry.xfetch_due(61_000, 1.0, 0.0));
     }
 
     fn header_name() -> impl Strategy<Value = HeaderName> {
@@ -393,12 +441,22 @@ mod tests {
             proptest::option::of(header_map()),
             any::<u64>(),
             any::<u64>(),
-            any::<u64>(),
+            (any::<u64>(), any::<u64>()),
             any::<u32>(),
             proptest::collection::vec((header_name(), proptest::option::of(header_value())), 0..4),
         )
             .prop_map(
-                |(status, headers, body, trailers, stored, fresh, extra, rebuild, vary)| Entry {
+                |(
+                    status,
+                    headers,
+                    body,
+                    trailers,
+                    stored,
+                    fresh,
+                    (extra, error),
+                    rebuild,
+                    vary,
+                )| Entry {
                     status,
                     headers,
                     body: Bytes::from(body),
@@ -406,6 +464,7 @@ mod tests {
                     stored_at_ms: stored,
                     fresh_until_ms: fresh,
                     stale_until_ms: fresh.saturating_add(extra % 1_000_000),
+                    error_until_ms: fresh.saturating_add(error % 1_000_000),
                     rebuild_ms: rebuild,
                     vary,
                 },

@@ -88,6 +88,7 @@ impl Recorder {
             stored_at_ms: fill.freshness.stored_at_ms,
             fresh_until_ms: fill.freshness.fresh_until_ms,
             stale_until_ms: fill.freshness.stale_until_ms,
+            error_until_ms: fill.freshness.error_until_ms,
             rebuild_ms,
             vary: fill.vary,
         };
@@ -108,7 +109,10 @@ pub(crate) fn store_entry(shared: Arc<Shared>, key: CacheKey, entry: Entry) {
         let record = entry.encode();
         let put = shared.store.put(key.as_str(), record, ttl);
         match with_timeout(shared.store_timeout, put).await {
-            Ok(()) => Counters::bump(&shared.counters.stores),
+            Ok(()) => {
+                Counters::bump(&shared.counters.stores);
+                shared.hit_for_miss.invalidate(key.as_str());
+            }
             Err(err) => {
                 Counters::bump(&shared.counters.store_errors);
                 tracing::warn!(key = key.as_str(), error = %err, "tower-fence: storing a response failed");

@@ -3,37 +3,65 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::SystemTime;
 
-use http::{Request, Response};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
+use tokio::task::JoinHandle;
 use tower_service::Service;
 
 use crate::body::FenceBody;
-use crate::service::{finish, resolve, LookupFuture, Miss, Outcome, Resolved};
+use crate::entry::{unix_ms, Entry};
+use crate::flight::{Joined, Landing};
+use crate::layer::Counters;
+use crate::rebuild::{self, Job, LeaderResult};
+use crate::service::{entry_response, finish, vary_matches, Found, LookupFuture, Outcome, Pending};
+use crate::status::{CacheStatus, Fwd};
+
+/// How often a request joins a flight whose leader vanished before it goes
+/// to the inner service itself.
+const MAX_JOINS: u8 = 3;
+
+type WaitFuture = Pin<Box<dyn Future<Output = Option<Landing>> + Send>>;
 
 pin_project! {
     /// Response future of [`FenceService`](crate::FenceService): a store
-    /// lookup, then either a cached response or the inner service's.
-    pub struct ResponseFuture<S, B>
+    /// lookup, then a cached response, the answer of the request that
+    /// rebuilds the entry, or the inner service's own.
+    pub struct ResponseFuture<S, B, RB>
     where
         S: Service<Request<B>>,
+        RB: Body,
     {
         #[pin]
-        state: State<S, B>,
+        state: State<S, B, RB>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, B>
+    enum State<S, B, RB>
     where
         S: Service<Request<B>>,
+        RB: Body,
     {
         Lookup {
             lookup: LookupFuture,
             pending: Option<Pending<S, B>>,
+        },
+        Waiting {
+            wait: WaitFuture,
+            pending: Option<Pending<S, B>>,
+            stale: Option<Arc<Entry>>,
+            fwd: Fwd,
+            joins: u8,
+        },
+        Leading {
+            handle: JoinHandle<LeaderResult<RB, S::Error>>,
         },
         Inner {
             #[pin]
@@ -44,22 +72,16 @@ pin_project! {
     }
 }
 
-/// The readied inner service and the request, held during the lookup.
-struct Pending<S, B> {
-    svc: S,
-    req: Request<B>,
-    miss: Miss,
-}
-
-impl<S, B> ResponseFuture<S, B>
+impl<S, B, RB> ResponseFuture<S, B, RB>
 where
     S: Service<Request<B>>,
+    RB: Body,
 {
-    pub(crate) fn lookup(lookup: LookupFuture, svc: S, req: Request<B>, miss: Miss) -> Self {
+    pub(crate) fn lookup(lookup: LookupFuture, pending: Pending<S, B>) -> Self {
         ResponseFuture {
             state: State::Lookup {
                 lookup,
-                pending: Some(Pending { svc, req, miss }),
+                pending: Some(pending),
             },
         }
     }
@@ -74,13 +96,16 @@ where
     }
 }
 
-impl<S, B> fmt::Debug for ResponseFuture<S, B>
+impl<S, B, RB> fmt::Debug for ResponseFuture<S, B, RB>
 where
     S: Service<Request<B>>,
+    RB: Body,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Lookup { .. } => "Lookup",
+            State::Waiting { .. } => "Waiting",
+            State::Leading { .. } => "Leading",
             State::Inner { .. } => "Inner",
             State::Done => "Done",
         };
@@ -90,37 +115,63 @@ where
     }
 }
 
-impl<S, B, ResBody> Future for ResponseFuture<S, B>
+/// The next state, or a response to return now.
+enum Step<S, B, RB>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-    ResBody: Body,
+    S: Service<Request<B>>,
+    RB: Body,
 {
-    type Output = Result<Response<FenceBody<ResBody>>, S::Error>;
+    Respond(Response<FenceBody<RB>>),
+    Go(State<S, B, RB>),
+}
+
+impl<S, B, RB> Future for ResponseFuture<S, B, RB>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    RB: Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Send,
+{
+    type Output = Result<Response<FenceBody<RB>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
         loop {
-            match state.as_mut().project() {
+            let step = match state.as_mut().project() {
                 StateProj::Lookup { lookup, pending } => {
                     let found = ready!(lookup.as_mut().poll(cx));
-                    let Some(Pending { mut svc, req, miss }) = pending.take() else {
+                    match pending.take() {
+                        Some(pending) => after_lookup(found, pending),
                         // Only reachable if polled again after completing.
-                        state.set(State::Done);
-                        continue;
-                    };
-                    match resolve(found, &req, miss) {
-                        Resolved::Hit(hit) => {
-                            state.set(State::Done);
-                            return Poll::Ready(Ok(hit));
-                        }
-                        Resolved::Forward(outcome) => {
-                            let fut = svc.call(req);
-                            state.set(State::Inner {
-                                fut,
-                                outcome: Some(outcome),
-                            });
-                        }
+                        None => Step::Go(State::Done),
                     }
+                }
+                StateProj::Waiting {
+                    wait,
+                    pending,
+                    stale,
+                    fwd,
+                    joins,
+                } => {
+                    let landing = ready!(wait.as_mut().poll(cx));
+                    match pending.take() {
+                        Some(pending) => after_wait(landing, pending, stale.take(), *fwd, *joins),
+                        None => Step::Go(State::Done),
+                    }
+                }
+                StateProj::Leading { handle } => {
+                    let joined = ready!(Pin::new(handle).poll(cx));
+                    state.set(State::Done);
+                    return Poll::Ready(match joined {
+                        Ok(result) => result,
+                        // The inner service panicked in the rebuild task:
+                        // panic here as it would have without the cache.
+                        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                        Err(_) => Ok(unavailable()),
+                    });
                 }
                 StateProj::Inner { fut, outcome } => {
                     let result = ready!(fut.poll(cx));
@@ -137,7 +188,228 @@ where
                 // Polled after completion: the contract allows anything but
                 // a panic is an outage; stay pending.
                 StateProj::Done => return Poll::Pending,
+            };
+            match step {
+                Step::Respond(response) => {
+                    state.set(State::Done);
+                    return Poll::Ready(Ok(response));
+                }
+                Step::Go(next) => state.set(next),
             }
         }
     }
+}
+
+fn after_lookup<S, B, RB>(found: Found, pending: Pending<S, B>) -> Step<S, B, RB>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    RB: Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Send,
+{
+    let Pending { mut svc, req, miss } = pending;
+    let shared = miss.shared.clone();
+    let now_ms = unix_ms(SystemTime::now());
+    let head = req.method() == Method::HEAD;
+    let (fwd, stale) = match found {
+        Found::Failed(err) => {
+            let fut = svc.call(req);
+            return Step::Go(State::Inner {
+                fut,
+                outcome: Some(Outcome::Pass(CacheStatus::bypass(err.detail()))),
+            });
+        }
+        Found::Nothing => (Fwd::UriMiss, None),
+        Found::Entry(entry) if !vary_matches(&entry, req.headers()) => (Fwd::VaryMiss, None),
+        Found::Entry(entry) if entry.is_fresh(now_ms) => {
+            Counters::bump(&shared.counters.hits);
+            let beta = shared.xfetch_beta;
+            if beta > 0.0 && entry.xfetch_due(now_ms, beta, 1.0 - fastrand::f64()) {
+                Counters::bump(&shared.counters.early_refreshes);
+                spawn_refresh(svc, req, miss);
+            }
+            let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
+            return Step::Respond(entry_response(entry, head, CacheStatus::hit(ttl), true));
+        }
+        Found::Entry(entry) if entry.in_grace(now_ms) => {
+            // Stale-while-revalidate: serve what is here, refresh behind.
+            Counters::bump(&shared.counters.stale_hits);
+            spawn_refresh(svc, req, miss);
+            let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
+            let status = CacheStatus::stale(ttl, "stale-while-revalidate");
+            return Step::Respond(entry_response(entry, head, status, true));
+        }
+        Found::Entry(entry) => (Fwd::Stale, Some(Arc::new(entry))),
+    };
+    Counters::bump(&shared.counters.misses);
+    if head || !miss.may_store || shared.hit_for_miss.contains_key(miss.key.as_str()) {
+        // HEAD gets no body to store; `no-store` requests store nothing;
+        // hit-for-miss keys were recently uncacheable: no flight for them.
+        let outcome = Outcome::fill(miss, fwd, &req);
+        let fut = svc.call(req);
+        return Step::Go(State::Inner {
+            fut,
+            outcome: Some(outcome),
+        });
+    }
+    join_flight(Pending { svc, req, miss }, stale, fwd, 1)
+}
+
+fn after_wait<S, B, RB>(
+    landing: Option<Landing>,
+    pending: Pending<S, B>,
+    stale: Option<Arc<Entry>>,
+    fwd: Fwd,
+    joins: u8,
+) -> Step<S, B, RB>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    RB: Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Send,
+{
+    let shared = pending.miss.shared.clone();
+    match landing {
+        Some(Landing::Response(entry)) if vary_matches(&entry, pending.req.headers()) => {
+            Counters::bump(&shared.counters.collapsed);
+            let status = CacheStatus::collapsed(fwd, entry.status.as_u16());
+            let entry = Arc::try_unwrap(entry).unwrap_or_else(|shared| Entry::clone(&shared));
+            Step::Respond(entry_response(entry, false, status, true))
+        }
+        Some(Landing::Retry) if joins < MAX_JOINS => join_flight(pending, stale, fwd, joins + 1),
+        None => {
+            let now_ms = unix_ms(SystemTime::now());
+            Counters::bump(&shared.counters.wait_timeouts);
+            match stale.filter(|s| s.in_grace(now_ms) || s.usable_on_error(now_ms)) {
+                Some(stale) => {
+                    let ttl = stale.ttl_ms(now_ms).div_euclid(1000);
+                    let entry =
+                        Arc::try_unwrap(stale).unwrap_or_else(|shared| Entry::clone(&shared));
+                    Step::Respond(entry_response(
+                        entry,
+                        false,
+                        CacheStatus::stale(ttl, "wait-timeout"),
+                        true,
+                    ))
+                }
+                None => go_alone(pending, fwd),
+            }
+        }
+        // The leader's answer is not for us (uncacheable, another variant),
+        // or its leaders kept vanishing: ask the inner service ourselves.
+        Some(_) => go_alone(pending, fwd),
+    }
+}
+
+/// Joins the key's flight: leads it (the rebuild runs in a task of its
+/// own) or waits for it.
+fn join_flight<S, B, RB>(
+    pending: Pending<S, B>,
+    stale: Option<Arc<Entry>>,
+    fwd: Fwd,
+    joins: u8,
+) -> Step<S, B, RB>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    RB: Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Send,
+{
+    let shared = pending.miss.shared.clone();
+    match shared.flights.join(pending.miss.key.as_str()) {
+        Joined::Waiter(wait) => Step::Go(State::Waiting {
+            wait: Box::pin(wait.landing(shared.wait_timeout)),
+            pending: Some(pending),
+            stale,
+            fwd,
+            joins,
+        }),
+        Joined::Leader(lead) => {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                // No runtime to run a detached rebuild on: do it inline.
+                drop(lead);
+                return go_alone(pending, fwd);
+            };
+            let Pending { svc, req, miss } = pending;
+            let job = Job {
+                shared: miss.shared,
+                key: miss.key,
+                lead,
+                svc,
+                req,
+                stale,
+                fwd,
+            };
+            Step::Go(State::Leading {
+                handle: runtime.spawn(rebuild::lead_miss(job)),
+            })
+        }
+    }
+}
+
+/// Sends the request to the inner service without the flight.
+fn go_alone<S, B, RB>(pending: Pending<S, B>, fwd: Fwd) -> Step<S, B, RB>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    RB: Body,
+{
+    let Pending { mut svc, req, miss } = pending;
+    let outcome = Outcome::fill(miss, fwd, &req);
+    let fut = svc.call(req);
+    Step::Go(State::Inner {
+        fut,
+        outcome: Some(outcome),
+    })
+}
+
+/// Starts a background refresh of the key, unless one runs in this process.
+fn spawn_refresh<S, B, RB>(svc: S, req: Request<B>, miss: crate::service::Miss)
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    RB: Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Send,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Some(lead) = miss.shared.flights.try_lead(miss.key.as_str()) else {
+        return;
+    };
+    let job = Job {
+        shared: miss.shared,
+        key: miss.key,
+        lead,
+        svc,
+        req,
+        stale: None,
+        fwd: Fwd::Stale,
+    };
+    runtime.spawn(rebuild::refresh(job));
+}
+
+/// The answer when a rebuild task was cancelled (the runtime shuts down).
+fn unavailable<RB: Body>() -> Response<FenceBody<RB>> {
+    let mut response = Response::new(FenceBody::cached(
+        Bytes::from_static(b"rebuild cancelled\n"),
+        None,
+    ));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    CacheStatus::bypass("rebuild-cancelled").append_to(response.headers_mut());
+    response
 }

@@ -9,6 +9,7 @@ use http::{HeaderName, Request, StatusCode};
 use tower_layer::Layer;
 
 use crate::error::ConfigError;
+use crate::flight::Flights;
 use crate::key::{self, KeyConfig};
 use crate::policy::{PolicyConfig, DEFAULT_CACHEABLE_STATUSES};
 use crate::service::FenceService;
@@ -22,6 +23,18 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_BODY_SIZE: usize = 1024 * 1024;
 /// Default longest wait for one store call: 50 ms.
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
+/// Default longest wait for another request's rebuild: 5 s.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default rebuild lease: 10 s, extended while the rebuild runs.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Default poll interval while waiting for another process's fill: 50 ms.
+pub const DEFAULT_FILL_POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Default XFetch `beta`: 1.0.
+pub const DEFAULT_XFETCH_BETA: f64 = 1.0;
+/// Default time a key stays hit-for-miss: 10 s.
+pub const DEFAULT_HIT_FOR_MISS_TTL: Duration = Duration::from_secs(10);
+/// Most keys remembered as hit-for-miss at once.
+const HIT_FOR_MISS_CAPACITY: u64 = 100_000;
 
 /// Adds HTTP response caching to a service. See the [crate docs](crate).
 ///
@@ -41,6 +54,14 @@ pub(crate) struct Shared {
     pub(crate) policy: PolicyConfig,
     pub(crate) max_body_size: usize,
     pub(crate) store_timeout: Option<Duration>,
+    pub(crate) wait_timeout: Duration,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) fill_poll_interval: Duration,
+    pub(crate) xfetch_beta: f64,
+    pub(crate) flights: Arc<Flights>,
+    /// Keys whose last rebuild could not be shared: requests for them skip
+    /// the flight for a while (Varnish's hit-for-miss).
+    pub(crate) hit_for_miss: moka::sync::Cache<String, ()>,
     pub(crate) counters: Counters,
 }
 
@@ -176,6 +197,12 @@ pub struct FenceLayerBuilder {
     cacheable_statuses: Vec<StatusCode>,
     store_timeout: Option<Duration>,
     key_headers: Vec<String>,
+    stale_if_error: Duration,
+    wait_timeout: Duration,
+    lease_ttl: Duration,
+    fill_poll_interval: Duration,
+    xfetch_beta: f64,
+    hit_for_miss_ttl: Duration,
 }
 
 impl Default for FenceLayerBuilder {
@@ -189,6 +216,12 @@ impl Default for FenceLayerBuilder {
             cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
             store_timeout: Some(DEFAULT_STORE_TIMEOUT),
             key_headers: Vec::new(),
+            stale_if_error: Duration::ZERO,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            fill_poll_interval: DEFAULT_FILL_POLL_INTERVAL,
+            xfetch_beta: DEFAULT_XFETCH_BETA,
+            hit_for_miss_ttl: DEFAULT_HIT_FOR_MISS_TTL,
         }
     }
 }
@@ -204,6 +237,12 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("cacheable_statuses", &self.cacheable_statuses)
             .field("store_timeout", &self.store_timeout)
             .field("key_headers", &self.key_headers)
+            .field("stale_if_error", &self.stale_if_error)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("fill_poll_interval", &self.fill_poll_interval)
+            .field("xfetch_beta", &self.xfetch_beta)
+            .field("hit_for_miss_ttl", &self.hit_for_miss_ttl)
             .finish()
     }
 }
@@ -240,11 +279,64 @@ impl FenceLayerBuilder {
         self
     }
 
-    /// How long after it turns stale an entry is kept (and, once grace is
-    /// served, may be served while it is refreshed). Not applied to
-    /// responses with `must-revalidate` or `proxy-revalidate`. Defaults to 0.
+    /// Grace: how long after it turns stale an entry may still be served
+    /// while one background request refreshes it (stale-while-revalidate,
+    /// RFC 5861), when the response states no `stale-while-revalidate` of
+    /// its own. Never applied to responses with `must-revalidate`,
+    /// `proxy-revalidate`. Defaults to 0.
     pub fn grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
+        self
+    }
+
+    /// How long after it turns stale an entry may be served when the origin
+    /// fails (an error of the inner service, or a 5xx), when the response
+    /// states no `stale-if-error` of its own (RFC 5861). Never applied to
+    /// responses with `must-revalidate`, `proxy-revalidate`. Defaults to 0.
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.stale_if_error = window;
+        self
+    }
+
+    /// Longest a request waits for another request's rebuild of the same
+    /// key (in this process or another) before it serves the stale entry it
+    /// has, or goes to the inner service itself. Defaults to 5 s.
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = timeout;
+        self
+    }
+
+    /// Time to live of a rebuild lease; a running rebuild extends it every
+    /// third of it, so a process that dies while rebuilding blocks others
+    /// for at most this long. Defaults to 10 s.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// While waiting for another process's rebuild, how often to look at the
+    /// store in case a fill notification was missed. Defaults to 50 ms.
+    pub fn fill_poll_interval(mut self, interval: Duration) -> Self {
+        self.fill_poll_interval = interval;
+        self
+    }
+
+    /// XFetch's `beta`: how eagerly a hit refreshes its entry in the
+    /// background before it expires. A hit refreshes early with a chance
+    /// that grows as expiry nears, scaled by how long the entry took to
+    /// build; `1.0` is the paper's optimum, larger refreshes earler, `0.0`
+    /// turns early refresh off. Defaults to 1.0.
+    pub fn xfetch_beta(mut self, beta: f64) -> Self {
+        self.xfetch_beta = beta;
+        self
+    }
+
+    /// How long a key whose rebuild could not be shared (a `private`,
+    /// `Set-Cookie` or too large response) is remembered, so that its
+    /// requests go straight to the inner service instead of queueing behind
+    /// one another (hit-for-miss). Defaults to 10 s.
+    pub fn hit_for_miss_ttl(mut self, ttl: Duration) -> Self {
+        self.hit_for_miss_ttl = ttl;
         self
     }
 
@@ -303,9 +395,27 @@ impl FenceLayerBuilder {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if !(self.xfetch_beta.is_finite() && self.xfetch_beta >= 0.0) {
+            return Err(ConfigError::new(format!(
+                "xfetch_beta must be a finite number >= 0, not {}",
+                self.xfetch_beta
+            )));
+        }
+        if self.lease_ttl.is_zero() {
+            return Err(ConfigError::new("lease_ttl must be longer than zero"));
+        }
+        if self.fill_poll_interval.is_zero() {
+            return Err(ConfigError::new(
+                "fill_poll_interval must be longer than zero",
+            ));
+        }
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::default()));
+        let hit_for_miss = moka::sync::Cache::builder()
+            .max_capacity(HIT_FOR_MISS_CAPACITY)
+            .time_to_live(self.hit_for_miss_ttl.max(Duration::from_millis(1)))
+            .build();
         Ok(FenceLayer {
             shared: Arc::new(Shared {
                 store,
@@ -316,10 +426,17 @@ impl FenceLayerBuilder {
                 policy: PolicyConfig {
                     default_ttl: self.default_ttl,
                     grace: self.grace,
+                    stale_if_error: self.stale_if_error,
                     cacheable_statuses: self.cacheable_statuses,
                 },
                 max_body_size: self.max_body_size,
                 store_timeout: self.store_timeout,
+                wait_timeout: self.wait_timeout,
+                lease_ttl: self.lease_ttl,
+                fill_poll_interval: self.fill_poll_interval,
+                xfetch_beta: self.xfetch_beta,
+                flights: Arc::new(Flights::default()),
+                hit_for_miss,
                 counters: Counters::default(),
             }),
         })
@@ -344,6 +461,22 @@ pub struct Stats {
     pub store_errors: u64,
     /// Stored records that did not decode (deleted, treated as misses).
     pub decode_errors: u64,
+    /// Requests answered with the response another request fetched
+    /// (in-process single flight).
+    pub collapsed: u64,
+    /// Stale entries served while one request refreshed them (grace).
+    pub stale_hits: u64,
+    /// Hits that started an early (XFetch) refresh.
+    pub early_refreshes: u64,
+    /// Background refreshes that ran (they held the lease).
+    pub refreshes: u64,
+    /// Rebuilds that waited for another process's fill.
+    pub remote_waits: u64,
+    /// Waits for another request's rebuild that gave up.
+    pub wait_timeouts: u64,
+    /// Rebuilt responses not stored because their lease was lost (taken
+    /// by an invalidation, or expired).
+    pub fenced_out: u64,
 }
 
 #[derive(Debug, Default)]
@@ -354,6 +487,13 @@ pub(crate) struct Counters {
     pub(crate) stores: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) decode_errors: AtomicU64,
+    pub(crate) collapsed: AtomicU64,
+    pub(crate) stale_hits: AtomicU64,
+    pub(crate) early_refreshes: AtomicU64,
+    pub(crate) refreshes: AtomicU64,
+    pub(crate) remote_waits: AtomicU64,
+    pub(crate) wait_timeouts: AtomicU64,
+    pub(crate) fenced_out: AtomicU64,
 }
 
 impl Counters {
@@ -369,6 +509,13 @@ impl Counters {
             stores: self.stores.load(Ordering::Relaxed),
             store_errors: self.store_errors.load(Ordering::Relaxed),
             decode_errors: self.decode_errors.load(Ordering::Relaxed),
+            collapsed: self.collapsed.load(Ordering::Relaxed),
+            stale_hits: self.stale_hits.load(Ordering::Relaxed),
+            early_refreshes: self.early_refreshes.load(Ordering::Relaxed),
+            refreshes: self.refreshes.load(Ordering::Relaxed),
+            remote_waits: self.remote_waits.load(Ordering::Relaxed),
+            wait_timeouts: self.wait_timeouts.load(Ordering::Relaxed),
+            fenced_out: self.fenced_out.load(Ordering::Relaxed),
         }
     }
 }

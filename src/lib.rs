@@ -6,10 +6,12 @@ mod body;
 mod entry;
 mod error;
 mod fill;
+mod flight;
 mod future;
 mod key;
 mod layer;
 pub mod policy;
+mod rebuild;
 mod service;
 mod status;
 pub mod store;
@@ -22,8 +24,9 @@ pub use error::{BoxError, ConfigError, StoreError};
 pub use future::ResponseFuture;
 #[doc(inline)]
 pub use layer::{
-    FenceLayer, FenceLayerBuilder, Stats, DEFAULT_MAX_BODY_SIZE, DEFAULT_NAMESPACE,
-    DEFAULT_STORE_TIMEOUT, DEFAULT_TTL,
+    FenceLayer, FenceLayerBuilder, Stats, DEFAULT_FILL_POLL_INTERVAL, DEFAULT_HIT_FOR_MISS_TTL,
+    DEFAULT_LEASE_TTL, DEFAULT_MAX_BODY_SIZE, DEFAULT_NAMESPACE, DEFAULT_STORE_TIMEOUT,
+    DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, DEFAULT_XFETCH_BETA,
 };
 #[doc(inline)]
 pub use service::FenceService;

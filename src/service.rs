@@ -77,12 +77,17 @@ impl<S: std::fmt::Debug> std::fmt::Debug for FenceService<S> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for FenceService<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: Body,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
 {
     type Response = Response<FenceBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, ReqBody>;
+    type Future = ResponseFuture<S, ReqBody, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -105,15 +110,25 @@ where
         let lookup = Box::pin(lookup(self.shared.clone(), key.clone()));
         ResponseFuture::lookup(
             lookup,
-            svc,
-            req,
-            Miss {
-                shared: self.shared.clone(),
-                key,
-                may_store,
+            Pending {
+                svc,
+                req,
+                miss: Miss {
+                    shared: self.shared.clone(),
+                    key,
+                    may_store,
+                },
             },
         )
     }
+}
+
+/// The readied inner service and the request, held while the cache is
+/// consulted.
+pub(crate) struct Pending<S, B> {
+    pub(crate) svc: S,
+    pub(crate) req: Request<B>,
+    pub(crate) miss: Miss,
 }
 
 /// What a lookup found. Moved once per request, so the size difference
@@ -172,9 +187,9 @@ where
 /// What a looked-up request needs if it turns out to be a miss.
 #[derive(Debug)]
 pub(crate) struct Miss {
-    shared: Arc<Shared>,
-    key: CacheKey,
-    may_store: bool,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) key: CacheKey,
+    pub(crate) may_store: bool,
 }
 
 /// What to do with the inner service's response.
@@ -192,43 +207,29 @@ pub(crate) enum Outcome {
     },
 }
 
-/// Where a looked-up request goes (returned by value once per request).
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum Resolved<B> {
-    /// Answered from the cache.
-    Hit(Response<FenceBody<B>>),
-    /// To the inner service, with what to do with its response.
-    Forward(Outcome),
+impl Outcome {
+    /// The request goes to the inner service itself; its response is stored
+    /// if it may be (without a lease: used when the flight could not help).
+    pub(crate) fn fill<B>(miss: Miss, fwd: Fwd, req: &Request<B>) -> Self {
+        Outcome::Fill {
+            miss,
+            fwd,
+            method: req.method().clone(),
+            request_headers: req.headers().clone(),
+            started: Instant::now(),
+        }
+    }
 }
 
-/// Decides, after the lookup, whether the request is answered from `found`
-/// or goes to the inner service.
-pub(crate) fn resolve<B, ReqBody>(found: Found, req: &Request<ReqBody>, miss: Miss) -> Resolved<B> {
+/// A response built from an entry. `with_age` adds `Age` (RFC 9111
+/// §5.1) for responses served from the cache; `head` leaves the body out.
+pub(crate) fn entry_response<B: Body>(
+    entry: Entry,
+    head: bool,
+    status: CacheStatus,
+    with_age: bool,
+) -> Response<FenceBody<B>> {
     let now_ms = unix_ms(SystemTime::now());
-    let fwd = match found {
-        Found::Failed(err) => {
-            return Resolved::Forward(Outcome::Pass(CacheStatus::bypass(err.detail())));
-        }
-        Found::Nothing => Fwd::UriMiss,
-        Found::Entry(entry) if !vary_matches(&entry, req.headers()) => Fwd::VaryMiss,
-        Found::Entry(entry) if !entry.is_fresh(now_ms) => Fwd::Stale,
-        Found::Entry(entry) => {
-            Counters::bump(&miss.shared.counters.hits);
-            return Resolved::Hit(hit_response(entry, req.method() == Method::HEAD, now_ms));
-        }
-    };
-    Counters::bump(&miss.shared.counters.misses);
-    Resolved::Forward(Outcome::Fill {
-        miss,
-        fwd,
-        method: req.method().clone(),
-        request_headers: req.headers().clone(),
-        started: Instant::now(),
-    })
-}
-
-fn hit_response<B>(entry: Entry, head: bool, now_ms: u64) -> Response<FenceBody<B>> {
-    let ttl_secs = entry.ttl_ms(now_ms).div_euclid(1000);
     let age = entry.age_secs(now_ms);
     let body_len = entry.body.len();
     let body = if head {
@@ -243,8 +244,10 @@ fn hit_response<B>(entry: Entry, head: bool, now_ms: u64) -> Response<FenceBody<
     if may_have_content_length(entry.status) && !headers.contains_key(header::CONTENT_LENGTH) {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     }
-    headers.insert(header::AGE, HeaderValue::from(age));
-    CacheStatus::hit(ttl_secs).append_to(headers);
+    if with_age {
+        headers.insert(header::AGE, HeaderValue::from(age));
+    }
+    status.append_to(headers);
     response
 }
 
@@ -256,7 +259,7 @@ fn may_have_content_length(status: StatusCode) -> bool {
 
 /// The request's values for the headers a stored response varies on: all
 /// field lines joined by `, `; `None` for an absent header.
-fn vary_values(
+pub(crate) fn vary_values(
     names: &[HeaderName],
     request: &HeaderMap,
 ) -> Vec<(HeaderName, Option<HeaderValue>)> {
@@ -281,7 +284,7 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
     HeaderValue::from_bytes(&out).ok()
 }
 
-fn vary_matches(entry: &Entry, request: &HeaderMap) -> bool {
+pub(crate) fn vary_matches(entry: &Entry, request: &HeaderMap) -> bool {
     entry
         .vary
         .iter()

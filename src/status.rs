@@ -43,6 +43,8 @@ pub(crate) struct CacheStatus {
     /// Remaining freshness in seconds (negative when stale).
     pub(crate) ttl: Option<i64>,
     pub(crate) stored: bool,
+    /// The request waited for another request's forward (RFC 9211 §2.6).
+    pub(crate) collapsed: bool,
     pub(crate) detail: Option<&'static str>,
 }
 
@@ -58,6 +60,26 @@ impl CacheStatus {
     pub(crate) fn forward(fwd: Fwd) -> Self {
         CacheStatus {
             fwd: Some(fwd),
+            ..CacheStatus::default()
+        }
+    }
+
+    /// A request answered with a response another request fetched.
+    pub(crate) fn collapsed(fwd: Fwd, fwd_status: u16) -> Self {
+        CacheStatus {
+            fwd: Some(fwd),
+            fwd_status: Some(fwd_status),
+            collapsed: true,
+            ..CacheStatus::default()
+        }
+    }
+
+    /// A stale entry served: `ttl` is negative.
+    pub(crate) fn stale(ttl_secs: i64, detail: &'static str) -> Self {
+        CacheStatus {
+            hit: true,
+            ttl: Some(ttl_secs),
+            detail: Some(detail),
             ..CacheStatus::default()
         }
     }
@@ -87,6 +109,9 @@ impl CacheStatus {
         }
         if self.stored {
             out.push_str("; stored");
+        }
+        if self.collapsed {
+            out.push_str("; collapsed");
         }
         if let Some(detail) = self.detail {
             let _ = write!(out, "; detail={detail}");
@@ -118,6 +143,14 @@ mod tests {
         assert_eq!(
             miss.render(),
             "tower-fence; fwd=uri-miss; fwd-status=200; stored"
+        );
+        assert_eq!(
+            CacheStatus::collapsed(Fwd::UriMiss, 200).render(),
+            "tower-fence; fwd=uri-miss; fwd-status=200; collapsed"
+        );
+        assert_eq!(
+            CacheStatus::stale(-3, "stale-while-revalidate").render(),
+            "tower-fence; hit; ttl=-3; detail=stale-while-revalidate"
         );
         assert_eq!(
             CacheStatus::bypass("store-timeout").render(),

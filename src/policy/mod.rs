@@ -39,7 +39,10 @@ pub const DEFAULT_CACHEABLE_STATUSES: [StatusCode; 11] = [
 #[derive(Debug, Clone)]
 pub(crate) struct PolicyConfig {
     pub(crate) default_ttl: Duration,
+    /// Stale-while-revalidate window when the response states none.
     pub(crate) grace: Duration,
+    /// Stale-if-error window when the response states none.
+    pub(crate) stale_if_error: Duration,
     pub(crate) cacheable_statuses: Vec<StatusCode>,
 }
 
@@ -86,6 +89,7 @@ pub(crate) struct Freshness {
     pub(crate) stored_at_ms: u64,
     pub(crate) fresh_until_ms: u64,
     pub(crate) stale_until_ms: u64,
+    pub(crate) error_until_ms: u64,
 }
 
 /// Decides whether a response to a `GET` may be stored, and its freshness.
@@ -142,16 +146,26 @@ pub(crate) fn storability(
     if fresh_until_ms <= now_ms {
         return Err("stale");
     }
+    // RFC 9111 §5.2.2.2, §5.2.2.8: must-revalidate and proxy-revalidate
+    // forbid serving the response stale, whatever else says so.
     let may_serve_stale = !(cc.must_revalidate || cc.proxy_revalidate);
-    let grace_ms = if may_serve_stale {
-        u64::try_from(config.grace.as_millis()).unwrap_or(u64::MAX)
-    } else {
-        0
+    let window_ms = |stated: Option<u64>, configured: Duration| -> u64 {
+        if !may_serve_stale {
+            return 0;
+        }
+        match stated {
+            // RFC 5861: the response's own window, when it states one.
+            Some(secs) => secs.saturating_mul(1000),
+            None => u64::try_from(configured.as_millis()).unwrap_or(u64::MAX),
+        }
     };
     Ok(Freshness {
         stored_at_ms,
         fresh_until_ms,
-        stale_until_ms: fresh_until_ms.saturating_add(grace_ms),
+        stale_until_ms: fresh_until_ms
+            .saturating_add(window_ms(cc.stale_while_revalidate, config.grace)),
+        error_until_ms: fresh_until_ms
+            .saturating_add(window_ms(cc.stale_if_error, config.stale_if_error)),
     })
 }
 
@@ -266,6 +280,7 @@ mod tests {
         PolicyConfig {
             default_ttl: Duration::from_secs(60),
             grace: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
             cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
         }
     }
@@ -383,21 +398,45 @@ mod tests {
     }
 
     #[test]
-    fn grace_is_withheld_by_must_revalidate() {
+    fn stale_windows_come_from_the_response_or_the_configuration() {
         let cfg = PolicyConfig {
             grace: Duration::from_secs(30),
+            stale_if_error: Duration::from_secs(300),
             ..config()
         };
         let f = storability(&cfg, StatusCode::OK, &HeaderMap::new(), now()).unwrap();
         assert_eq!(f.stale_until_ms, f.fresh_until_ms + 30_000);
-        let f = storability(
-            &cfg,
-            StatusCode::OK,
-            &headers(&[("cache-control", "must-revalidate")]),
-            now(),
-        )
-        .unwrap();
-        assert_eq!(f.stale_until_ms, f.fresh_until_ms);
+        assert_eq!(f.error_until_ms, f.fresh_until_ms + 300_000);
+        let stated = headers(&[(
+            "cache-control",
+            "max-age=10, stale-while-revalidate=5, stale-if-error=7",
+        )]);
+        let f = storability(&cfg, StatusCode::OK, &stated, now()).unwrap();
+        assert_eq!(f.stale_until_ms, f.fresh_until_ms + 5_000);
+        assert_eq!(f.error_until_ms, f.fresh_until_ms + 7_000);
+    }
+
+    #[test]
+    fn must_revalidate_withholds_every_stale_window() {
+        let cfg = PolicyConfig {
+            grace: Duration::from_secs(30),
+            stale_if_error: Duration::from_secs(30),
+            ..config()
+        };
+        for directive in [
+            "must-revalidate",
+            "proxy-revalidate, stale-while-revalidate=9",
+        ] {
+            let f = storability(
+                &cfg,
+                StatusCode::OK,
+                &headers(&[("cache-control", directive)]),
+                now(),
+            )
+            .unwrap();
+            assert_eq!(f.stale_until_ms, f.fresh_until_ms);
+            assert_eq!(f.error_until_ms, f.fresh_until_ms);
+        }
     }
 
     #[test]

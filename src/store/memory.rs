@@ -1,6 +1,8 @@
 //! The in-process store.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,11 +23,30 @@ pub const DEFAULT_MEMORY_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
 /// eviction); entries are not shared between processes.
 ///
 /// [moka]: https://docs.rs/moka
+///
+/// Rebuild leases are kept in process too, with the same semantics as in
+/// Redis: a fenced fill stores only while its lease is held.
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: Cache<String, Record>,
     capacity_bytes: u64,
+    leases: Arc<Mutex<HashMap<String, Lease>>>,
 }
+
+#[derive(Debug)]
+struct Lease {
+    token: String,
+    expires: Instant,
+}
+
+impl Lease {
+    fn held_by(&self, token: &str, now: Instant) -> bool {
+        self.token == token && now < self.expires
+    }
+}
+
+/// Expired leases are swept when the table grows past this.
+const LEASE_SWEEP_THRESHOLD: usize = 1024;
 
 #[derive(Clone)]
 struct Record {
@@ -66,6 +87,7 @@ impl MemoryStore {
         MemoryStore {
             cache,
             capacity_bytes,
+            leases: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -79,6 +101,13 @@ impl MemoryStore {
     pub fn weighted_size(&self) -> u64 {
         self.cache.run_pending_tasks();
         self.cache.weighted_size()
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+        // A panic while holding the lock leaves a consistent map: recover it.
+        self.leases
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Number of records held now, after pending evictions have run.
@@ -121,6 +150,83 @@ impl Store for MemoryStore {
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
         self.cache.invalidate(key);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn try_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        let now = Instant::now();
+        let mut leases = self.leases();
+        if leases.len() > LEASE_SWEEP_THRESHOLD {
+            leases.retain(|_, lease| lease.expires > now);
+        }
+        let granted = match leases.get(key) {
+            Some(lease) if lease.expires > now => false,
+            _ => {
+                leases.insert(
+                    key.to_owned(),
+                    Lease {
+                        token: token.to_owned(),
+                        expires: now + ttl,
+                    },
+                );
+                true
+            }
+        };
+        Box::pin(std::future::ready(Ok(granted)))
+    }
+
+    fn extend_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        let now = Instant::now();
+        let extended = match self.leases().get_mut(key) {
+            Some(lease) if lease.held_by(token, now) => {
+                lease.expires = now + ttl;
+                true
+            }
+            _ => false,
+        };
+        Box::pin(std::future::ready(Ok(extended)))
+    }
+
+    fn release_lease<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
+        let mut leases = self.leases();
+        if leases.get(key).is_some_and(|lease| lease.token == token) {
+            leases.remove(key);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn put_fenced<'a>(
+        &'a self,
+        key: &'a str,
+        record: Bytes,
+        ttl: Duration,
+        token: &'a str,
+    ) -> StoreFuture<'a, bool> {
+        let now = Instant::now();
+        // Check and store under the lease lock, so an invalidation that
+        // removes the lease first cannot interleave.
+        let mut leases = self.leases();
+        let held = leases
+            .get(key)
+            .is_some_and(|lease| lease.held_by(token, now));
+        if held {
+            leases.remove(key);
+            if !ttl.is_zero() {
+                self.cache
+                    .insert(key.to_owned(), Record { bytes: record, ttl });
+            }
+        }
+        drop(leases);
+        Box::pin(std::future::ready(Ok(held)))
     }
 }
 
@@ -178,6 +284,65 @@ mod tests {
                 store.weighted_size()
             );
             assert!(store.entry_count() < 1000);
+        });
+    }
+
+    #[test]
+    fn leases_are_exclusive_and_fence_the_fill() {
+        block_on(async {
+            let store = MemoryStore::new(1 << 20);
+            let ttl = Duration::from_secs(10);
+            assert!(store.try_lease("k", "a", ttl).await.unwrap());
+            assert!(!store.try_lease("k", "b", ttl).await.unwrap());
+            assert!(store.extend_lease("k", "a", ttl).await.unwrap());
+            assert!(!store.extend_lease("k", "b", ttl).await.unwrap());
+            // Someone else's token neither stores nor releases.
+            assert!(!store
+                .put_fenced("k", Bytes::from_static(b"b"), ttl, "b")
+                .await
+                .unwrap());
+            store.release_lease("k", "b").await.unwrap();
+            assert!(!store.try_lease("k", "b", ttl).await.unwrap());
+            // The holder stores, which releases the lease.
+            assert!(store
+                .put_fenced("k", Bytes::from_static(b"a"), ttl, "a")
+                .await
+                .unwrap());
+            assert_eq!(
+                store.get("k").await.unwrap(),
+                Some(Bytes::from_static(b"a"))
+            );
+            assert!(store.try_lease("k", "b", ttl).await.unwrap());
+            store.release_lease("k", "b").await.unwrap();
+            // A fill without the lease (lost to an invalidation) stores nothing.
+            assert!(!store
+                .put_fenced("k", Bytes::from_static(b"c"), ttl, "b")
+                .await
+                .unwrap());
+            assert_eq!(
+                store.get("k").await.unwrap(),
+                Some(Bytes::from_static(b"a"))
+            );
+        });
+    }
+
+    #[test]
+    fn expired_leases_can_be_taken() {
+        block_on(async {
+            let store = MemoryStore::new(1 << 20);
+            assert!(store
+                .try_lease("k", "a", Duration::from_millis(20))
+                .await
+                .unwrap());
+            std::thread::sleep(Duration::from_millis(40));
+            assert!(!store
+                .extend_lease("k", "a", Duration::from_secs(1))
+                .await
+                .unwrap());
+            assert!(store
+                .try_lease("k", "b", Duration::from_secs(1))
+                .await
+                .unwrap());
         });
     }
 

@@ -1,14 +1,35 @@
 //! The Redis store: a `bb8` pool of `bb8-redis` connections.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
-use bb8_redis::redis::{self, aio::MultiplexedConnection, RedisError};
+use bb8_redis::redis::streams::StreamReadReply;
+use bb8_redis::redis::{self, aio::MultiplexedConnection, RedisError, Script};
 use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
+use tokio::sync::watch;
 
-use super::{Store, StoreError, StoreFuture};
+use super::{lease_key, FillSubscription, Store, StoreError, StoreFuture};
+
+/// The stream that carries fill notifications, unless
+/// [`RedisStore::fill_feed_key`] says otherwise.
+pub const DEFAULT_FILL_FEED_KEY: &str = "tower-fence:fills";
+
+/// Length the fill feed is trimmed to (approximately).
+const FILL_FEED_MAXLEN: usize = 10_000;
+
+/// How long one blocking read of the fill feed waits for news.
+const FILL_FEED_BLOCK_MS: u64 = 1_000;
+
+static PUT_FENCED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/put_fenced.lua")));
+static EXTEND_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/extend_lease.lua")));
+static RELEASE_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/release_lease.lua")));
 
 /// The pool type [`RedisStore`] and [`FenceLayer::new`](crate::FenceLayer::new)
 /// take.
@@ -23,6 +44,19 @@ pub type RedisPool = bb8::Pool<RedisConnectionManager>;
 /// concurrent commands). So the store checks a connection out of the pool
 /// once, keeps a clone of it, and goes back to the pool only when that
 /// connection breaks: a hit is one round trip whatever the pool's settings.
+///
+///
+/// Rebuild leases are `SET lease NX PX` with a random token, extended and
+/// released by compare-and-set scripts. A fenced fill is one script that
+/// stores the entry only while the lease is held, deletes the lease and
+/// appends the key to the *fill feed*, a capped Redis stream. Each store
+/// reads the feed on one dedicated connection (`XREAD BLOCK`), shared by all
+/// keys, and wakes the requests of its process that wait for a key another
+/// process is rebuilding. A stream rather than `PUBLISH`/`SUBSCRIBE`: a bb8
+/// pool hands out multiplexed connections, which cannot subscribe, and a
+/// reader that reconnects resumes from the last entry it saw instead of
+/// losing the fills in between. Waiters also poll, so a lost notification
+/// only costs latency.
 ///
 /// ```no_run
 /// use bb8_redis::RedisConnectionManager;
@@ -39,15 +73,82 @@ pub type RedisPool = bb8::Pool<RedisConnectionManager>;
 pub struct RedisStore {
     pool: RedisPool,
     connection: Arc<Mutex<Option<MultiplexedConnection>>>,
+    feed: Arc<FillFeed>,
+}
+
+/// The fill notifications this process waits for.
+#[derive(Debug)]
+struct FillFeed {
+    key: String,
+    waiters: Mutex<HashMap<String, watch::Sender<u64>>>,
+    reading: AtomicBool,
+}
+
+impl FillFeed {
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<u64>>> {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn notify(&self, key: &str) {
+        if let Some(tx) = self.waiters().get(key) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Forgets keys nobody waits for any more.
+    fn sweep(&self) {
+        self.waiters().retain(|_, tx| tx.receiver_count() > 0);
+    }
 }
 
 impl RedisStore {
-    /// A store on `pool`.
+    /// A store on `pool`. Inside a Tokio runtime it starts reading the fill
+    /// feed at once; otherwise at the first wait for a fill.
     pub fn new(pool: RedisPool) -> Self {
-        RedisStore {
+        let store = RedisStore {
             pool,
             connection: Arc::new(Mutex::new(None)),
+            feed: Arc::new(FillFeed {
+                key: DEFAULT_FILL_FEED_KEY.to_owned(),
+                waiters: Mutex::new(HashMap::new()),
+                reading: AtomicBool::new(false),
+            }),
+        };
+        store.start_feed_reader();
+        store
+    }
+
+    /// Names the stream that carries fill notifications; stores that share
+    /// a Redis and a namespace must share it. Defaults to
+    /// [`DEFAULT_FILL_FEED_KEY`].
+    #[must_use]
+    pub fn fill_feed_key(self, key: impl Into<String>) -> Self {
+        let store = RedisStore {
+            pool: self.pool,
+            connection: self.connection,
+            feed: Arc::new(FillFeed {
+                key: key.into(),
+                waiters: Mutex::new(HashMap::new()),
+                reading: AtomicBool::new(false),
+            }),
+        };
+        store.start_feed_reader();
+        store
+    }
+
+    fn start_feed_reader(&self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.feed.reading.swap(true, Ordering::AcqRel) {
+            return;
         }
+        handle.spawn(read_fill_feed(
+            Arc::downgrade(&self.feed),
+            self.pool.clone(),
+        ));
     }
 
     /// The pool this store draws connections from.
@@ -124,5 +225,172 @@ impl Store for RedisStore {
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move { self.query::<()>(redis::cmd("UNLINK").arg(key)).await })
+    }
+
+    fn try_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(lease_key(key))
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_millis(ttl));
+            let reply: Option<String> = self.query(&cmd).await?;
+            Ok(reply.is_some())
+        })
+    }
+
+    fn extend_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.connection().await?;
+            let extended: i64 = EXTEND_LEASE
+                .key(lease_key(key))
+                .arg(token)
+                .arg(ttl_millis(ttl))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.fail(e))?;
+            Ok(extended == 1)
+        })
+    }
+
+    fn release_lease<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.connection().await?;
+            let _: i64 = RELEASE_LEASE
+                .key(lease_key(key))
+                .arg(token)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.fail(e))?;
+            Ok(())
+        })
+    }
+
+    fn put_fenced<'a>(
+        &'a self,
+        key: &'a str,
+        record: Bytes,
+        ttl: Duration,
+        token: &'a str,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.connection().await?;
+            let stored: i64 = PUT_FENCED
+                .key(key)
+                .key(lease_key(key))
+                .key(&self.feed.key)
+                .arg(token)
+                .arg(record.as_ref())
+                .arg(ttl_millis(ttl))
+                .arg(FILL_FEED_MAXLEN)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.fail(e))?;
+            Ok(stored == 1)
+        })
+    }
+
+    fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
+        self.start_feed_reader();
+        let rx = self
+            .feed
+            .waiters()
+            .entry(key.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
+        Some(FillSubscription::new(rx))
+    }
+}
+
+/// Reads the fill feed on a dedicated connection and wakes this process's
+/// waiters, until every store sharing `feed` is gone. Reconnects with a
+/// growing pause when Redis is away, resuming after the last entry read.
+async fn read_fill_feed(feed: Weak<FillFeed>, pool: RedisPool) {
+    let mut last_id: Option<String> = None;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let Some(stream) = feed.upgrade().map(|f| f.key.clone()) else {
+            return;
+        };
+        let mut conn = match pool.dedicated_connection().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::debug!(error = %err, "tower-fence: fill feed reader cannot connect");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        conn.set_response_timeout(Duration::from_millis(FILL_FEED_BLOCK_MS * 3));
+        pause = Duration::from_millis(50);
+        if last_id.is_none() {
+            // Start after the newest entry: what was filled before this
+            // process waited is found by reading the entry itself.
+            let newest: redis::RedisResult<redis::streams::StreamRangeReply> =
+                redis::cmd("XREVRANGE")
+                    .arg(&stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await;
+            match newest {
+                Ok(reply) => {
+                    last_id = Some(
+                        reply
+                            .ids
+                            .first()
+                            .map_or_else(|| "0-0".to_owned(), |e| e.id.clone()),
+                    );
+                }
+                Err(_) => continue,
+            }
+        }
+        loop {
+            let from = last_id.clone().unwrap_or_else(|| "$".to_owned());
+            let reply: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(512)
+                .arg("BLOCK")
+                .arg(FILL_FEED_BLOCK_MS)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(&from)
+                .query_async(&mut conn)
+                .await;
+            let Some(feed) = feed.upgrade() else {
+                return;
+            };
+            match reply {
+                Ok(Some(reply)) => {
+                    for key in reply.keys {
+                        for entry in key.ids {
+                            if let Some(filled) = entry.get::<String>("k") {
+                                feed.notify(&filled);
+                            }
+                            last_id = Some(entry.id);
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::debug!(error = %err, "tower-fence: fill feed read failed; reconnecting");
+                    break;
+                }
+            }
+            feed.sweep();
+        }
     }
 }

@@ -1,0 +1,257 @@
+//! In-process single flight: one rebuild per key, every other request for
+//! that key awaits its result in memory.
+//!
+//! The leader holds a [`Lead`]; the others hold a [`Wait`] on the same
+//! flight. The leader ends the flight by [`Lead::land`]ing what the waiters
+//! get. A `Lead` dropped without landing (its task was aborted, or it
+//! panicked) ends the flight too: the waiters see [`Landing::Retry`] and try
+//! again — one of them becomes the next leader — instead of hanging (moka's
+//! `WaiterGuard` works the same way).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::entry::Entry;
+
+/// What a flight ended with, as its waiters see it.
+#[derive(Debug, Clone)]
+pub(crate) enum Landing {
+    /// A response every waiter may be given: a stored entry, or a shared
+    /// error response that was not stored.
+    Response(Arc<Entry>),
+    /// The leader's response may not be shared (`private`, `Set-Cookie`,
+    /// too large): each waiter goes to the origin itself.
+    Uncacheable,
+    /// The leader went away without an answer: join again.
+    Retry,
+}
+
+type Slot = watch::Receiver<Option<Landing>>;
+
+/// The flights of one layer.
+#[derive(Default)]
+pub(crate) struct Flights {
+    running: Mutex<HashMap<String, Slot>>,
+}
+
+impl fmt::Debug for Flights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Flights")
+            .field("running", &self.lock().len())
+            .finish()
+    }
+}
+
+/// The role a request got for its key.
+pub(crate) enum Joined {
+    Leader(Lead),
+    Waiter(Wait),
+}
+
+impl Flights {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        // Nothing is left half-done under this lock: recover from poison.
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Leads the flight for `key`, or waits on the one that runs.
+    pub(crate) fn join(self: &Arc<Self>, key: &str) -> Joined {
+        let mut running = self.lock();
+        if let Some(slot) = running.get(key) {
+            // A slot whose leader is gone and that never landed is stale:
+            // take it over.
+            if slot.has_changed().is_ok() {
+                return Joined::Waiter(Wait { rx: slot.clone() });
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        running.insert(key.to_owned(), rx);
+        Joined::Leader(Lead {
+            flights: self.clone(),
+            key: key.to_owned(),
+            tx: Some(tx),
+        })
+    }
+
+    /// Leads the flight for `key` only if none runs (background refreshes).
+    pub(crate) fn try_lead(self: &Arc<Self>, key: &str) -> Option<Lead> {
+        match self.join(key) {
+            Joined::Leader(lead) => Some(lead),
+            Joined::Waiter(_) => None,
+        }
+    }
+
+    /// Number of running flights (for tests and debugging).
+    #[allow(dead_code)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// The leader's side of a flight.
+pub(crate) struct Lead {
+    flights: Arc<Flights>,
+    key: String,
+    tx: Option<watch::Sender<Option<Landing>>>,
+}
+
+impl fmt::Debug for Lead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lead").field("key", &self.key).finish()
+    }
+}
+
+impl Lead {
+    /// Ends the flight: every waiter gets `landing`.
+    pub(crate) fn land(mut self, landing: Landing) {
+        self.finish(Some(landing));
+    }
+
+    fn finish(&mut self, landing: Option<Landing>) {
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
+        {
+            let mut running = self.flights.lock();
+            // Remove our slot only: a later flight may own the key by now.
+            if running
+                .get(&self.key)
+                .is_some_and(|slot| slot.same_channel(&tx.subscribe()))
+            {
+                running.remove(&self.key);
+            }
+        }
+        // Sent after removal, so a waiter that retries finds no stale slot.
+        tx.send_replace(Some(landing.unwrap_or(Landing::Retry)));
+    }
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        self.finish(None);
+    }
+}
+
+/// A waiter's side of a flight.
+pub(crate) struct Wait {
+    rx: Slot,
+}
+
+impl fmt::Debug for Wait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Wait").finish_non_exhaustive()
+    }
+}
+
+impl Wait {
+    /// The flight's landing, or `None` when `timeout` passed first.
+    pub(crate) async fn landing(mut self, timeout: Duration) -> Option<Landing> {
+        let wait = async {
+            match self.rx.wait_for(Option::is_some).await {
+                Ok(landing) => landing.clone().unwrap_or(Landing::Retry),
+                // The sender is gone without a value: the leader vanished.
+                Err(_) => Landing::Retry,
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    fn entry() -> Arc<Entry> {
+        Arc::new(Entry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"x"),
+            trailers: None,
+            stored_at_ms: 0,
+            fresh_until_ms: 1,
+            stale_until_ms: 1,
+            error_until_ms: 1,
+            rebuild_ms: 0,
+            vary: Vec::new(),
+        })
+    }
+
+    const LONG: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn one_leader_many_waiters_all_get_the_landing() {
+        let flights = Arc::new(Flights::default());
+        let Joined::Leader(lead) = flights.join("k") else {
+            panic!("first is the leader")
+        };
+        let waits: Vec<_> = (0..100)
+            .map(|_| match flights.join("k") {
+                Joined::Waiter(w) => tokio::spawn(w.landing(LONG)),
+                Joined::Leader(_) => panic!("only one leader"),
+            })
+            .collect();
+        lead.land(Landing::Response(entry()));
+        for w in waits {
+            assert!(matches!(w.await.unwrap(), Some(Landing::Response(..))));
+        }
+        assert_eq!(flights.len(), 0);
+        // The next request leads a new flight.
+        assert!(matches!(flights.join("k"), Joined::Leader(_)));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_makes_waiters_retry() {
+        let flights = Arc::new(Flights::default());
+        let Joined::Leader(lead) = flights.join("k") else {
+            panic!()
+        };
+        let Joined::Waiter(wait) = flights.join("k") else {
+            panic!()
+        };
+        let waiting = tokio::spawn(wait.landing(LONG));
+        drop(lead);
+        assert!(matches!(waiting.await.unwrap(), Some(Landing::Retry)));
+        assert!(flights.try_lead("k").is_some());
+    }
+
+    #[tokio::test]
+    async fn an_aborted_leader_task_frees_its_waiters() {
+        let flights = Arc::new(Flights::default());
+        let Joined::Leader(lead) = flights.join("k") else {
+            panic!()
+        };
+        let task = tokio::spawn(async move {
+            let _lead = lead;
+            std::future::pending::<()>().await;
+        });
+        let Joined::Waiter(wait) = flights.join("k") else {
+            panic!()
+        };
+        task.abort();
+        assert!(matches!(wait.landing(LONG).await, Some(Landing::Retry)));
+    }
+
+    #[tokio::test]
+    async fn waiting_is_bounded() {
+        let flights = Arc::new(Flights::default());
+        let _lead = flights.try_lead("k").unwrap();
+        let Joined::Waiter(wait) = flights.join("k") else {
+            panic!()
+        };
+        assert!(wait.landing(Duration::from_millis(20)).await.is_none());
+        assert!(flights.try_lead("k").is_none());
+    }
+
+    #[tokio::test]
+    async fn keys_fly_independently() {
+        let flights = Arc::new(Flights::default());
+        let _a = flights.try_lead("a").unwrap();
+        assert!(flights.try_lead("b").is_some());
+    }
+}

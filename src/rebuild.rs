@@ -1,0 +1,641 @@
+//! Rebuilding an entry: what a flight's leader does, in a task of its own.
+//!
+//! A rebuild runs detached from the request that started it, so that a
+//! client that hangs up does not take its waiters' answer with it. It takes
+//! the key's lease (one rebuild in the whole fleet), re-reads the store,
+//! calls the inner service, reads the body up to the size cap, stores the
+//! entry fenced by the lease, and lands the flight. When another process
+//! holds the lease it waits for that process's fill instead, woken by the
+//! store's fill notifications, polling as a fallback, up to `wait_timeout`.
+
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap};
+use http::{Method, Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tower_service::Service;
+
+use crate::body::FenceBody;
+use crate::entry::{unix_ms, Entry};
+use crate::flight::{Landing, Lead};
+use crate::key::CacheKey;
+use crate::layer::{Counters, Shared};
+use crate::policy;
+use crate::service::{entry_response, vary_matches, vary_values, with_timeout};
+use crate::status::{CacheStatus, Fwd};
+
+/// A rebuild to run: the flight it leads, the readied inner service and the
+/// request it sends there.
+pub(crate) struct Job<S, B> {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) key: CacheKey,
+    pub(crate) lead: Lead,
+    pub(crate) svc: S,
+    pub(crate) req: Request<B>,
+    /// The entry the lookup found, if stale: served when the origin fails
+    /// (stale-if-error) or a remote rebuild takes too long.
+    pub(crate) stale: Option<Arc<Entry>>,
+    pub(crate) fwd: Fwd,
+}
+
+/// What the leader's own client gets.
+pub(crate) type LeaderResult<RB, E> = Result<Response<FenceBody<RB>>, E>;
+
+/// Who may store the rebuilt entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    /// This rebuild holds the lease: store fenced by it.
+    Held,
+    /// The store could not be asked: store without a fence.
+    Unknown,
+    /// Another process holds it still: do not store.
+    Elsewhere,
+}
+
+/// A fresh random lease token.
+fn new_token() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+/// Leads the rebuild of a missing (or expired) entry; returns the response
+/// for the leader's own client.
+pub(crate) async fn lead_miss<S, B, RB>(job: Job<S, B>) -> LeaderResult<RB, S::Error>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    RB: Body,
+{
+    let Job {
+        shared,
+        key,
+        lead,
+        svc,
+        mut req,
+        stale,
+        fwd,
+    } = job;
+    let request_headers = req.headers().clone();
+    prepare_rebuild_request(&mut req);
+    let token = new_token();
+
+    let lease = match with_timeout(
+        shared.store_timeout,
+        shared
+            .store
+            .try_lease(key.as_str(), &token, shared.lease_ttl),
+    )
+    .await
+    {
+        Ok(true) => Lease::Held,
+        Ok(false) => match wait_for_remote_fill(&shared, &key, &token, &request_headers).await {
+            Remote::Filled(entry) => {
+                let entry: Arc<Entry> = Arc::from(entry);
+                lead.land(Landing::Response(entry.clone()));
+                let status = CacheStatus::collapsed(fwd, entry.status.as_u16());
+                return Ok(entry_response(unwrap_arc(entry), false, status, true));
+            }
+            Remote::Leased => Lease::Held,
+            Remote::TimedOut => {
+                let now_ms = unix_ms(SystemTime::now());
+                if let Some(stale) = stale
+                    .as_ref()
+                    .filter(|s| s.in_grace(now_ms) || s.usable_on_error(now_ms))
+                {
+                    lead.land(Landing::Response(stale.clone()));
+                    return Ok(stale_response(stale, "wait-timeout"));
+                }
+                Lease::Elsewhere
+            }
+        },
+        Err(err) => {
+            store_failed(&shared, &key, &err, "taking a lease");
+            Lease::Unknown
+        }
+    };
+
+    if lease == Lease::Held {
+        // Another process may have filled the key between our lookup and
+        // our lease: read it once more before paying for a rebuild.
+        if let Some(entry) = read_usable(&shared, &key, &request_headers).await {
+            release(&shared, &key, &token).await;
+            let entry = Arc::new(entry);
+            lead.land(Landing::Response(entry.clone()));
+            let status =
+                CacheStatus::hit(entry.ttl_ms(unix_ms(SystemTime::now())).div_euclid(1000));
+            return Ok(entry_response(unwrap_arc(entry), false, status, true));
+        }
+    }
+
+    let started = Instant::now();
+    let stale_on_error = stale
+        .as_ref()
+        .is_some_and(|s| s.usable_on_error(unix_ms(SystemTime::now())));
+    let rebuild = rebuild(&shared, svc, req, &request_headers, started, stale_on_error);
+    let rebuilt = extend_while(&shared, &key, &token, lease == Lease::Held, rebuild).await;
+
+    match rebuilt {
+        Rebuilt::Failed(err) => {
+            if lease == Lease::Held {
+                release(&shared, &key, &token).await;
+            }
+            if let Some(stale) = stale.filter(|_| stale_on_error) {
+                lead.land(Landing::Response(stale.clone()));
+                return Ok(stale_response(&stale, "stale-if-error"));
+            }
+            // Waiters join again; one of them leads the next attempt, so a
+            // failing origin sees one request at a time, not a stampede.
+            drop(lead);
+            Err(err)
+        }
+        Rebuilt::OriginError(mut response) => {
+            if lease == Lease::Held {
+                release(&shared, &key, &token).await;
+            }
+            let Some(stale) = stale else {
+                // Not reached: `OriginError` needs a usable stale entry.
+                lead.land(Landing::Retry);
+                return Ok(response);
+            };
+            lead.land(Landing::Response(stale.clone()));
+            let mut status_line = CacheStatus::forward(Fwd::Stale);
+            status_line.fwd_status = Some(response.status().as_u16());
+            // The failed response's body is dropped unread.
+            drop(std::mem::replace(
+                response.body_mut(),
+                FenceBody::cached(Bytes::new(), None),
+            ));
+            Ok(stale_response_with(&stale, status_line, "stale-if-error"))
+        }
+        Rebuilt::Storable(entry) => {
+            let stored = match lease {
+                Lease::Held => fill(&shared, &key, &entry, Some(&token)).await,
+                Lease::Unknown => fill(&shared, &key, &entry, None).await,
+                Lease::Elsewhere => false,
+            };
+            shared.hit_for_miss.invalidate(key.as_str());
+            let entry = Arc::new(entry);
+            lead.land(Landing::Response(entry.clone()));
+            let status = CacheStatus {
+                fwd_status: Some(entry.status.as_u16()),
+                stored,
+                ..CacheStatus::forward(fwd)
+            };
+            Ok(entry_response(unwrap_arc(entry), false, status, false))
+        }
+        Rebuilt::SharedError(entry) => {
+            if lease == Lease::Held {
+                release(&shared, &key, &token).await;
+            }
+            let entry = Arc::new(entry);
+            lead.land(Landing::Response(entry.clone()));
+            let status = CacheStatus {
+                fwd_status: Some(entry.status.as_u16()),
+                detail: Some("status"),
+                ..CacheStatus::forward(fwd)
+            };
+            Ok(entry_response(unwrap_arc(entry), false, status, false))
+        }
+        Rebuilt::Unshared {
+            mut response,
+            reason,
+            remember,
+        } => {
+            if lease == Lease::Held {
+                release(&shared, &key, &token).await;
+            }
+            if remember {
+                // Hit-for-miss: the next requests for this key go straight
+                // to the origin instead of queueing behind a leader whose
+                // answer they could not have.
+                shared.hit_for_miss.insert(key.as_str().to_owned(), ());
+                lead.land(Landing::Uncacheable);
+            } else {
+                lead.land(Landing::Retry);
+            }
+            let status = CacheStatus {
+                fwd_status: Some(response.status().as_u16()),
+                detail: Some(reason),
+                ..CacheStatus::forward(fwd)
+            };
+            status.append_to(response.headers_mut());
+            Ok(response)
+        }
+    }
+}
+
+/// Refreshes an entry in the background (XFetch or grace): only under the
+/// lease, so one refresh runs in the whole fleet; the old entry stays
+/// unless the new one may be stored.
+pub(crate) async fn refresh<S, B, RB>(job: Job<S, B>)
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    RB: Body,
+{
+    let Job {
+        shared,
+        key,
+        lead,
+        svc,
+        mut req,
+        ..
+    } = job;
+    let request_headers = req.headers().clone();
+    prepare_rebuild_request(&mut req);
+    let token = new_token();
+    match with_timeout(
+        shared.store_timeout,
+        shared
+            .store
+            .try_lease(key.as_str(), &token, shared.lease_ttl),
+    )
+    .await
+    {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(err) => {
+            store_failed(&shared, &key, &err, "taking a refresh lease");
+            return;
+        }
+    }
+    Counters::bump(&shared.counters.refreshes);
+    let started = Instant::now();
+    let rebuild = rebuild(&shared, svc, req, &request_headers, started, true);
+    match extend_while(&shared, &key, &token, true, rebuild).await {
+        Rebuilt::Storable(entry) => {
+            fill(&shared, &key, &entry, Some(&token)).await;
+            lead.land(Landing::Response(Arc::new(entry)));
+        }
+        _ => {
+            // The origin failed or the response may not be stored: keep
+            // serving what is there.
+            release(&shared, &key, &token).await;
+        }
+    }
+}
+
+/// The request a rebuild sends: a `GET` (a refresh may start from a `HEAD`)
+/// without the client's validators, since its answer is for everyone.
+fn prepare_rebuild_request<B>(req: &mut Request<B>) {
+    *req.method_mut() = Method::GET;
+    let headers = req.headers_mut();
+    for name in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+        header::RANGE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// What became of a rebuild.
+enum Rebuilt<RB: Body, E> {
+    /// The inner service failed.
+    Failed(E),
+    /// The origin answered 5xx and a stale entry may be served instead.
+    OriginError(Response<FenceBody<RB>>),
+    /// A complete, storable response.
+    Storable(Entry),
+    /// A complete error response that all waiters may be given, not stored.
+    SharedError(Entry),
+    /// A response only the leader's client may have. `remember`: the key
+    /// is likely to stay uncacheable (hit-for-miss).
+    Unshared {
+        response: Response<FenceBody<RB>>,
+        reason: &'static str,
+        remember: bool,
+    },
+}
+
+async fn rebuild<S, B, RB>(
+    shared: &Shared,
+    mut svc: S,
+    req: Request<B>,
+    request_headers: &HeaderMap,
+    started: Instant,
+    stale_on_error: bool,
+) -> Rebuilt<RB, S::Error>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    RB: Body,
+{
+    let response = match svc.call(req).await {
+        Ok(response) => response,
+        Err(err) => return Rebuilt::Failed(err),
+    };
+    let (parts, body) = response.into_parts();
+    if parts.status.is_server_error() && stale_on_error {
+        return Rebuilt::OriginError(Response::from_parts(parts, FenceBody::passthrough(body)));
+    }
+    let max = shared.max_body_size;
+    let verdict = policy::storability(
+        &shared.policy,
+        parts.status,
+        &parts.headers,
+        SystemTime::now(),
+    );
+    let shareable_error = match verdict {
+        Err(reason) => {
+            parts.status.is_server_error()
+                && !matches!(reason, "private" | "no-store" | "set-cookie" | "vary-star")
+        }
+        Ok(_) => false,
+    };
+    if verdict.is_err() && !shareable_error {
+        let reason = verdict.err().unwrap_or("uncacheable");
+        return Rebuilt::Unshared {
+            response: Response::from_parts(parts, FenceBody::passthrough(body)),
+            reason,
+            remember: true,
+        };
+    }
+    if body.size_hint().lower() > max as u64 {
+        return Rebuilt::Unshared {
+            response: Response::from_parts(parts, FenceBody::passthrough(body)),
+            reason: "too-large",
+            remember: true,
+        };
+    }
+    let (data, trailers) = match read_body(Box::pin(body), max).await {
+        Read::Complete { data, trailers } => (data, trailers),
+        Read::Overflow { prefix, rest } => {
+            return Rebuilt::Unshared {
+                response: Response::from_parts(parts, FenceBody::replay(prefix, Some(rest), None)),
+                reason: "too-large",
+                remember: true,
+            }
+        }
+        Read::Failed { prefix, error } => {
+            return Rebuilt::Unshared {
+                response: Response::from_parts(parts, FenceBody::replay(prefix, None, Some(error))),
+                reason: "body-error",
+                remember: false,
+            }
+        }
+    };
+    let rebuild_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+    let headers = policy::storable_headers(&parts.headers);
+    match verdict {
+        Ok(freshness) => {
+            let names = policy::vary_names(&parts.headers).unwrap_or_default();
+            Rebuilt::Storable(Entry {
+                status: parts.status,
+                headers,
+                body: data,
+                trailers,
+                stored_at_ms: freshness.stored_at_ms,
+                fresh_until_ms: freshness.fresh_until_ms,
+                stale_until_ms: freshness.stale_until_ms,
+                error_until_ms: freshness.error_until_ms,
+                rebuild_ms,
+                vary: vary_values(&names, request_headers),
+            })
+        }
+        Err(_) => {
+            let now_ms = unix_ms(SystemTime::now());
+            Rebuilt::SharedError(Entry {
+                status: parts.status,
+                headers,
+                body: data,
+                trailers,
+                stored_at_ms: now_ms,
+                fresh_until_ms: now_ms,
+                stale_until_ms: now_ms,
+                error_until_ms: now_ms,
+                rebuild_ms,
+                vary: Vec::new(),
+            })
+        }
+    }
+}
+
+/// A body read up to a cap.
+enum Read<B: Body> {
+    Complete {
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// Past the cap: what was read, and the rest.
+    Overflow {
+        prefix: Vec<Bytes>,
+        rest: Pin<Box<B>>,
+    },
+    /// The body failed: what was read before.
+    Failed { prefix: Vec<Bytes>, error: B::Error },
+}
+
+async fn read_body<B: Body>(mut body: Pin<Box<B>>, max: usize) -> Read<B> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    let mut trailers: Option<HeaderMap> = None;
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(error) => {
+                return Read::Failed {
+                    prefix: chunks,
+                    error,
+                }
+            }
+        };
+        match frame.into_data() {
+            Ok(mut data) => {
+                let chunk = data.copy_to_bytes(data.remaining());
+                len = len.saturating_add(chunk.len());
+                if !chunk.is_empty() {
+                    chunks.push(chunk);
+                }
+                if len > max {
+                    return Read::Overflow {
+                        prefix: chunks,
+                        rest: body,
+                    };
+                }
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    match &mut trailers {
+                        Some(existing) => existing.extend(t),
+                        None => trailers = Some(t),
+                    }
+                }
+            }
+        }
+    }
+    let data = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut buf = BytesMut::with_capacity(len);
+            for chunk in &chunks {
+                buf.extend_from_slice(chunk);
+            }
+            buf.freeze()
+        }
+    };
+    Read::Complete { data, trailers }
+}
+
+/// Runs `work`, extending the lease every third of its TTL while it runs.
+async fn extend_while<F: Future>(
+    shared: &Shared,
+    key: &CacheKey,
+    token: &str,
+    held: bool,
+    work: F,
+) -> F::Output {
+    if !held {
+        return work.await;
+    }
+    let mut work = pin!(work);
+    let period = (shared.lease_ttl / 3).max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            () = tokio::time::sleep(period) => {
+                let extend = shared.store.extend_lease(key.as_str(), token, shared.lease_ttl);
+                match with_timeout(shared.store_timeout, extend).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::debug!(key = key.as_str(), "tower-fence: rebuild lease lost"),
+                    Err(err) => store_failed(shared, key, &err, "extending a lease"),
+                }
+            }
+        }
+    }
+}
+
+/// What waiting for another process's rebuild came to.
+enum Remote {
+    Filled(Box<Entry>),
+    /// The other process let go of the lease (it finished without storing,
+    /// or died and the lease expired), and this rebuild took it.
+    Leased,
+    TimedOut,
+}
+
+async fn wait_for_remote_fill(
+    shared: &Shared,
+    key: &CacheKey,
+    token: &str,
+    request_headers: &HeaderMap,
+) -> Remote {
+    Counters::bump(&shared.counters.remote_waits);
+    // Subscribe before reading, so that a fill between the read and the
+    // wait still wakes us.
+    let mut subscription = shared.store.subscribe_fill(key.as_str());
+    let deadline = Instant::now() + shared.wait_timeout;
+    loop {
+        if let Some(entry) = read_usable(shared, key, request_headers).await {
+            return Remote::Filled(Box::new(entry));
+        }
+        let lease = shared
+            .store
+            .try_lease(key.as_str(), token, shared.lease_ttl);
+        if let Ok(true) = with_timeout(shared.store_timeout, lease).await {
+            return Remote::Leased;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            Counters::bump(&shared.counters.wait_timeouts);
+            return Remote::TimedOut;
+        }
+        let nap = shared.fill_poll_interval.min(deadline - now);
+        match subscription.as_mut() {
+            Some(subscription) => {
+                let _ = tokio::time::timeout(nap, subscription.filled()).await;
+            }
+            None => tokio::time::sleep(nap).await,
+        }
+    }
+}
+
+/// Reads the key's entry if it is there, decodes, is fresh and matches the
+/// request's `Vary` values.
+async fn read_usable(
+    shared: &Shared,
+    key: &CacheKey,
+    request_headers: &HeaderMap,
+) -> Option<Entry> {
+    let record = with_timeout(shared.store_timeout, shared.store.get(key.as_str()))
+        .await
+        .ok()??;
+    let entry = Entry::decode(&record).ok()?;
+    (entry.is_fresh(unix_ms(SystemTime::now())) && vary_matches(&entry, request_headers))
+        .then_some(entry)
+}
+
+/// Stores `entry`, fenced by `token` when given; `true` when stored.
+async fn fill(shared: &Shared, key: &CacheKey, entry: &Entry, token: Option<&str>) -> bool {
+    let ttl = entry.store_ttl(unix_ms(SystemTime::now()));
+    let record = entry.encode();
+    let result = match token {
+        Some(token) => {
+            let put = shared.store.put_fenced(key.as_str(), record, ttl, token);
+            with_timeout(shared.store_timeout, put).await
+        }
+        None => with_timeout(
+            shared.store_timeout,
+            shared.store.put(key.as_str(), record, ttl),
+        )
+        .await
+        .map(|()| true),
+    };
+    match result {
+        Ok(true) => {
+            Counters::bump(&shared.counters.stores);
+            true
+        }
+        Ok(false) => {
+            Counters::bump(&shared.counters.fenced_out);
+            tracing::debug!(
+                key = key.as_str(),
+                "tower-fence: lease lost during the rebuild; not stored"
+            );
+            false
+        }
+        Err(err) => {
+            store_failed(shared, key, &err, "storing a response");
+            false
+        }
+    }
+}
+
+async fn release(shared: &Shared, key: &CacheKey, token: &str) {
+    let release = shared.store.release_lease(key.as_str(), token);
+    if let Err(err) = with_timeout(shared.store_timeout, release).await {
+        store_failed(shared, key, &err, "releasing a lease");
+    }
+}
+
+fn store_failed(shared: &Shared, key: &CacheKey, err: &crate::StoreError, doing: &'static str) {
+    Counters::bump(&shared.counters.store_errors);
+    tracing::warn!(key = key.as_str(), error = %err, "tower-fence: {doing} failed");
+}
+
+fn stale_response<RB: Body>(stale: &Arc<Entry>, detail: &'static str) -> Response<FenceBody<RB>> {
+    let ttl = stale.ttl_ms(unix_ms(SystemTime::now())).div_euclid(1000);
+    stale_response_with(stale, CacheStatus::stale(ttl, detail), detail)
+}
+
+fn stale_response_with<RB: Body>(
+    stale: &Arc<Entry>,
+    mut status: CacheStatus,
+    detail: &'static str,
+) -> Response<FenceBody<RB>> {
+    status.ttl = Some(stale.ttl_ms(unix_ms(SystemTime::now())).div_euclid(1000));
+    status.detail = Some(detail);
+    entry_response(Entry::clone(stale), false, status, true)
+}
+
+fn unwrap_arc(entry: Arc<Entry>) -> Entry {
+    Arc::try_unwrap(entry).unwrap_or_else(|shared| Entry::clone(&shared))
+}
