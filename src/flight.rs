@@ -30,7 +30,16 @@ pub(crate) enum Landing {
     Retry,
 }
 
-type Slot = watch::Receiver<Option<Landing>>;
+/// What the waiters of a flight see.
+#[derive(Debug, Clone, Default)]
+struct FlightState {
+    landing: Option<Landing>,
+    /// The leader waits for another process's rebuild; that wait is bounded
+    /// on its own, so the local waiters do not time out meanwhile.
+    leader_waits: bool,
+}
+
+type Slot = watch::Receiver<FlightState>;
 
 /// The flights of one layer.
 #[derive(Default)]
@@ -68,7 +77,7 @@ impl Flights {
                 return Joined::Waiter(Wait { rx: slot.clone() });
             }
         }
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = watch::channel(FlightState::default());
         running.insert(key.to_owned(), rx);
         Joined::Leader(Lead {
             flights: self.clone(),
@@ -96,7 +105,7 @@ impl Flights {
 pub(crate) struct Lead {
     flights: Arc<Flights>,
     key: String,
-    tx: Option<watch::Sender<Option<Landing>>>,
+    tx: Option<watch::Sender<FlightState>>,
 }
 
 impl fmt::Debug for Lead {
@@ -106,6 +115,23 @@ impl fmt::Debug for Lead {
 }
 
 impl Lead {
+    /// Tells the waiters that the leader starts a new phase (its own call
+    /// to the inner service, after waiting for another process): their
+    /// wait is timed afresh from now.
+    pub(crate) fn restart_clock(&self) {
+        if let Some(tx) = &self.tx {
+            tx.send_modify(|state| state.leader_waits = false);
+        }
+    }
+
+    /// Tells the waiters that the leader waits for another process's
+    /// rebuild (a wait bounded by itself).
+    pub(crate) fn awaiting_remote(&self) {
+        if let Some(tx) = &self.tx {
+            tx.send_modify(|state| state.leader_waits = true);
+        }
+    }
+
     /// Ends the flight: every waiter gets `landing`.
     pub(crate) fn land(mut self, landing: Landing) {
         self.finish(Some(landing));
@@ -126,7 +152,10 @@ impl Lead {
             }
         }
         // Sent after removal, so a waiter that retries finds no stale slot.
-        tx.send_replace(Some(landing.unwrap_or(Landing::Retry)));
+        tx.send_replace(FlightState {
+            landing: Some(landing.unwrap_or(Landing::Retry)),
+            leader_waits: false,
+        });
     }
 }
 
@@ -148,16 +177,31 @@ impl fmt::Debug for Wait {
 }
 
 impl Wait {
-    /// The flight's landing, or `None` when `timeout` passed first.
+    /// The flight's landing, or `None` when `timeout` passed first, timed
+    /// from the leader's last phase change.
     pub(crate) async fn landing(mut self, timeout: Duration) -> Option<Landing> {
-        let wait = async {
-            match self.rx.wait_for(Option::is_some).await {
-                Ok(landing) => landing.clone().unwrap_or(Landing::Retry),
-                // The sender is gone without a value: the leader vanished.
-                Err(_) => Landing::Retry,
+        loop {
+            let leader_waits = {
+                let state = self.rx.borrow_and_update();
+                if let Some(landing) = &state.landing {
+                    return Some(landing.clone());
+                }
+                state.leader_waits
+            };
+            let changed = if leader_waits {
+                Ok(self.rx.changed().await)
+            } else {
+                tokio::time::timeout(timeout, self.rx.changed()).await
+            };
+            match changed {
+                Err(_) => return None,
+                // The sender is gone: its last value, or the leader vanished.
+                Ok(Err(_)) => {
+                    return Some(self.rx.borrow().landing.clone().unwrap_or(Landing::Retry))
+                }
+                Ok(Ok(())) => {}
             }
-        };
-        tokio::time::timeout(timeout, wait).await.ok()
+        }
     }
 }
 
@@ -246,6 +290,36 @@ mod tests {
         };
         assert!(wait.landing(Duration::from_millis(20)).await.is_none());
         assert!(flights.try_lead("k").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_new_phase_restarts_the_waiters_clock() {
+        let flights = Arc::new(Flights::default());
+        let lead = flights.try_lead("k").unwrap();
+        let Joined::Waiter(wait) = flights.join("k") else {
+            panic!()
+        };
+        let waiting = tokio::spawn(wait.landing(Duration::from_millis(150)));
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            lead.restart_clock();
+        }
+        lead.land(Landing::Uncacheable);
+        assert!(matches!(waiting.await.unwrap(), Some(Landing::Uncacheable)));
+    }
+
+    #[tokio::test]
+    async fn waiters_are_patient_while_the_leader_waits_for_another_process() {
+        let flights = Arc::new(Flights::default());
+        let lead = flights.try_lead("k").unwrap();
+        lead.awaiting_remote();
+        let Joined::Waiter(wait) = flights.join("k") else {
+            panic!()
+        };
+        let waiting = tokio::spawn(wait.landing(Duration::from_millis(50)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        lead.land(Landing::Uncacheable);
+        assert!(matches!(waiting.await.unwrap(), Some(Landing::Uncacheable)));
     }
 
     #[tokio::test]

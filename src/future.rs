@@ -214,13 +214,21 @@ where
     let shared = miss.shared.clone();
     let now_ms = unix_ms(SystemTime::now());
     let head = req.method() == Method::HEAD;
+    let mut store_failure = None;
     let (fwd, stale) = match found {
         Found::Failed(err) => {
-            let fut = svc.call(req);
-            return Step::Go(State::Inner {
-                fut,
-                outcome: Some(Outcome::Pass(CacheStatus::bypass(err.detail()))),
-            });
+            // Fail open, but still one request per key in this process: a
+            // store outage must not become an origin stampede.
+            Counters::bump(&shared.counters.bypasses);
+            store_failure = Some(err.detail());
+            if head || !miss.may_store {
+                let fut = svc.call(req);
+                return Step::Go(State::Inner {
+                    fut,
+                    outcome: Some(Outcome::Pass(CacheStatus::bypass(err.detail()))),
+                });
+            }
+            (Fwd::Bypass, None)
         }
         Found::Nothing => (Fwd::UriMiss, None),
         Found::Entry(entry) if !vary_matches(&entry, req.headers()) => (Fwd::VaryMiss, None),
@@ -244,7 +252,9 @@ where
         }
         Found::Entry(entry) => (Fwd::Stale, Some(Arc::new(entry))),
     };
-    Counters::bump(&shared.counters.misses);
+    if store_failure.is_none() {
+        Counters::bump(&shared.counters.misses);
+    }
     if head || !miss.may_store || shared.hit_for_miss.contains_key(miss.key.as_str()) {
         // HEAD gets no body to store; `no-store` requests store nothing;
         // hit-for-miss keys were recently uncacheable: no flight for them.
@@ -255,7 +265,7 @@ where
             outcome: Some(outcome),
         });
     }
-    join_flight(Pending { svc, req, miss }, stale, fwd, 1)
+    join_flight(Pending { svc, req, miss }, stale, fwd, 1, store_failure)
 }
 
 fn after_wait<S, B, RB>(
@@ -282,7 +292,9 @@ where
             let entry = Arc::try_unwrap(entry).unwrap_or_else(|shared| Entry::clone(&shared));
             Step::Respond(entry_response(entry, false, status, true))
         }
-        Some(Landing::Retry) if joins < MAX_JOINS => join_flight(pending, stale, fwd, joins + 1),
+        Some(Landing::Retry) if joins < MAX_JOINS => {
+            join_flight(pending, stale, fwd, joins + 1, None)
+        }
         None => {
             let now_ms = unix_ms(SystemTime::now());
             Counters::bump(&shared.counters.wait_timeouts);
@@ -314,6 +326,7 @@ fn join_flight<S, B, RB>(
     stale: Option<Arc<Entry>>,
     fwd: Fwd,
     joins: u8,
+    store_failure: Option<&'static str>,
 ) -> Step<S, B, RB>
 where
     S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
@@ -348,6 +361,7 @@ where
                 req,
                 stale,
                 fwd,
+                store_failure,
             };
             Step::Go(State::Leading {
                 handle: runtime.spawn(rebuild::lead_miss(job)),
@@ -396,6 +410,7 @@ where
         req,
         stale: None,
         fwd: Fwd::Stale,
+        store_failure: None,
     };
     runtime.spawn(rebuild::refresh(job));
 }

@@ -41,6 +41,9 @@ pub(crate) struct Job<S, B> {
     /// (stale-if-error) or a remote rebuild takes too long.
     pub(crate) stale: Option<Arc<Entry>>,
     pub(crate) fwd: Fwd,
+    /// Set when the lookup failed (the store is down or slow): the rebuild
+    /// makes no store call, and says why in `Cache-Status`.
+    pub(crate) store_failure: Option<&'static str>,
 }
 
 /// What the leader's own client gets.
@@ -53,7 +56,8 @@ enum Lease {
     Held,
     /// The store could not be asked: store without a fence.
     Unknown,
-    /// Another process holds it still: do not store.
+    /// Another process holds it still, or the store is failing: do not
+    /// store.
     Elsewhere,
 }
 
@@ -77,43 +81,50 @@ where
         mut req,
         stale,
         fwd,
+        store_failure,
     } = job;
     let request_headers = req.headers().clone();
     prepare_rebuild_request(&mut req);
     let token = new_token();
 
-    let lease = match with_timeout(
-        shared.store_timeout,
-        shared
-            .store
-            .try_lease(key.as_str(), &token, shared.lease_ttl),
-    )
-    .await
-    {
-        Ok(true) => Lease::Held,
-        Ok(false) => match wait_for_remote_fill(&shared, &key, &token, &request_headers).await {
-            Remote::Filled(entry) => {
-                let entry: Arc<Entry> = Arc::from(entry);
-                lead.land(Landing::Response(entry.clone()));
-                let status = CacheStatus::collapsed(fwd, entry.status.as_u16());
-                return Ok(entry_response(unwrap_arc(entry), false, status, true));
-            }
-            Remote::Leased => Lease::Held,
-            Remote::TimedOut => {
-                let now_ms = unix_ms(SystemTime::now());
-                if let Some(stale) = stale
-                    .as_ref()
-                    .filter(|s| s.in_grace(now_ms) || s.usable_on_error(now_ms))
-                {
-                    lead.land(Landing::Response(stale.clone()));
-                    return Ok(stale_response(stale, "wait-timeout"));
+    let lease = if store_failure.is_some() {
+        Lease::Elsewhere
+    } else {
+        match with_timeout(
+            shared.store_timeout,
+            shared
+                .store
+                .try_lease(key.as_str(), &token, shared.lease_ttl),
+        )
+        .await
+        {
+            Ok(true) => Lease::Held,
+            Ok(false) => {
+                match wait_for_remote_fill(&shared, &lead, &key, &token, &request_headers).await {
+                    Remote::Filled(entry) => {
+                        let entry: Arc<Entry> = Arc::from(entry);
+                        lead.land(Landing::Response(entry.clone()));
+                        let status = CacheStatus::collapsed(fwd, entry.status.as_u16());
+                        return Ok(entry_response(unwrap_arc(entry), false, status, true));
+                    }
+                    Remote::Leased => Lease::Held,
+                    Remote::TimedOut => {
+                        let now_ms = unix_ms(SystemTime::now());
+                        if let Some(stale) = stale
+                            .as_ref()
+                            .filter(|s| s.in_grace(now_ms) || s.usable_on_error(now_ms))
+                        {
+                            lead.land(Landing::Response(stale.clone()));
+                            return Ok(stale_response(stale, "wait-timeout"));
+                        }
+                        Lease::Elsewhere
+                    }
                 }
-                Lease::Elsewhere
             }
-        },
-        Err(err) => {
-            store_failed(&shared, &key, &err, "taking a lease");
-            Lease::Unknown
+            Err(err) => {
+                store_failed(&shared, &key, &err, "taking a lease");
+                Lease::Unknown
+            }
         }
     };
 
@@ -130,6 +141,9 @@ where
         }
     }
 
+    // The local waiters' patience is timed from here: this process's own
+    // call to the inner service.
+    lead.restart_clock();
     let started = Instant::now();
     let stale_on_error = stale
         .as_ref()
@@ -182,6 +196,7 @@ where
             let status = CacheStatus {
                 fwd_status: Some(entry.status.as_u16()),
                 stored,
+                detail: store_failure,
                 ..CacheStatus::forward(fwd)
             };
             Ok(entry_response(unwrap_arc(entry), false, status, false))
@@ -194,7 +209,7 @@ where
             lead.land(Landing::Response(entry.clone()));
             let status = CacheStatus {
                 fwd_status: Some(entry.status.as_u16()),
-                detail: Some("status"),
+                detail: Some(store_failure.unwrap_or("status")),
                 ..CacheStatus::forward(fwd)
             };
             Ok(entry_response(unwrap_arc(entry), false, status, false))
@@ -218,7 +233,7 @@ where
             }
             let status = CacheStatus {
                 fwd_status: Some(response.status().as_u16()),
-                detail: Some(reason),
+                detail: Some(store_failure.unwrap_or(reason)),
                 ..CacheStatus::forward(fwd)
             };
             status.append_to(response.headers_mut());
@@ -524,11 +539,13 @@ enum Remote {
 
 async fn wait_for_remote_fill(
     shared: &Shared,
+    lead: &Lead,
     key: &CacheKey,
     token: &str,
     request_headers: &HeaderMap,
 ) -> Remote {
     Counters::bump(&shared.counters.remote_waits);
+    lead.awaiting_remote();
     // Subscribe before reading, so that a fill between the read and the
     // wait still wakes us.
     let mut subscription = shared.store.subscribe_fill(key.as_str());

@@ -578,7 +578,7 @@ async fn redis_down_fails_open_and_recovers() {
         assert!(
             reply
                 .cache_status()
-                .starts_with("tower-fence; fwd=bypass; detail=store-"),
+                .starts_with("tower-fence; fwd=bypass; fwd-status=200; detail=store-"),
             "{}",
             reply.cache_status()
         );
@@ -617,7 +617,7 @@ async fn paused_redis_times_out_into_a_pass_through() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(
         reply.cache_status(),
-        "tower-fence; fwd=bypass; detail=store-timeout"
+        "tower-fence; fwd=bypass; fwd-status=200; detail=store-timeout"
     );
     assert_eq!(origin.calls(), 2);
 }

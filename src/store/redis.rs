@@ -73,6 +73,9 @@ pub type RedisPool = bb8::Pool<RedisConnectionManager>;
 pub struct RedisStore {
     pool: RedisPool,
     connection: Arc<Mutex<Option<MultiplexedConnection>>>,
+    /// Held while a connection is checked out of the pool, so that a burst
+    /// of requests on a cold store waits for one checkout, not one each.
+    connecting: Arc<tokio::sync::Mutex<()>>,
     feed: Arc<FillFeed>,
 }
 
@@ -110,6 +113,7 @@ impl RedisStore {
         let store = RedisStore {
             pool,
             connection: Arc::new(Mutex::new(None)),
+            connecting: Arc::new(tokio::sync::Mutex::new(())),
             feed: Arc::new(FillFeed {
                 key: DEFAULT_FILL_FEED_KEY.to_owned(),
                 waiters: Mutex::new(HashMap::new()),
@@ -128,6 +132,7 @@ impl RedisStore {
         let store = RedisStore {
             pool: self.pool,
             connection: self.connection,
+            connecting: self.connecting,
             feed: Arc::new(FillFeed {
                 key: key.into(),
                 waiters: Mutex::new(HashMap::new()),
@@ -157,6 +162,10 @@ impl RedisStore {
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        if let Some(conn) = self.cached() {
+            return Ok(conn);
+        }
+        let _connecting = self.connecting.lock().await;
         if let Some(conn) = self.cached() {
             return Ok(conn);
         }

@@ -1,0 +1,592 @@
+//! Run with: cargo run --release --example proxy -- --upstream http://127.0.0.1:3000
+//!
+//! A caching reverse proxy: tower-fence in front of a hyper client that
+//! forwards every request to one upstream. `GET` responses the upstream lets a
+//! shared cache keep (`Cache-Control: max-age`, `s-maxage`, `Expires`) are
+//! served from the cache until they go stale; everything else goes through.
+//! Each response says what the cache did in its `Cache-Status` header:
+//!
+//! ```text
+//! curl -i http://127.0.0.1:8080/some/page   # cache-status: tower-fence; fwd=uri-miss; fwd-status=200; stored
+//! curl -i http://127.0.0.1:8080/some/page   # cache-status: tower-fence; hit; ttl=59
+//! ```
+//!
+//! Options:
+//!
+//! - `--upstream http://HOST:PORT` (required): where requests go (plain HTTP).
+//! - `--listen ADDR` (default `127.0.0.1:8080`): where the proxy listens;
+//!   port 0 picks a free one. The proxy prints `listening on ADDR` once it
+//!   accepts connections.
+//! - `--redis redis://...`: cache in that Redis instead of process memory.
+//! - `--default-ttl SECS` (default 0): how long a response that states no
+//!   freshness of its own is kept; 0 keeps only what the upstream's headers
+//!   make cacheable.
+//!
+//! The request keeps the client's `Host` header, so entries are keyed by the
+//! public host name; hop-by-hop headers are dropped both ways, bodies are
+//! streamed, and an upstream that cannot be reached gives `502 Bad Gateway`.
+//! Logs go to stderr; set `RUST_LOG` (e.g. `RUST_LOG=debug`) for more.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tower_fence::{FenceLayer, FenceService};
+use tower_layer::Layer as _;
+use tower_service::Service;
+
+/// Where the proxy listens unless `--listen` says otherwise.
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// How long connecting to the upstream may take before the request gets a 502.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a Redis connection may take to open.
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long open connections get to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The usage message printed for bad arguments.
+pub(crate) const USAGE: &str = "\
+usage: proxy --upstream http://HOST:PORT [--listen ADDR] [--redis redis://...] [--default-ttl SECS]
+
+  --upstream URL      where requests are forwarded (http only, no path), required
+  --listen ADDR       address to listen on (default 127.0.0.1:8080; port 0 picks one)
+  --redis URL         cache in this Redis instead of process memory
+  --default-ttl SECS  how long a response without Cache-Control/Expires freshness
+                      is kept (default 0: only what the upstream makes cacheable)";
+
+/// The proxy's settings, from the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Args {
+    /// Scheme of the upstream (always `http`).
+    pub(crate) upstream_scheme: Scheme,
+    /// `host:port` of the upstream.
+    pub(crate) upstream_authority: Authority,
+    /// Where to listen.
+    pub(crate) listen: SocketAddr,
+    /// The Redis URL to cache in; process memory when `None`.
+    pub(crate) redis: Option<String>,
+    /// TTL of responses that state no freshness; zero stores only those
+    /// that do.
+    pub(crate) default_ttl: Duration,
+}
+
+/// Parses the command line, without the program name (`std::env::args()
+/// .skip(1)`). Accepts `--flag value` and `--flag=value`. `Err` holds a
+/// one-line reason; the caller prints it with [`USAGE`].
+pub(crate) fn parse_args<I, S>(args: I) -> Result<Args, String>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let mut upstream: Option<String> = None;
+    let mut listen: Option<String> = None;
+    let mut redis: Option<String> = None;
+    let mut default_ttl: Option<String> = None;
+
+    let mut args = args.into_iter().map(Into::into);
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
+            _ => (arg.clone(), None),
+        };
+        let slot = match flag.as_str() {
+            "--upstream" => &mut upstream,
+            "--listen" => &mut listen,
+            "--redis" => &mut redis,
+            "--default-ttl" => &mut default_ttl,
+            _ if flag.starts_with('-') => return Err(format!("unknown option {flag:?}")),
+            _ => return Err(format!("unexpected argument {arg:?}")),
+        };
+        if slot.is_some() {
+            return Err(format!("{flag} given twice"));
+        }
+        let value = match inline {
+            Some(value) => value,
+            None => match args.next() {
+                Some(value) if !value.starts_with("--") => value,
+                _ => return Err(format!("{flag} needs a value")),
+            },
+        };
+        if value.is_empty() {
+            return Err(format!("{flag} needs a value"));
+        }
+        *slot = Some(value);
+    }
+
+    let upstream = upstream.ok_or("--upstream is required")?;
+    let (upstream_scheme, upstream_authority) = parse_upstream(&upstream)?;
+    let listen = listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let listen = listen
+        .parse::<SocketAddr>()
+        .map_err(|_| format!("--listen {listen:?} is not an address like 127.0.0.1:8080"))?;
+    if let Some(url) = &redis {
+        check_redis_url(url)?;
+    }
+    let default_ttl = match default_ttl {
+        None => Duration::ZERO,
+        Some(secs) => secs
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("--default-ttl {secs:?} is not a whole number of seconds"))?,
+    };
+    Ok(Args {
+        upstream_scheme,
+        upstream_authority,
+        listen,
+        redis,
+        default_ttl,
+    })
+}
+
+/// Splits `http://host:port[/]` into its scheme and authority.
+fn parse_upstream(upstream: &str) -> Result<(Scheme, Authority), String> {
+    let uri = upstream
+        .parse::<Uri>()
+        .map_err(|_| format!("--upstream {upstream:?} is not a URL"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+        return Err(format!(
+            "--upstream {upstream:?} needs a scheme and a host, as in http://127.0.0.1:3000"
+        ));
+    };
+    if *scheme != Scheme::HTTP {
+        return Err(format!(
+            "--upstream {upstream:?}: only http:// upstreams are supported"
+        ));
+    }
+    if authority.host().is_empty() {
+        return Err(format!("--upstream {upstream:?} has no host"));
+    }
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "--upstream {upstream:?}: user info is not supported"
+        ));
+    }
+    if uri.path() != "/" || uri.query().is_some() {
+        return Err(format!(
+            "--upstream {upstream:?}: give only scheme, host and port (no path or query)"
+        ));
+    }
+    Ok((scheme.clone(), authority.clone()))
+}
+
+#[cfg(feature = "redis")]
+fn check_redis_url(url: &str) -> Result<(), String> {
+    use bb8_redis::redis::IntoConnectionInfo as _;
+    url.into_connection_info()
+        .map(drop)
+        .map_err(|e| format!("--redis {url:?} is not a Redis URL: {e}"))
+}
+
+#[cfg(not(feature = "redis"))]
+fn check_redis_url(_url: &str) -> Result<(), String> {
+    Err("--redis needs tower-fence's `redis` feature".to_owned())
+}
+
+/// An error that stops the proxy (binding the port, reaching Redis).
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body the proxy answers with: the upstream's, or a short text of its own.
+pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Forwards requests to the upstream. The inner service of the cache.
+#[derive(Clone)]
+pub(crate) struct Forward {
+    client: Client<HttpConnector, Incoming>,
+    scheme: Scheme,
+    authority: Authority,
+    /// The client's address, for `X-Forwarded-For`.
+    peer: Option<SocketAddr>,
+}
+
+impl fmt::Debug for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forward")
+            .field(
+                "upstream",
+                &format_args!("{}://{}", self.scheme, self.authority),
+            )
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Forward {
+    /// A forwarder to `scheme://authority` over a pooled HTTP/1 client.
+    pub(crate) fn new(scheme: Scheme, authority: Authority) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Forward {
+            client,
+            scheme,
+            authority,
+            peer: None,
+        }
+    }
+
+    /// The same forwarder, for requests from `peer`.
+    fn for_peer(&self, peer: SocketAddr) -> Self {
+        Forward {
+            peer: Some(peer),
+            ..self.clone()
+        }
+    }
+
+    /// Turns the client's request into the upstream's.
+    fn rewrite(&self, req: Request<Incoming>) -> Result<Request<Incoming>, http::Error> {
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        // Host names the public site: the authority of an absolute-form
+        // (or HTTP/2) request target, else the client's Host, else the
+        // upstream. The cache keys entries the same way.
+        let host = match parts.uri.authority() {
+            Some(authority) => Some(host_of(authority)),
+            None if parts.headers.contains_key(header::HOST) => None,
+            None => Some(host_of(&self.authority)),
+        };
+        if let Some(host) = host {
+            let host = HeaderValue::from_str(&host).map_err(http::Error::from)?;
+            parts.headers.insert(header::HOST, host);
+        }
+        parts.uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()?;
+        strip_hop_by_hop(&mut parts.headers);
+        strip_named_header(&mut parts.headers, "proxy-connection");
+        if let Some(peer) = self.peer {
+            append_forwarded_for(&mut parts.headers, peer);
+        }
+        // The request goes out as HTTP/1.1 whatever the client spoke.
+        parts.version = http::Version::HTTP_11;
+        Ok(Request::from_parts(parts, body))
+    }
+}
+
+impl Service<Request<Incoming>> for Forward {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let upstream_req = self.rewrite(req);
+        let client = self.client.clone();
+        Box::pin(async move {
+            let upstream_req = match upstream_req {
+                Ok(req) => req,
+                Err(err) => {
+                    tracing::warn!(%method, %path, error = %err, "cannot build the upstream request");
+                    return Ok(text_response(StatusCode::BAD_REQUEST, "bad request\n"));
+                }
+            };
+            match client.request(upstream_req).await {
+                Ok(response) => {
+                    let (mut parts, body) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    Ok(Response::from_parts(parts, Either::Left(body)))
+                }
+                Err(err) => {
+                    tracing::warn!(%method, %path, error = %error_chain(&err), "upstream request failed");
+                    Ok(text_response(
+                        StatusCode::BAD_GATEWAY,
+                        "502 Bad Gateway: the upstream could not be reached\n",
+                    ))
+                }
+            }
+        })
+    }
+}
+
+/// `host[:port]` of an authority, without user info.
+fn host_of(authority: &Authority) -> String {
+    match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_owned(),
+    }
+}
+
+/// A short plain-text response that no cache keeps.
+fn text_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
+        text.as_bytes(),
+    ))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// An error and its sources on one line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, those it
+/// names, and the fixed ones.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TRAILER,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    strip_named_header(headers, "keep-alive");
+}
+
+fn strip_named_header(headers: &mut HeaderMap, name: &'static str) {
+    headers.remove(HeaderName::from_static(name));
+}
+
+/// Adds the client's IP to `X-Forwarded-For`.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let ip = peer.ip().to_string();
+    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+/// The cache layer the arguments ask for.
+async fn fence_layer(args: &Args) -> Result<FenceLayer, BoxError> {
+    let builder = FenceLayer::builder().default_ttl(args.default_ttl);
+    let builder = match &args.redis {
+        None => builder,
+        Some(url) => with_redis(builder, url).await?,
+    };
+    Ok(builder.build()?)
+}
+
+#[cfg(feature = "redis")]
+async fn with_redis(
+    builder: tower_fence::FenceLayerBuilder,
+    url: &str,
+) -> Result<tower_fence::FenceLayerBuilder, BoxError> {
+    let manager = bb8_redis::RedisConnectionManager::new(url)?;
+    let pool = bb8::Pool::builder()
+        .connection_timeout(REDIS_CONNECT_TIMEOUT)
+        .build(manager)
+        .await?;
+    // Fail at start rather than run uncached because of a typo.
+    if let Err(err) = pool.get().await {
+        return Err(format!("cannot reach Redis at {url}: {err}").into());
+    }
+    Ok(builder.redis(pool))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn with_redis(
+    _builder: tower_fence::FenceLayerBuilder,
+    _url: &str,
+) -> Result<tower_fence::FenceLayerBuilder, BoxError> {
+    let _ = REDIS_CONNECT_TIMEOUT;
+    Err("--redis needs tower-fence's `redis` feature".into())
+}
+
+/// Runs the proxy until Ctrl-C (or SIGTERM), then lets open connections
+/// finish. `ready` is called with the bound address once the proxy accepts
+/// connections.
+pub(crate) async fn run(args: Args, ready: impl FnOnce(SocketAddr)) -> Result<(), BoxError> {
+    run_until(args, ready, shutdown_signal()).await
+}
+
+/// [`run`], stopping when `shutdown` completes instead of on a signal.
+pub(crate) async fn run_until(
+    args: Args,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BoxError> {
+    let layer = fence_layer(&args).await?;
+    let forward = Forward::new(
+        args.upstream_scheme.clone(),
+        args.upstream_authority.clone(),
+    );
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        %addr,
+        upstream = %format_args!("{}://{}", args.upstream_scheme, args.upstream_authority),
+        store = if args.redis.is_some() { "redis" } else { "memory" },
+        default_ttl_secs = args.default_ttl.as_secs(),
+        "proxy started"
+    );
+    ready(addr);
+
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        // Reap finished connection tasks so the set does not grow.
+        while connections.try_join_next().is_some() {}
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: wait, go on.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service: FenceService<Forward> = layer.layer(forward.for_peer(peer));
+        let builder = builder.clone();
+        let mut stop = stop_rx.clone();
+        connections.spawn(async move {
+            let conn =
+                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            }
+        });
+    }
+
+    tracing::info!("shutting down: no new connections");
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = connections.len(),
+            "closing connections that did not finish"
+        );
+        connections.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Completes on Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return std::process::ExitCode::SUCCESS;
+    }
+    let args = match parse_args(argv) {
+        Ok(args) => args,
+        Err(reason) => {
+            eprintln!("proxy: {reason}\n\n{USAGE}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let ready = |addr: SocketAddr| {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "listening on {addr}");
+        let _ = stdout.flush();
+    };
+    match run(args, ready).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("proxy: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,785 @@
+//! End-to-end tests of the caching reverse proxy in `examples/proxy.rs`: an
+//! axum upstream started in the test, the proxy in front of it on a free
+//! port, and a hyper client talking to the proxy over TCP.
+
+#[path = "../examples/proxy.rs"]
+#[allow(dead_code)] // `main`, `run` and the signal handling are the binary's.
+mod proxy;
+
+#[cfg(feature = "redis")]
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Generous bound on anything a test waits for.
+const WAIT: Duration = Duration::from_secs(30);
+/// Size of the `/big` body: three times the cache's 1 MiB body cap.
+const BIG: usize = 3 * 1024 * 1024;
+
+// ---------------------------------------------------------------------------
+// The upstream
+// ---------------------------------------------------------------------------
+
+/// An axum app on a free loopback port that counts the requests it serves.
+struct Upstream {
+    addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    async fn start() -> Self {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = Router::new()
+            .route("/max-age", get(max_age))
+            .route("/no-headers", get(no_headers))
+            .route("/private", get(private))
+            .route("/cookie", get(cookie))
+            .route("/big", get(big))
+            .route("/echo", post(echo))
+            .route("/headers", get(headers))
+            .with_state(calls.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the upstream");
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .await
+                .expect("serve the upstream");
+        });
+        Upstream { addr, calls, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Calls = State<Arc<AtomicUsize>>;
+
+fn count(calls: &AtomicUsize) -> usize {
+    calls.fetch_add(1, Ordering::SeqCst) + 1
+}
+
+async fn max_age(State(calls): Calls) -> impl IntoResponse {
+    let n = count(&calls);
+    ([(header::CACHE_CONTROL, "max-age=60")], format!("call {n}"))
+}
+
+async fn no_headers(State(calls): Calls) -> String {
+    format!("call {}", count(&calls))
+}
+
+async fn private(State(calls): Calls) -> impl IntoResponse {
+    let n = count(&calls);
+    (
+        [(header::CACHE_CONTROL, "private, max-age=60")],
+        format!("call {n}"),
+    )
+}
+
+async fn cookie(State(calls): Calls) -> impl IntoResponse {
+    let n = count(&calls);
+    (
+        [
+            (header::CACHE_CONTROL, "max-age=60"),
+            (header::SET_COOKIE, "session=abc"),
+        ],
+        format!("call {n}"),
+    )
+}
+
+/// The `/big` body: 3 MiB that are not all the same byte.
+fn big_body() -> Vec<u8> {
+    (0..BIG).map(|i| (i % 251) as u8).collect()
+}
+
+async fn big(State(calls): Calls) -> impl IntoResponse {
+    count(&calls);
+    ([(header::CACHE_CONTROL, "max-age=60")], big_body())
+}
+
+async fn echo(State(calls): Calls, body: Bytes) -> Bytes {
+    count(&calls);
+    body
+}
+
+/// The request line's target and the headers as the upstream got them, one
+/// `name: value` a line.
+async fn headers(State(calls): Calls, uri: Uri, headers: HeaderMap) -> String {
+    count(&calls);
+    let mut out = format!("uri: {uri}\n");
+    for (name, value) in &headers {
+        out.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The proxy
+// ---------------------------------------------------------------------------
+
+/// The example's proxy, run in this test's runtime on a free port.
+struct Proxy {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), proxy::BoxError>>,
+}
+
+impl Proxy {
+    /// Starts the proxy with `extra` command-line arguments and
+    /// `--listen 127.0.0.1:0`, and waits until it accepts connections.
+    async fn start(extra: &[&str]) -> Self {
+        let mut argv: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        argv.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
+        let args = proxy::parse_args(argv).expect("valid arguments");
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(proxy::run_until(
+            args,
+            move |addr| {
+                let _ = ready_tx.send(addr);
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let addr = match tokio::time::timeout(WAIT, ready_rx).await {
+            Ok(Ok(addr)) => addr,
+            _ => panic!("the proxy did not get ready: {:?}", task.await),
+        };
+        assert_eq!(addr.ip().to_string(), "127.0.0.1");
+        assert_ne!(addr.port(), 0, "ready reports the bound port");
+        Proxy {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn for_upstream(upstream: &Upstream, extra: &[&str]) -> Self {
+        let url = upstream.url();
+        let mut argv = vec!["--upstream", url.as_str()];
+        argv.extend_from_slice(extra);
+        Proxy::start(&argv).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Asks the proxy to stop and waits for `run_until` to return.
+    async fn shutdown(mut self) -> Result<(), proxy::BoxError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("the proxy stops")
+            .expect("the proxy task does not panic")
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The client
+// ---------------------------------------------------------------------------
+
+type ClientBody = BoxBody<Bytes, Infallible>;
+
+fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, ClientBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn empty() -> ClientBody {
+    Empty::new().boxed()
+}
+
+fn full(data: impl Into<Bytes>) -> ClientBody {
+    Full::new(data.into()).boxed()
+}
+
+/// A whole response as the client saw it.
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn cache_status(&self) -> String {
+        self.headers
+            .get_all("cache-status")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn is_hit(&self) -> bool {
+        self.cache_status().contains("tower-fence; hit")
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The value of `name` in an `/headers` echo.
+    fn echoed(&self, name: &str) -> Option<String> {
+        let prefix = format!("{name}: ");
+        self.text()
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()).map(str::to_owned))
+    }
+}
+
+async fn send(req: Request<ClientBody>) -> Reply {
+    send_with(&client(), req).await
+}
+
+async fn send_with(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, ClientBody>,
+    req: Request<ClientBody>,
+) -> Reply {
+    let what = format!("{} {}", req.method(), req.uri());
+    let exchange = async {
+        let response = client
+            .request(req)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: reading the body: {e}"))
+            .to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    };
+    tokio::time::timeout(WAIT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no response within {WAIT:?}"))
+}
+
+async fn get_path(proxy: &Proxy, path: &str) -> Reply {
+    send(Request::get(proxy.url(path)).body(empty()).unwrap()).await
+}
+
+/// A port nothing listens on: bound, read and closed again.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------------------
+// Caching through the proxy
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn second_get_of_max_age_is_a_hit_with_age() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let first = get_path(&proxy, "/max-age").await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.text(), "call 1");
+    let status = first.cache_status();
+    assert!(status.contains("fwd=uri-miss"), "{status}");
+    assert!(status.contains("stored"), "{status}");
+
+    let second = get_path(&proxy, "/max-age").await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(second.text(), "call 1");
+    assert!(second.is_hit(), "{}", second.cache_status());
+    assert!(
+        second.headers.contains_key(header::AGE),
+        "{:?}",
+        second.headers
+    );
+    assert_eq!(second.headers["cache-control"], "max-age=60");
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn no_headers_is_not_stored_with_default_ttl_zero() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let first = get_path(&proxy, "/no-headers").await;
+    let second = get_path(&proxy, "/no-headers").await;
+    assert_eq!(first.text(), "call 1");
+    assert_eq!(second.text(), "call 2");
+    assert!(!second.is_hit(), "{}", second.cache_status());
+    assert!(!first.cache_status().contains("stored"));
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn no_headers_is_stored_with_a_default_ttl() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--default-ttl", "30"]).await;
+
+    let first = get_path(&proxy, "/no-headers").await;
+    assert!(
+        first.cache_status().contains("stored"),
+        "{}",
+        first.cache_status()
+    );
+    let second = get_path(&proxy, "/no-headers").await;
+    assert_eq!(second.text(), "call 1");
+    assert!(second.is_hit(), "{}", second.cache_status());
+    let ttl: i64 = second
+        .cache_status()
+        .split("ttl=")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|ttl| ttl.trim().parse().ok())
+        .expect("a ttl in Cache-Status");
+    assert!((0..=30).contains(&ttl), "ttl={ttl}");
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn private_responses_are_not_stored() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--default-ttl", "30"]).await;
+
+    let first = get_path(&proxy, "/private").await;
+    let second = get_path(&proxy, "/private").await;
+    assert_eq!(second.text(), "call 2");
+    assert!(!second.is_hit());
+    assert!(
+        first.cache_status().contains("detail=private"),
+        "{}",
+        first.cache_status()
+    );
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn responses_setting_a_cookie_are_not_stored() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let first = get_path(&proxy, "/cookie").await;
+    let second = get_path(&proxy, "/cookie").await;
+    assert_eq!(first.headers[header::SET_COOKIE], "session=abc");
+    assert_eq!(second.headers[header::SET_COOKIE], "session=abc");
+    assert_eq!(second.text(), "call 2");
+    assert!(!second.is_hit());
+    assert!(
+        first.cache_status().contains("detail=set-cookie"),
+        "{}",
+        first.cache_status()
+    );
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn big_bodies_stream_through_whole_and_are_not_stored() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+    let expected = big_body();
+
+    for round in 1..=2 {
+        let reply = get_path(&proxy, "/big").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body.len(), BIG, "round {round}");
+        assert!(reply.body == expected, "round {round}: the body differs");
+        assert!(!reply.is_hit(), "round {round}: {}", reply.cache_status());
+        assert!(
+            !reply.cache_status().contains("stored"),
+            "{}",
+            reply.cache_status()
+        );
+    }
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn post_is_forwarded_with_its_body() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let req = Request::post(proxy.url("/echo"))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(full("hello upstream"))
+        .unwrap();
+    let reply = send(req).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "hello upstream");
+    assert!(
+        reply.cache_status().contains("fwd=bypass"),
+        "{}",
+        reply.cache_status()
+    );
+    assert_eq!(upstream.calls(), 1);
+}
+
+/// A request body of separate chunks and no known length, each chunk
+/// handed out on its own poll.
+struct Chunks(std::collections::VecDeque<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        let next = self.0.pop_front();
+        if next.is_some() {
+            // Let the other side run between chunks.
+            cx.waker().wake_by_ref();
+        }
+        std::task::Poll::Ready(next.map(|chunk| Ok(http_body::Frame::data(chunk))))
+    }
+}
+
+#[tokio::test]
+async fn a_chunked_request_body_is_streamed_to_the_upstream() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    // No length known up front: the client sends it chunked.
+    let chunks = (0..64).map(|i| Bytes::from(format!("chunk {i:02};").into_bytes()));
+    let req = Request::post(proxy.url("/echo"))
+        .body(Chunks(chunks.collect()).boxed())
+        .unwrap();
+    let reply = send(req).await;
+    let expected: String = (0..64).map(|i| format!("chunk {i:02};")).collect();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), expected);
+}
+
+#[tokio::test]
+async fn head_after_a_cached_get_is_a_hit_without_a_body() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let first = get_path(&proxy, "/max-age").await;
+    assert!(
+        first.cache_status().contains("stored"),
+        "{}",
+        first.cache_status()
+    );
+    let head = send(Request::head(proxy.url("/max-age")).body(empty()).unwrap()).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.is_hit(), "{}", head.cache_status());
+    assert!(head.body.is_empty());
+    assert_eq!(head.headers[header::CONTENT_LENGTH], "6"); // "call 1"
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn entries_are_keyed_by_the_public_host() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+    let get_as = |host: &'static str| {
+        Request::get(proxy.url("/max-age"))
+            .header(header::HOST, host)
+            .body(empty())
+            .unwrap()
+    };
+
+    assert_eq!(send(get_as("a.example")).await.text(), "call 1");
+    assert_eq!(send(get_as("b.example")).await.text(), "call 2");
+    let again = send(get_as("a.example")).await;
+    assert!(again.is_hit(), "{}", again.cache_status());
+    assert_eq!(again.text(), "call 1");
+    assert_eq!(upstream.calls(), 2);
+}
+
+// ---------------------------------------------------------------------------
+// Forwarding
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_dropped_and_host_is_kept() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let req = Request::get(proxy.url("/headers?a=1&b=two"))
+        .header(header::HOST, "public.example:8443")
+        .header(header::CONNECTION, "keep-alive, x-secret")
+        .header("x-secret", "hop")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header(header::TE, "trailers")
+        .header("x-normal", "end-to-end")
+        .body(empty())
+        .unwrap();
+    let reply = send(req).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.echoed("uri").as_deref(), Some("/headers?a=1&b=two"));
+    assert_eq!(reply.echoed("host").as_deref(), Some("public.example:8443"));
+    assert_eq!(reply.echoed("x-normal").as_deref(), Some("end-to-end"));
+    assert_eq!(
+        reply.echoed("x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+    for hop in [
+        "connection",
+        "x-secret",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+    ] {
+        assert_eq!(
+            reply.echoed(hop),
+            None,
+            "{hop} reached the upstream:\n{}",
+            reply.text()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_without_host_gets_the_upstream_authority() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    // HTTP/1.0 allows a request without Host; hyper's client always adds one.
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(b"GET /headers HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
+        String::from_utf8(raw).unwrap()
+    };
+    let raw = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("an answer");
+    assert!(
+        raw.starts_with("HTTP/1.0 200") || raw.starts_with("HTTP/1.1 200"),
+        "{raw}"
+    );
+    let expected = format!("host: {}", upstream.addr);
+    assert!(raw.lines().any(|line| line == expected), "{raw}");
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_gives_502() {
+    let url = format!("http://127.0.0.1:{}", closed_port());
+    let proxy = Proxy::start(&["--upstream", url.as_str()]).await;
+    let client = client();
+
+    for _ in 0..2 {
+        let reply = send_with(
+            &client,
+            Request::get(proxy.url("/max-age")).body(empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert!(!reply.body.is_empty());
+        assert!(reply.text().contains("Bad Gateway"), "{}", reply.text());
+        assert_eq!(
+            reply.headers.get(header::CONTENT_TYPE),
+            Some(&HeaderValue::from_static("text/plain; charset=utf-8"))
+        );
+        assert!(!reply.is_hit());
+    }
+    let post = send_with(
+        &client,
+        Request::post(proxy.url("/echo")).body(full("x")).unwrap(),
+    )
+    .await;
+    assert_eq!(post.status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_returns() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+    assert_eq!(get_path(&proxy, "/max-age").await.text(), "call 1");
+
+    let addr = proxy.addr;
+    proxy.shutdown().await.expect("a clean stop");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+// ---------------------------------------------------------------------------
+// Arguments
+// ---------------------------------------------------------------------------
+
+#[test]
+fn parse_args_reads_every_option() {
+    let args = proxy::parse_args([
+        "--upstream",
+        "http://127.0.0.1:3000",
+        "--listen",
+        "0.0.0.0:9000",
+        "--redis",
+        "redis://127.0.0.1:6380/2",
+        "--default-ttl",
+        "45",
+    ])
+    .unwrap();
+    assert_eq!(args.upstream_scheme.as_str(), "http");
+    assert_eq!(args.upstream_authority.as_str(), "127.0.0.1:3000");
+    assert_eq!(args.listen, "0.0.0.0:9000".parse::<SocketAddr>().unwrap());
+    assert_eq!(args.redis.as_deref(), Some("redis://127.0.0.1:6380/2"));
+    assert_eq!(args.default_ttl, Duration::from_secs(45));
+
+    let same = proxy::parse_args([
+        "--default-ttl=45",
+        "--redis=redis://127.0.0.1:6380/2",
+        "--listen=0.0.0.0:9000",
+        "--upstream=http://127.0.0.1:3000/",
+    ])
+    .unwrap();
+    assert_eq!(same, args);
+}
+
+#[test]
+fn parse_args_defaults() {
+    let args = proxy::parse_args(["--upstream", "http://localhost:3000"]).unwrap();
+    assert_eq!(args.upstream_authority.as_str(), "localhost:3000");
+    assert_eq!(args.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
+    assert_eq!(args.redis, None);
+    assert_eq!(args.default_ttl, Duration::ZERO);
+}
+
+#[test]
+fn parse_args_rejects_bad_arguments() {
+    let bad: &[&[&str]] = &[
+        &[],
+        &["--listen", "127.0.0.1:8080"],
+        &["--upstream"],
+        &["--upstream", "--listen", "127.0.0.1:8080"],
+        &["--upstream", ""],
+        &["--upstream", "127.0.0.1:3000"],
+        &["--upstream", "not a url"],
+        &["--upstream", "https://127.0.0.1:3000"],
+        &["--upstream", "ftp://127.0.0.1:3000"],
+        &["--upstream", "http://127.0.0.1:3000/prefix"],
+        &["--upstream", "http://127.0.0.1:3000/?q=1"],
+        &["--upstream", "http://user@127.0.0.1:3000"],
+        &["--upstream", "http://a:1", "--upstream", "http://b:2"],
+        &["--upstream", "http://a:1", "--listen", "localhost"],
+        &["--upstream", "http://a:1", "--listen", "127.0.0.1:99999"],
+        &["--upstream", "http://a:1", "--listen"],
+        &["--upstream", "http://a:1", "--default-ttl", "-1"],
+        &["--upstream", "http://a:1", "--default-ttl", "1.5"],
+        &["--upstream", "http://a:1", "--default-ttl", "soon"],
+        &[
+            "--upstream",
+            "http://a:1",
+            "--redis",
+            "http://127.0.0.1:6379",
+        ],
+        &["--upstream", "http://a:1", "--verbose"],
+        &["--upstream", "http://a:1", "stray"],
+        &["-u", "http://a:1"],
+    ];
+    for argv in bad {
+        let result = proxy::parse_args(argv.iter().copied());
+        let Err(reason) = result else {
+            panic!("{argv:?} was accepted: {result:?}");
+        };
+        assert!(!reason.is_empty(), "{argv:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn with_redis_the_entry_is_in_redis_after_the_first_get() {
+    let redis = support::RedisProcess::start_async().await;
+    let upstream = Upstream::start().await;
+    let redis_url = redis.url();
+    let proxy = Proxy::for_upstream(&upstream, &["--redis", redis_url.as_str()]).await;
+
+    let first = get_path(&proxy, "/max-age").await;
+    assert!(
+        first.cache_status().contains("stored"),
+        "{}",
+        first.cache_status()
+    );
+    // A Redis fill finishes in the background: wait for it, bounded.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let keys = loop {
+        let keys = redis.keys_matching("tf:*").await;
+        if !keys.is_empty() || tokio::time::Instant::now() >= deadline {
+            break keys;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].starts_with("tf:/max-age#"), "{keys:?}");
+
+    let second = get_path(&proxy, "/max-age").await;
+    assert!(second.is_hit(), "{}", second.cache_status());
+    assert_eq!(second.text(), "call 1");
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn an_unreachable_redis_stops_the_proxy_at_start() {
+    let args = proxy::parse_args([
+        "--upstream".to_owned(),
+        "http://127.0.0.1:1".to_owned(),
+        "--listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+        "--redis".to_owned(),
+        format!("redis://127.0.0.1:{}", closed_port()),
+    ])
+    .unwrap();
+    let run = proxy::run_until(
+        args,
+        |_| panic!("must not get ready"),
+        std::future::pending(),
+    );
+    let result = tokio::time::timeout(WAIT, run)
+        .await
+        .expect("run_until gives up on Redis within the timeout");
+    let err = result.expect_err("no Redis, no proxy");
+    assert!(err.to_string().contains("Redis"), "{err}");
+}
