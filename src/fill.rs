@@ -13,6 +13,7 @@ use crate::key::CacheKey;
 use crate::layer::{Counters, Shared};
 use crate::policy::Freshness;
 use crate::service::with_timeout;
+use crate::store::Fill as StoreFill;
 
 /// Everything needed to store a response once its body has been read.
 #[derive(Debug)]
@@ -24,6 +25,8 @@ pub(crate) struct Fill {
     pub(crate) freshness: Freshness,
     pub(crate) vary: Vec<(HeaderName, Option<HeaderValue>)>,
     pub(crate) started: Instant,
+    /// Sets the entry joins (tags, prefix indexes).
+    pub(crate) sets: Vec<String>,
 }
 
 /// Collects a response body, as the client reads it, up to the size cap.
@@ -92,13 +95,13 @@ impl Recorder {
             rebuild_ms,
             vary: fill.vary,
         };
-        store_entry(fill.shared, fill.key, entry);
+        store_entry(fill.shared, fill.key, entry, fill.sets);
     }
 }
 
 /// Writes `entry` to the store in a background task, bounded by the store
 /// timeout. Without a Tokio runtime nothing is stored (and nothing panics).
-pub(crate) fn store_entry(shared: Arc<Shared>, key: CacheKey, entry: Entry) {
+pub(crate) fn store_entry(shared: Arc<Shared>, key: CacheKey, entry: Entry, sets: Vec<String>) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         tracing::debug!("no tokio runtime; response not stored");
         return;
@@ -107,9 +110,9 @@ pub(crate) fn store_entry(shared: Arc<Shared>, key: CacheKey, entry: Entry) {
         let now_ms = crate::entry::unix_ms(std::time::SystemTime::now());
         let ttl = entry.store_ttl(now_ms);
         let record = entry.encode();
-        let put = shared.store.put(key.as_str(), record, ttl);
-        match with_timeout(shared.store_timeout, put).await {
-            Ok(()) => {
+        let fill = StoreFill::new(key.as_str(), record, ttl).joining(&sets);
+        match with_timeout(shared.store_timeout, shared.store.fill(fill)).await {
+            Ok(_) => {
                 Counters::bump(&shared.counters.stores);
                 shared.hit_for_miss.invalidate(key.as_str());
             }

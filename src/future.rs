@@ -17,6 +17,7 @@ use tower_service::Service;
 use crate::body::FenceBody;
 use crate::entry::{unix_ms, Entry};
 use crate::flight::{Joined, Landing};
+use crate::invalidate::{self, InvalidationMode};
 use crate::layer::Counters;
 use crate::rebuild::{self, Job, LeaderResult};
 use crate::service::{entry_response, finish, vary_matches, Found, LookupFuture, Outcome, Pending};
@@ -68,6 +69,10 @@ pin_project! {
             fut: S::Future,
             outcome: Option<Outcome>,
         },
+        Invalidating {
+            work: Pin<Box<dyn Future<Output = ()> + Send>>,
+            response: Option<Response<FenceBody<RB>>>,
+        },
         Done,
     }
 }
@@ -107,6 +112,7 @@ where
             State::Waiting { .. } => "Waiting",
             State::Leading { .. } => "Leading",
             State::Inner { .. } => "Inner",
+            State::Invalidating { .. } => "Invalidating",
             State::Done => "Done",
         };
         f.debug_struct("ResponseFuture")
@@ -176,14 +182,59 @@ where
                 StateProj::Inner { fut, outcome } => {
                     let result = ready!(fut.poll(cx));
                     let outcome = outcome.take();
-                    state.set(State::Done);
-                    return Poll::Ready(result.map(|response| match outcome {
+                    let response = match result {
+                        Ok(response) => response,
+                        Err(err) => {
+                            state.set(State::Done);
+                            return Poll::Ready(Err(err));
+                        }
+                    };
+                    let invalidation = match &outcome {
+                        Some(Outcome::Write { shared, uri, host }) => {
+                            let targets = invalidate::targets_of_write(
+                                uri,
+                                host.as_deref(),
+                                response.status(),
+                                response.headers(),
+                            );
+                            Some((shared.clone(), targets))
+                        }
+                        _ => None,
+                    };
+                    let response = match outcome {
                         Some(outcome) => finish(response, outcome),
                         None => {
                             let (parts, body) = response.into_parts();
                             Response::from_parts(parts, FenceBody::passthrough(body))
                         }
-                    }));
+                    };
+                    match invalidation {
+                        Some((shared, targets)) if !targets.is_empty() => {
+                            match shared.invalidation.mode {
+                                InvalidationMode::Background => {
+                                    for target in targets {
+                                        invalidate::enqueue(&shared, target, 0);
+                                    }
+                                    Step::Respond(response)
+                                }
+                                _ => {
+                                    // Read-your-writes: the response waits.
+                                    Step::Go(State::Invalidating {
+                                        work: Box::pin(invalidate::inline(shared, targets)),
+                                        response: Some(response),
+                                    })
+                                }
+                            }
+                        }
+                        _ => Step::Respond(response),
+                    }
+                }
+                StateProj::Invalidating { work, response } => {
+                    ready!(work.as_mut().poll(cx));
+                    match response.take() {
+                        Some(response) => Step::Respond(response),
+                        None => Step::Go(State::Done),
+                    }
                 }
                 // Polled after completion: the contract allows anything but
                 // a panic is an outage; stay pending.
@@ -225,7 +276,7 @@ where
                 let fut = svc.call(req);
                 return Step::Go(State::Inner {
                     fut,
-                    outcome: Some(Outcome::Pass(CacheStatus::bypass(err.detail()))),
+                    outcome: Some(Outcome::Pass(shared, CacheStatus::bypass(err.detail()))),
                 });
             }
             (Fwd::Bypass, None)

@@ -22,6 +22,8 @@ use std::fmt::Write as _;
 use http::{HeaderMap, HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};
 
+use crate::store::KeyPattern;
+
 /// Longest escaped path kept readable in a key, in bytes.
 pub(crate) const MAX_READABLE_PATH: usize = 512;
 
@@ -144,13 +146,67 @@ fn push_escaped(out: &mut String, ch: char) {
 }
 
 /// Escapes a path the way keys store it (for building prefix patterns).
-#[allow(dead_code)] // used by prefix invalidation
 pub(crate) fn escape_path(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     for ch in path.chars() {
         push_escaped(&mut out, ch);
     }
     out
+}
+
+/// A path as prefix invalidation reads it: without a trailing `/` (so
+/// `/users/` and `/users` select the same entries), `/` for the root.
+fn prefix_path(path: &str) -> &str {
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/"
+    } else {
+        trimmed
+    }
+}
+
+/// The keys of every entry (and rebuild lease) at `path` or under it:
+/// `/users/42` selects `/users/42`, `/users/42?x=1` and `/users/42/posts`,
+/// never `/users/420`.
+pub(crate) fn prefix_pattern(namespace: &str, path: &str) -> KeyPattern {
+    let path = prefix_path(path);
+    let mut stem = String::with_capacity(namespace.len() + path.len());
+    stem.push_str(namespace);
+    if path == "/" {
+        stem.push('/');
+        return KeyPattern::new(stem, false);
+    }
+    stem.push_str(&escape_path(path));
+    KeyPattern::new(stem, true)
+}
+
+/// The index sets an entry at `path` joins (prefix strategy `Index`): its
+/// own path's and every ancestor's, up to the readable length.
+pub(crate) fn index_sets(namespace: &str, path: &str) -> Vec<String> {
+    let mut sets = Vec::new();
+    let mut current = prefix_path(path);
+    loop {
+        if current.len() <= MAX_READABLE_PATH {
+            sets.push(index_set(namespace, current));
+        }
+        if current == "/" {
+            return sets;
+        }
+        current = match current.rfind('/') {
+            Some(0) | None => "/",
+            Some(i) => &current[..i],
+        };
+    }
+}
+
+/// The index set of a path prefix.
+pub(crate) fn index_set(namespace: &str, path: &str) -> String {
+    format!("{namespace}idx:{}", escape_path(prefix_path(path)))
+}
+
+/// The set that holds the keys of the entries tagged `tag`.
+pub(crate) fn tag_set(namespace: &str, tag: &str) -> String {
+    format!("{namespace}tag:{}", escape_path(tag))
 }
 
 /// Whether a namespace is safe to put in front of keys and patterns.
@@ -165,6 +221,25 @@ mod tests {
     use super::*;
     use http::Request;
     use proptest::prelude::*;
+
+    /// Redis's `MATCH` glob, for the subset the patterns use: `*`, `[..]`
+    /// and literal characters (the stems hold no other glob character).
+    fn glob_matches(glob: &str, text: &str) -> bool {
+        fn go(g: &[char], t: &[char]) -> bool {
+            match g.first() {
+                None => t.is_empty(),
+                Some('*') => (0..=t.len()).any(|i| go(&g[1..], &t[i..])),
+                Some('[') => {
+                    let close = g.iter().position(|&c| c == ']').unwrap();
+                    !t.is_empty() && g[1..close].contains(&t[0]) && go(&g[close + 1..], &t[1..])
+                }
+                Some(&c) => t.first() == Some(&c) && go(&g[1..], &t[1..]),
+            }
+        }
+        let g: Vec<char> = glob.chars().collect();
+        let t: Vec<char> = text.chars().collect();
+        go(&g, &t)
+    }
 
     fn key_of(config: &KeyConfig, req: Request<()>) -> String {
         derive_from(config, req.method(), req.uri(), req.headers())
@@ -256,7 +331,76 @@ mod tests {
         }
     }
 
+    #[test]
+    fn prefix_patterns_select_the_path_and_below_only() {
+        let c = config();
+        let key = |uri: &str| key_of(&c, get(uri));
+        let p = prefix_pattern("tf:", "/users/42");
+        assert_eq!(p.glob(), "tf:/users/42[#/]*");
+        assert!(p.matches(&key("/users/42")));
+        assert!(p.matches(&key("/users/42?x=1")));
+        assert!(p.matches(&key("/users/42/posts")));
+        assert!(p.matches(&format!("{}:lease", key("/users/42/posts"))));
+        assert!(!p.matches(&key("/users/420")));
+        assert!(!p.matches(&key("/users/4")));
+        assert!(!p.matches("tf:idx:/users/42"));
+        assert_eq!(
+            prefix_pattern("tf:", "/users/42/").glob(),
+            "tf:/users/42[#/]*"
+        );
+        let root = prefix_pattern("tf:", "/");
+        assert_eq!(root.glob(), "tf:/*");
+        assert!(root.matches(&key("/anything/at/all")));
+        assert!(!root.matches("tf:tag:x"));
+        assert_eq!(p.leases().glob(), "tf:/users/42[#/]*:lease");
+        assert!(!p.leases().matches(&key("/users/42")));
+    }
+
+    #[test]
+    fn adversarial_paths_cannot_widen_a_pattern() {
+        let c = config();
+        let p = prefix_pattern("tf:", "/a*");
+        assert_eq!(p.glob(), "tf:/a%2A[#/]*");
+        assert!(p.matches(&key_of(&c, get("/a*/x"))));
+        assert!(!p.matches(&key_of(&c, get("/ab/x"))));
+        let p = prefix_pattern("tf:", "/[a-z]");
+        assert!(!p.matches(&key_of(&c, get("/b"))));
+        assert_eq!(p.glob(), "tf:/%5Ba-z%5D[#/]*");
+    }
+
+    #[test]
+    fn index_sets_cover_the_path_and_its_ancestors() {
+        assert_eq!(
+            index_sets("tf:", "/users/42/posts/"),
+            [
+                "tf:idx:/users/42/posts",
+                "tf:idx:/users/42",
+                "tf:idx:/users",
+                "tf:idx:/"
+            ]
+        );
+        assert_eq!(index_sets("tf:", "/"), ["tf:idx:/"]);
+        assert_eq!(index_set("tf:", "/users/"), "tf:idx:/users");
+        assert_eq!(tag_set("tf:", "user:{42}"), "tf:tag:user:%7B42%7D");
+    }
+
     proptest! {
+        // An escaped path used as a pattern matches only itself and what is
+        // under it, whatever characters it holds.
+        #[test]
+        fn a_pattern_matches_only_its_own_subtree(a in "/[ -~]{0,12}", b in "/[ -~]{0,12}") {
+            let pattern = prefix_pattern("tf:", &a);
+            let escaped_b = escape_path(prefix_path(&b));
+            let stored = format!("tf:{escaped_b}#{{00}}");
+            let expected = {
+                let a = prefix_path(&a);
+                let b = prefix_path(&b);
+                a == "/" || b == a || b.starts_with(&format!("{a}/"))
+            };
+            prop_assert_eq!(pattern.matches(&stored), expected, "{} vs {}", a, b);
+            prop_assert_eq!(glob_matches(&pattern.glob(), &stored), expected);
+        }
+
         #[test]
         fn escaped_paths_hold_no_glob_or_brace(path in "/[ -~]{0,64}") {
             let escaped = escape_path(&path);

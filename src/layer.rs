@@ -10,6 +10,9 @@ use tower_layer::Layer;
 
 use crate::error::ConfigError;
 use crate::flight::Flights;
+use crate::invalidate::{
+    InvalidationConfig, InvalidationMode, Invalidator, PrefixStrategy, WriteMethods,
+};
 use crate::key::{self, KeyConfig};
 use crate::policy::{PolicyConfig, DEFAULT_CACHEABLE_STATUSES};
 use crate::service::FenceService;
@@ -33,6 +36,14 @@ pub const DEFAULT_FILL_POLL_INTERVAL: Duration = Duration::from_millis(50);
 pub const DEFAULT_XFETCH_BETA: f64 = 1.0;
 /// Default time a key stays hit-for-miss: 10 s.
 pub const DEFAULT_HIT_FOR_MISS_TTL: Duration = Duration::from_secs(10);
+/// Default longest time one invalidation may take: 10 s.
+pub const DEFAULT_INVALIDATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default capacity of the background invalidation queue: 10,000.
+pub const DEFAULT_INVALIDATION_QUEUE: usize = 10_000;
+/// Default attempts of a background invalidation: 8.
+pub const DEFAULT_INVALIDATION_ATTEMPTS: u32 = 8;
+/// Default tag header: `surrogate-key`.
+pub const DEFAULT_TAG_HEADER: &str = "surrogate-key";
 /// Most keys remembered as hit-for-miss at once.
 const HIT_FOR_MISS_CAPACITY: u64 = 100_000;
 
@@ -62,6 +73,7 @@ pub(crate) struct Shared {
     /// Keys whose last rebuild could not be shared: requests for them skip
     /// the flight for a while (Varnish's hit-for-miss).
     pub(crate) hit_for_miss: moka::sync::Cache<String, ()>,
+    pub(crate) invalidation: InvalidationConfig,
     pub(crate) counters: Counters,
 }
 
@@ -143,6 +155,11 @@ impl FenceLayer {
         self.shared.counters.snapshot()
     }
 
+    /// A handle that invalidates entries from application code.
+    pub fn invalidator(&self) -> Invalidator {
+        Invalidator::new(self.shared.clone())
+    }
+
     /// The store the layer caches in.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
@@ -203,6 +220,13 @@ pub struct FenceLayerBuilder {
     fill_poll_interval: Duration,
     xfetch_beta: f64,
     hit_for_miss_ttl: Duration,
+    prefix_strategy: PrefixStrategy,
+    invalidation_mode: InvalidationMode,
+    write_methods: WriteMethods,
+    invalidation_timeout: Duration,
+    invalidation_queue: usize,
+    invalidation_attempts: u32,
+    tag_header: Option<String>,
 }
 
 impl Default for FenceLayerBuilder {
@@ -222,6 +246,13 @@ impl Default for FenceLayerBuilder {
             fill_poll_interval: DEFAULT_FILL_POLL_INTERVAL,
             xfetch_beta: DEFAULT_XFETCH_BETA,
             hit_for_miss_ttl: DEFAULT_HIT_FOR_MISS_TTL,
+            prefix_strategy: PrefixStrategy::default(),
+            invalidation_mode: InvalidationMode::default(),
+            write_methods: WriteMethods::default(),
+            invalidation_timeout: DEFAULT_INVALIDATION_TIMEOUT,
+            invalidation_queue: DEFAULT_INVALIDATION_QUEUE,
+            invalidation_attempts: DEFAULT_INVALIDATION_ATTEMPTS,
+            tag_header: Some(DEFAULT_TAG_HEADER.to_owned()),
         }
     }
 }
@@ -243,6 +274,13 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("fill_poll_interval", &self.fill_poll_interval)
             .field("xfetch_beta", &self.xfetch_beta)
             .field("hit_for_miss_ttl", &self.hit_for_miss_ttl)
+            .field("prefix_strategy", &self.prefix_strategy)
+            .field("invalidation_mode", &self.invalidation_mode)
+            .field("write_methods", &self.write_methods)
+            .field("invalidation_timeout", &self.invalidation_timeout)
+            .field("invalidation_queue", &self.invalidation_queue)
+            .field("invalidation_attempts", &self.invalidation_attempts)
+            .field("tag_header", &self.tag_header)
             .finish()
     }
 }
@@ -331,6 +369,67 @@ impl FenceLayerBuilder {
         self
     }
 
+    /// How a path prefix is invalidated: [`PrefixStrategy::Scan`] walks the
+    /// keyspace (`SCAN` + `UNLINK`), [`PrefixStrategy::Index`] keeps a set
+    /// per prefix and reads only it. See [`invalidate`](crate::invalidate).
+    /// Defaults to `Scan`.
+    pub fn prefix_strategy(mut self, strategy: PrefixStrategy) -> Self {
+        self.prefix_strategy = strategy;
+        self
+    }
+
+    /// Whether a write's invalidation runs before its response is returned
+    /// ([`InvalidationMode::Inline`], read-your-writes) or in a bounded
+    /// background queue with retries. Defaults to `Inline`.
+    pub fn invalidation_mode(mut self, mode: InvalidationMode) -> Self {
+        self.invalidation_mode = mode;
+        self
+    }
+
+    /// The methods whose successful (2xx, 3xx) requests invalidate the paths
+    /// they touch. Defaults to every method but `GET`, `HEAD`, `OPTIONS`
+    /// and `TRACE` (RFC 9111 §4.4, unknown methods included); an empty list
+    /// turns invalidation on writes off.
+    pub fn invalidating_methods(mut self, methods: impl IntoIterator<Item = http::Method>) -> Self {
+        let methods: Vec<_> = methods.into_iter().collect();
+        self.write_methods = if methods.is_empty() {
+            WriteMethods::None
+        } else {
+            WriteMethods::Only(methods)
+        };
+        self
+    }
+
+    /// Longest one invalidation (one prefix, tag or key) may take; past it
+    /// the write's response is returned anyway and the invalidation goes to
+    /// the background queue. Defaults to 10 s.
+    pub fn invalidation_timeout(mut self, timeout: Duration) -> Self {
+        self.invalidation_timeout = timeout;
+        self
+    }
+
+    /// Capacity of the background invalidation queue; past it an
+    /// invalidation becomes a dead letter. Defaults to 10,000.
+    pub fn invalidation_queue(mut self, capacity: usize) -> Self {
+        self.invalidation_queue = capacity;
+        self
+    }
+
+    /// How often the background queue tries an invalidation before it
+    /// becomes a dead letter. Defaults to 8.
+    pub fn invalidation_attempts(mut self, attempts: u32) -> Self {
+        self.invalidation_attempts = attempts;
+        self
+    }
+
+    /// The response header that names an entry's tags (space or comma
+    /// separated); it never leaves the layer. `None` turns tags off.
+    /// Defaults to `Surrogate-Key`.
+    pub fn tag_header(mut self, name: impl Into<Option<String>>) -> Self {
+        self.tag_header = name.into();
+        self
+    }
+
     /// How long a key whose rebuild could not be shared (a `private`,
     /// `Set-Cookie` or too large response) is remembered, so that its
     /// requests go straight to the inner service instead of queueing behind
@@ -409,6 +508,12 @@ impl FenceLayerBuilder {
                 "fill_poll_interval must be longer than zero",
             ));
         }
+        let tag_header = match &self.tag_header {
+            None => None,
+            Some(name) => Some(HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                ConfigError::new(format!("tag header {name:?} is not a header name"))
+            })?),
+        };
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::default()));
@@ -437,6 +542,17 @@ impl FenceLayerBuilder {
                 xfetch_beta: self.xfetch_beta,
                 flights: Arc::new(Flights::default()),
                 hit_for_miss,
+                invalidation: InvalidationConfig {
+                    strategy: self.prefix_strategy,
+                    mode: self.invalidation_mode,
+                    methods: self.write_methods,
+                    timeout: self.invalidation_timeout,
+                    queue_capacity: self.invalidation_queue,
+                    max_attempts: self.invalidation_attempts.max(1),
+                    tag_header,
+                    queue: std::sync::OnceLock::new(),
+                    dead_letters: std::sync::Mutex::new(std::collections::VecDeque::new()),
+                },
                 counters: Counters::default(),
             }),
         })
@@ -477,6 +593,12 @@ pub struct Stats {
     /// Rebuilt responses not stored because their lease was lost (taken
     /// by an invalidation, or expired).
     pub fenced_out: u64,
+    /// Invalidations carried out (prefixes, tags, keys).
+    pub invalidations: u64,
+    /// Invalidation attempts that failed (retried in the background).
+    pub invalidation_errors: u64,
+    /// Invalidations given up: dead letters.
+    pub invalidations_dead: u64,
 }
 
 #[derive(Debug, Default)]
@@ -494,6 +616,9 @@ pub(crate) struct Counters {
     pub(crate) remote_waits: AtomicU64,
     pub(crate) wait_timeouts: AtomicU64,
     pub(crate) fenced_out: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) invalidation_errors: AtomicU64,
+    pub(crate) invalidations_dead: AtomicU64,
 }
 
 impl Counters {
@@ -516,6 +641,9 @@ impl Counters {
             remote_waits: self.remote_waits.load(Ordering::Relaxed),
             wait_timeouts: self.wait_timeouts.load(Ordering::Relaxed),
             fenced_out: self.fenced_out.load(Ordering::Relaxed),
+            invalidations: self.invalidations.load(Ordering::Relaxed),
+            invalidation_errors: self.invalidation_errors.load(Ordering::Relaxed),
+            invalidations_dead: self.invalidations_dead.load(Ordering::Relaxed),
         }
     }
 }

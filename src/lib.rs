@@ -8,6 +8,7 @@ mod error;
 mod fill;
 mod flight;
 mod future;
+pub mod invalidate;
 mod key;
 mod layer;
 pub mod policy;
@@ -23,10 +24,13 @@ pub use error::{BoxError, ConfigError, StoreError};
 #[doc(inline)]
 pub use future::ResponseFuture;
 #[doc(inline)]
+pub use invalidate::Invalidator;
+#[doc(inline)]
 pub use layer::{
     FenceLayer, FenceLayerBuilder, Stats, DEFAULT_FILL_POLL_INTERVAL, DEFAULT_HIT_FOR_MISS_TTL,
+    DEFAULT_INVALIDATION_ATTEMPTS, DEFAULT_INVALIDATION_QUEUE, DEFAULT_INVALIDATION_TIMEOUT,
     DEFAULT_LEASE_TTL, DEFAULT_MAX_BODY_SIZE, DEFAULT_NAMESPACE, DEFAULT_STORE_TIMEOUT,
-    DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, DEFAULT_XFETCH_BETA,
+    DEFAULT_TAG_HEADER, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, DEFAULT_XFETCH_BETA,
 };
 #[doc(inline)]
 pub use service::FenceService;

@@ -23,11 +23,13 @@ use tower_service::Service;
 use crate::body::FenceBody;
 use crate::entry::{unix_ms, Entry};
 use crate::flight::{Landing, Lead};
+use crate::invalidate;
 use crate::key::CacheKey;
 use crate::layer::{Counters, Shared};
 use crate::policy;
 use crate::service::{entry_response, vary_matches, vary_values, with_timeout};
 use crate::status::{CacheStatus, Fwd};
+use crate::store::Fill as StoreFill;
 
 /// A rebuild to run: the flight it leads, the readied inner service and the
 /// request it sends there.
@@ -84,6 +86,8 @@ where
         store_failure,
     } = job;
     let request_headers = req.headers().clone();
+    let path = req.uri().path().to_owned();
+    let lease_sets = invalidate::lease_sets(&shared, &path);
     prepare_rebuild_request(&mut req);
     let token = new_token();
 
@@ -94,13 +98,22 @@ where
             shared.store_timeout,
             shared
                 .store
-                .try_lease(key.as_str(), &token, shared.lease_ttl),
+                .try_lease(key.as_str(), &token, shared.lease_ttl, &lease_sets),
         )
         .await
         {
             Ok(true) => Lease::Held,
             Ok(false) => {
-                match wait_for_remote_fill(&shared, &lead, &key, &token, &request_headers).await {
+                match wait_for_remote_fill(
+                    &shared,
+                    &lead,
+                    &key,
+                    &token,
+                    &lease_sets,
+                    &request_headers,
+                )
+                .await
+                {
                     Remote::Filled(entry) => {
                         let entry: Arc<Entry> = Arc::from(entry);
                         lead.land(Landing::Response(entry.clone()));
@@ -184,10 +197,11 @@ where
             ));
             Ok(stale_response_with(&stale, status_line, "stale-if-error"))
         }
-        Rebuilt::Storable(entry) => {
+        Rebuilt::Storable(entry, tags) => {
+            let sets = invalidate::fill_sets(&shared, &path, &tags);
             let stored = match lease {
-                Lease::Held => fill(&shared, &key, &entry, Some(&token)).await,
-                Lease::Unknown => fill(&shared, &key, &entry, None).await,
+                Lease::Held => fill(&shared, &key, &entry, Some(&token), &sets).await,
+                Lease::Unknown => fill(&shared, &key, &entry, None, &sets).await,
                 Lease::Elsewhere => false,
             };
             shared.hit_for_miss.invalidate(key.as_str());
@@ -259,13 +273,15 @@ where
         ..
     } = job;
     let request_headers = req.headers().clone();
+    let path = req.uri().path().to_owned();
+    let lease_sets = invalidate::lease_sets(&shared, &path);
     prepare_rebuild_request(&mut req);
     let token = new_token();
     match with_timeout(
         shared.store_timeout,
         shared
             .store
-            .try_lease(key.as_str(), &token, shared.lease_ttl),
+            .try_lease(key.as_str(), &token, shared.lease_ttl, &lease_sets),
     )
     .await
     {
@@ -280,8 +296,9 @@ where
     let started = Instant::now();
     let rebuild = rebuild(&shared, svc, req, &request_headers, started, true);
     match extend_while(&shared, &key, &token, true, rebuild).await {
-        Rebuilt::Storable(entry) => {
-            fill(&shared, &key, &entry, Some(&token)).await;
+        Rebuilt::Storable(entry, tags) => {
+            let sets = invalidate::fill_sets(&shared, &path, &tags);
+            fill(&shared, &key, &entry, Some(&token), &sets).await;
             lead.land(Landing::Response(Arc::new(entry)));
         }
         _ => {
@@ -315,8 +332,8 @@ enum Rebuilt<RB: Body, E> {
     Failed(E),
     /// The origin answered 5xx and a stale entry may be served instead.
     OriginError(Response<FenceBody<RB>>),
-    /// A complete, storable response.
-    Storable(Entry),
+    /// A complete, storable response, and its tags.
+    Storable(Entry, Vec<String>),
     /// A complete error response that all waiters may be given, not stored.
     SharedError(Entry),
     /// A response only the leader's client may have. `remember`: the key
@@ -344,7 +361,9 @@ where
         Ok(response) => response,
         Err(err) => return Rebuilt::Failed(err),
     };
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
+    let tags = invalidate::tags(shared, &parts.headers);
+    invalidate::strip_tags(shared, &mut parts.headers);
     if parts.status.is_server_error() && stale_on_error {
         return Rebuilt::OriginError(Response::from_parts(parts, FenceBody::passthrough(body)));
     }
@@ -399,18 +418,21 @@ where
     match verdict {
         Ok(freshness) => {
             let names = policy::vary_names(&parts.headers).unwrap_or_default();
-            Rebuilt::Storable(Entry {
-                status: parts.status,
-                headers,
-                body: data,
-                trailers,
-                stored_at_ms: freshness.stored_at_ms,
-                fresh_until_ms: freshness.fresh_until_ms,
-                stale_until_ms: freshness.stale_until_ms,
-                error_until_ms: freshness.error_until_ms,
-                rebuild_ms,
-                vary: vary_values(&names, request_headers),
-            })
+            Rebuilt::Storable(
+                Entry {
+                    status: parts.status,
+                    headers,
+                    body: data,
+                    trailers,
+                    stored_at_ms: freshness.stored_at_ms,
+                    fresh_until_ms: freshness.fresh_until_ms,
+                    stale_until_ms: freshness.stale_until_ms,
+                    error_until_ms: freshness.error_until_ms,
+                    rebuild_ms,
+                    vary: vary_values(&names, request_headers),
+                },
+                tags,
+            )
         }
         Err(_) => {
             let now_ms = unix_ms(SystemTime::now());
@@ -542,6 +564,7 @@ async fn wait_for_remote_fill(
     lead: &Lead,
     key: &CacheKey,
     token: &str,
+    lease_sets: &[String],
     request_headers: &HeaderMap,
 ) -> Remote {
     Counters::bump(&shared.counters.remote_waits);
@@ -556,7 +579,7 @@ async fn wait_for_remote_fill(
         }
         let lease = shared
             .store
-            .try_lease(key.as_str(), token, shared.lease_ttl);
+            .try_lease(key.as_str(), token, shared.lease_ttl, lease_sets);
         if let Ok(true) = with_timeout(shared.store_timeout, lease).await {
             return Remote::Leased;
         }
@@ -590,22 +613,21 @@ async fn read_usable(
         .then_some(entry)
 }
 
-/// Stores `entry`, fenced by `token` when given; `true` when stored.
-async fn fill(shared: &Shared, key: &CacheKey, entry: &Entry, token: Option<&str>) -> bool {
+/// Stores `entry`, fenced by `token` when given, joining `sets`; `true`
+/// when stored.
+async fn fill(
+    shared: &Shared,
+    key: &CacheKey,
+    entry: &Entry,
+    token: Option<&str>,
+    sets: &[String],
+) -> bool {
     let ttl = entry.store_ttl(unix_ms(SystemTime::now()));
-    let record = entry.encode();
-    let result = match token {
-        Some(token) => {
-            let put = shared.store.put_fenced(key.as_str(), record, ttl, token);
-            with_timeout(shared.store_timeout, put).await
-        }
-        None => with_timeout(
-            shared.store_timeout,
-            shared.store.put(key.as_str(), record, ttl),
-        )
-        .await
-        .map(|()| true),
-    };
+    let mut fill = StoreFill::new(key.as_str(), entry.encode(), ttl).joining(sets);
+    if let Some(token) = token {
+        fill = fill.fenced_by(token);
+    }
+    let result = with_timeout(shared.store_timeout, shared.store.fill(fill)).await;
     match result {
         Ok(true) => {
             Counters::bump(&shared.counters.stores);

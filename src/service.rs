@@ -17,6 +17,7 @@ use crate::body::FenceBody;
 use crate::entry::{unix_ms, Entry};
 use crate::fill::{Fill, Recorder};
 use crate::future::ResponseFuture;
+use crate::invalidate;
 use crate::key::{self, CacheKey};
 use crate::layer::{Counters, Shared};
 use crate::policy::{self, RequestPlan};
@@ -97,8 +98,21 @@ where
         let may_store = match policy::plan_request(req.method(), req.headers()) {
             RequestPlan::Bypass(detail) => {
                 Counters::bump(&self.shared.counters.bypasses);
+                let outcome = if invalidate::is_write(&self.shared, req.method(), req.headers()) {
+                    Outcome::Write {
+                        shared: self.shared.clone(),
+                        uri: req.uri().clone(),
+                        host: req
+                            .headers()
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .map(str::to_owned),
+                    }
+                } else {
+                    Outcome::Pass(self.shared.clone(), CacheStatus::bypass(detail))
+                };
                 let fut = self.inner.call(req);
-                return ResponseFuture::inner(fut, Outcome::Pass(CacheStatus::bypass(detail)));
+                return ResponseFuture::inner(fut, outcome);
             }
             RequestPlan::Lookup { may_store } => may_store,
         };
@@ -196,13 +210,21 @@ pub(crate) struct Miss {
 #[derive(Debug)]
 pub(crate) enum Outcome {
     /// Pass it through, saying this in `Cache-Status`.
-    Pass(CacheStatus),
+    Pass(Arc<Shared>, CacheStatus),
+    /// A write: pass it through, then invalidate what it touched.
+    Write {
+        shared: Arc<Shared>,
+        uri: http::Uri,
+        host: Option<String>,
+    },
     /// A miss: store the response if it may be stored.
     Fill {
         miss: Miss,
         fwd: Fwd,
         method: Method,
         request_headers: HeaderMap,
+        /// The request path (for index sets).
+        path: String,
         started: Instant,
     },
 }
@@ -216,6 +238,7 @@ impl Outcome {
             fwd,
             method: req.method().clone(),
             request_headers: req.headers().clone(),
+            path: req.uri().path().to_owned(),
             started: Instant::now(),
         }
     }
@@ -296,14 +319,25 @@ pub(crate) fn vary_matches(entry: &Entry, request: &HeaderMap) -> bool {
 pub(crate) fn finish<B: Body>(response: Response<B>, outcome: Outcome) -> Response<FenceBody<B>> {
     let (mut parts, body) = response.into_parts();
     let (status, body) = match outcome {
-        Outcome::Pass(status) => (status, FenceBody::passthrough(body)),
+        Outcome::Pass(shared, status) => {
+            invalidate::strip_tags(&shared, &mut parts.headers);
+            (status, FenceBody::passthrough(body))
+        }
+        Outcome::Write { shared, .. } => {
+            invalidate::strip_tags(&shared, &mut parts.headers);
+            (CacheStatus::bypass("method"), FenceBody::passthrough(body))
+        }
         Outcome::Fill {
             miss,
             fwd,
             method,
             request_headers,
+            path,
             started,
         } => {
+            let shared = miss.shared.clone();
+            let tags = invalidate::tags(&shared, &parts.headers);
+            invalidate::strip_tags(&shared, &mut parts.headers);
             let mut status = CacheStatus {
                 fwd_status: Some(parts.status.as_u16()),
                 ..CacheStatus::forward(fwd)
@@ -314,7 +348,6 @@ pub(crate) fn finish<B: Body>(response: Response<B>, outcome: Outcome) -> Respon
                 status.detail = Some("request-no-store");
                 FenceBody::passthrough(body)
             } else {
-                let shared = &miss.shared;
                 match policy::storability(
                     &shared.policy,
                     parts.status,
@@ -336,6 +369,7 @@ pub(crate) fn finish<B: Body>(response: Response<B>, outcome: Outcome) -> Respon
                             .upper()
                             .is_some_and(|upper| upper <= shared.max_body_size as u64);
                         let fill = Fill {
+                            sets: invalidate::fill_sets(&shared, &path, &tags),
                             shared: miss.shared.clone(),
                             key: miss.key,
                             status: parts.status,

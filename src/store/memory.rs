@@ -1,6 +1,6 @@
 //! The in-process store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use bytes::Bytes;
 use moka::sync::Cache;
 use moka::Expiry;
 
-use super::{Store, StoreFuture};
+use super::{Fill, KeyPattern, Store, StoreFuture};
 
 /// Bytes counted for an entry besides its key and record (moka's own
 /// bookkeeping, roughly).
@@ -30,7 +30,15 @@ pub const DEFAULT_MEMORY_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
 pub struct MemoryStore {
     cache: Cache<String, Record>,
     capacity_bytes: u64,
-    leases: Arc<Mutex<HashMap<String, Lease>>>,
+    meta: Arc<Mutex<Meta>>,
+}
+
+/// Leases and sets, under one lock so that a fenced fill and an
+/// invalidation never interleave.
+#[derive(Debug, Default)]
+struct Meta {
+    leases: HashMap<String, Lease>,
+    sets: HashMap<String, HashSet<String>>,
 }
 
 #[derive(Debug)]
@@ -47,6 +55,9 @@ impl Lease {
 
 /// Expired leases are swept when the table grows past this.
 const LEASE_SWEEP_THRESHOLD: usize = 1024;
+
+/// Set members of vanished entries are swept when the sets hold more.
+const SET_SWEEP_THRESHOLD: usize = 100_000;
 
 #[derive(Clone)]
 struct Record {
@@ -87,7 +98,7 @@ impl MemoryStore {
         MemoryStore {
             cache,
             capacity_bytes,
-            leases: Arc::new(Mutex::new(HashMap::new())),
+            meta: Arc::new(Mutex::new(Meta::default())),
         }
     }
 
@@ -103,11 +114,27 @@ impl MemoryStore {
         self.cache.weighted_size()
     }
 
-    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
-        // A panic while holding the lock leaves a consistent map: recover it.
-        self.leases
+    fn meta(&self) -> std::sync::MutexGuard<'_, Meta> {
+        // Nothing is left half-done under this lock: recover from poison.
+        self.meta
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Forgets set members whose entries are gone, once the sets grow.
+    fn sweep_sets(&self, meta: &mut Meta) {
+        let members: usize = meta.sets.values().map(HashSet::len).sum();
+        if members <= SET_SWEEP_THRESHOLD {
+            return;
+        }
+        let Meta { leases, sets } = meta;
+        for set in sets.values_mut() {
+            set.retain(|member| match member.strip_suffix(":lease") {
+                Some(key) => leases.contains_key(key),
+                None => self.cache.contains_key(member),
+            });
+        }
+        sets.retain(|_, set| !set.is_empty());
     }
 
     /// Number of records held now, after pending evictions have run.
@@ -148,6 +175,7 @@ impl Store for MemoryStore {
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        self.meta().leases.remove(key);
         self.cache.invalidate(key);
         Box::pin(std::future::ready(Ok(())))
     }
@@ -157,22 +185,29 @@ impl Store for MemoryStore {
         key: &'a str,
         token: &'a str,
         ttl: Duration,
+        sets: &'a [String],
     ) -> StoreFuture<'a, bool> {
         let now = Instant::now();
-        let mut leases = self.leases();
-        if leases.len() > LEASE_SWEEP_THRESHOLD {
-            leases.retain(|_, lease| lease.expires > now);
+        let mut meta = self.meta();
+        if meta.leases.len() > LEASE_SWEEP_THRESHOLD {
+            meta.leases.retain(|_, lease| lease.expires > now);
         }
-        let granted = match leases.get(key) {
+        let granted = match meta.leases.get(key) {
             Some(lease) if lease.expires > now => false,
             _ => {
-                leases.insert(
+                meta.leases.insert(
                     key.to_owned(),
                     Lease {
                         token: token.to_owned(),
                         expires: now + ttl,
                     },
                 );
+                for set in sets {
+                    meta.sets
+                        .entry(set.clone())
+                        .or_default()
+                        .insert(super::lease_key(key));
+                }
                 true
             }
         };
@@ -186,7 +221,7 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         let now = Instant::now();
-        let extended = match self.leases().get_mut(key) {
+        let extended = match self.meta().leases.get_mut(key) {
             Some(lease) if lease.held_by(token, now) => {
                 lease.expires = now + ttl;
                 true
@@ -197,36 +232,99 @@ impl Store for MemoryStore {
     }
 
     fn release_lease<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
-        let mut leases = self.leases();
-        if leases.get(key).is_some_and(|lease| lease.token == token) {
-            leases.remove(key);
+        let mut meta = self.meta();
+        if meta
+            .leases
+            .get(key)
+            .is_some_and(|lease| lease.token == token)
+        {
+            meta.leases.remove(key);
         }
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn put_fenced<'a>(
-        &'a self,
-        key: &'a str,
-        record: Bytes,
-        ttl: Duration,
-        token: &'a str,
-    ) -> StoreFuture<'a, bool> {
+    fn fill<'a>(&'a self, fill: Fill<'a>) -> StoreFuture<'a, bool> {
         let now = Instant::now();
-        // Check and store under the lease lock, so an invalidation that
-        // removes the lease first cannot interleave.
-        let mut leases = self.leases();
-        let held = leases
-            .get(key)
-            .is_some_and(|lease| lease.held_by(token, now));
-        if held {
-            leases.remove(key);
-            if !ttl.is_zero() {
-                self.cache
-                    .insert(key.to_owned(), Record { bytes: record, ttl });
+        // Check and store under the lock, so an invalidation that removes
+        // the lease first cannot interleave.
+        let mut meta = self.meta();
+        let held = match fill.token {
+            Some(token) => {
+                let held = meta
+                    .leases
+                    .get(fill.key)
+                    .is_some_and(|lease| lease.held_by(token, now));
+                if held {
+                    meta.leases.remove(fill.key);
+                }
+                held
             }
+            None => true,
+        };
+        if held && !fill.ttl.is_zero() {
+            self.cache.insert(
+                fill.key.to_owned(),
+                Record {
+                    bytes: fill.record,
+                    ttl: fill.ttl,
+                },
+            );
+            for set in fill.sets {
+                meta.sets
+                    .entry(set.clone())
+                    .or_default()
+                    .insert(fill.key.to_owned());
+            }
+            self.sweep_sets(&mut meta);
         }
-        drop(leases);
+        drop(meta);
         Box::pin(std::future::ready(Ok(held)))
+    }
+
+    fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
+        let mut deleted = 0u64;
+        {
+            // Leases first: a rebuild under the prefix can no longer store.
+            let mut meta = self.meta();
+            let before = meta.leases.len();
+            meta.leases
+                .retain(|key, _| !pattern.matches(&super::lease_key(key)));
+            deleted += (before - meta.leases.len()) as u64;
+        }
+        let doomed: Vec<String> = self
+            .cache
+            .iter()
+            .filter(|(key, _)| pattern.matches(key))
+            .map(|(key, _)| String::clone(&key))
+            .collect();
+        for key in &doomed {
+            self.cache.invalidate(key);
+        }
+        deleted += doomed.len() as u64;
+        Box::pin(std::future::ready(Ok(deleted)))
+    }
+
+    fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
+        let mut deleted = 0u64;
+        let members = {
+            let mut meta = self.meta();
+            let members = meta.sets.remove(set).unwrap_or_default();
+            for member in &members {
+                if let Some(key) = member.strip_suffix(":lease") {
+                    if meta.leases.remove(key).is_some() {
+                        deleted += 1;
+                    }
+                }
+            }
+            members
+        };
+        for member in members.iter().filter(|m| !m.ends_with(":lease")) {
+            if self.cache.contains_key(member) {
+                deleted += 1;
+            }
+            self.cache.invalidate(member);
+        }
+        Box::pin(std::future::ready(Ok(deleted)))
     }
 }
 
@@ -292,31 +390,31 @@ mod tests {
         block_on(async {
             let store = MemoryStore::new(1 << 20);
             let ttl = Duration::from_secs(10);
-            assert!(store.try_lease("k", "a", ttl).await.unwrap());
-            assert!(!store.try_lease("k", "b", ttl).await.unwrap());
+            assert!(store.try_lease("k", "a", ttl, &[]).await.unwrap());
+            assert!(!store.try_lease("k", "b", ttl, &[]).await.unwrap());
             assert!(store.extend_lease("k", "a", ttl).await.unwrap());
             assert!(!store.extend_lease("k", "b", ttl).await.unwrap());
             // Someone else's token neither stores nor releases.
             assert!(!store
-                .put_fenced("k", Bytes::from_static(b"b"), ttl, "b")
+                .fill(Fill::new("k", Bytes::from_static(b"b"), ttl).fenced_by("b"))
                 .await
                 .unwrap());
             store.release_lease("k", "b").await.unwrap();
-            assert!(!store.try_lease("k", "b", ttl).await.unwrap());
+            assert!(!store.try_lease("k", "b", ttl, &[]).await.unwrap());
             // The holder stores, which releases the lease.
             assert!(store
-                .put_fenced("k", Bytes::from_static(b"a"), ttl, "a")
+                .fill(Fill::new("k", Bytes::from_static(b"a"), ttl).fenced_by("a"))
                 .await
                 .unwrap());
             assert_eq!(
                 store.get("k").await.unwrap(),
                 Some(Bytes::from_static(b"a"))
             );
-            assert!(store.try_lease("k", "b", ttl).await.unwrap());
+            assert!(store.try_lease("k", "b", ttl, &[]).await.unwrap());
             store.release_lease("k", "b").await.unwrap();
             // A fill without the lease (lost to an invalidation) stores nothing.
             assert!(!store
-                .put_fenced("k", Bytes::from_static(b"c"), ttl, "b")
+                .fill(Fill::new("k", Bytes::from_static(b"c"), ttl).fenced_by("b"))
                 .await
                 .unwrap());
             assert_eq!(
@@ -331,7 +429,7 @@ mod tests {
         block_on(async {
             let store = MemoryStore::new(1 << 20);
             assert!(store
-                .try_lease("k", "a", Duration::from_millis(20))
+                .try_lease("k", "a", Duration::from_millis(20), &[])
                 .await
                 .unwrap());
             std::thread::sleep(Duration::from_millis(40));
@@ -340,9 +438,52 @@ mod tests {
                 .await
                 .unwrap());
             assert!(store
-                .try_lease("k", "b", Duration::from_secs(1))
+                .try_lease("k", "b", Duration::from_secs(1), &[])
                 .await
                 .unwrap());
+        });
+    }
+
+    #[test]
+    fn prefix_and_set_deletion_remove_entries_and_leases() {
+        block_on(async {
+            let store = MemoryStore::new(1 << 20);
+            let ttl = Duration::from_secs(60);
+            let keys = ["tf:/a#{1}", "tf:/a/b#{2}", "tf:/ab#{3}"];
+            let sets = vec!["tf:idx:/a".to_owned()];
+            for key in keys {
+                store
+                    .fill(Fill::new(key, Bytes::from_static(b"x"), ttl).joining(&sets))
+                    .await
+                    .unwrap();
+            }
+            assert!(store
+                .try_lease("tf:/a/c#{4}", "t", ttl, &sets)
+                .await
+                .unwrap());
+            let pattern = crate::key::prefix_pattern("tf:", "/a");
+            assert_eq!(store.delete_matching(&pattern).await.unwrap(), 3);
+            assert_eq!(store.get("tf:/a#{1}").await.unwrap(), None);
+            assert_eq!(store.get("tf:/a/b#{2}").await.unwrap(), None);
+            assert!(store.get("tf:/ab#{3}").await.unwrap().is_some());
+            // The lease went too: its rebuild cannot store.
+            let fill = Fill::new("tf:/a/c#{4}", Bytes::from_static(b"old"), ttl).fenced_by("t");
+            assert!(!store.fill(fill).await.unwrap());
+
+            // Through the index set: entries and a lease.
+            store
+                .fill(Fill::new("tf:/a#{1}", Bytes::from_static(b"x"), ttl).joining(&sets))
+                .await
+                .unwrap();
+            assert!(store
+                .try_lease("tf:/a/c#{4}", "u", ttl, &sets)
+                .await
+                .unwrap());
+            assert_eq!(store.delete_members("tf:idx:/a").await.unwrap(), 3);
+            assert_eq!(store.get("tf:/a#{1}").await.unwrap(), None);
+            let fill = Fill::new("tf:/a/c#{4}", Bytes::from_static(b"old"), ttl).fenced_by("u");
+            assert!(!store.fill(fill).await.unwrap());
+            assert_eq!(store.delete_members("tf:idx:/a").await.unwrap(), 0);
         });
     }
 

@@ -38,7 +38,10 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 ///
 /// Records are opaque bytes; keys are the layer's (see the crate docs for
 /// their shape). Implementations must be cheap to call concurrently: the
-/// layer shares one store between every service it makes.
+/// layer shares one store between every service it makes. Only `get`, `put`
+/// and `delete` are required; the rest have defaults that work in one
+/// process without coordination, and stores shared by a fleet override
+/// them.
 ///
 /// ```
 /// use std::time::Duration;
@@ -63,12 +66,14 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// Stores `record` under `key`, replacing what was there, for `ttl`.
     fn put<'a>(&'a self, key: &'a str, record: Bytes, ttl: Duration) -> StoreFuture<'a, ()>;
 
-    /// Removes the record under `key`, if any.
+    /// Removes the record under `key`, and its rebuild lease, if any.
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()>;
 
     /// Takes the rebuild lease of `key` for `ttl`, unless someone holds it:
     /// `true` when `token` now holds it. The lease is what makes one request
-    /// in the whole fleet rebuild a key while the others wait.
+    /// in the whole fleet rebuild a key while the others wait. The lease
+    /// joins `sets` (the index sets of [`Fill::sets`]) so that an
+    /// invalidation through them finds it.
     ///
     /// The default has no cross-process coordination and always grants the
     /// lease (the in-process single flight still applies).
@@ -77,8 +82,9 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
         key: &'a str,
         token: &'a str,
         ttl: Duration,
+        sets: &'a [String],
     ) -> StoreFuture<'a, bool> {
-        let _ = (key, token, ttl);
+        let _ = (key, token, ttl, sets);
         Box::pin(std::future::ready(Ok(true)))
     }
 
@@ -100,33 +106,95 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    /// Stores `record` under `key` only if `token` still holds the lease of
-    /// `key`, releases the lease and tells waiting processes that the key
-    /// was filled, at once. `false` when the lease was lost: the record is
-    /// not stored (an invalidation removed the lease during the rebuild, so
-    /// the rebuilt value may already be stale).
+    /// Stores a rebuilt entry, all at once: only while `fill.token` holds
+    /// the lease of the key (when a token is given), then releases the
+    /// lease, adds the key to `fill.sets` (tags, prefix indexes) and tells
+    /// waiting processes that the key was filled. `false` when the lease was
+    /// lost and nothing was stored: an invalidation removed it during the
+    /// rebuild, so the rebuilt value may be stale already.
     ///
-    /// The default stores unconditionally.
-    fn put_fenced<'a>(
-        &'a self,
-        key: &'a str,
-        record: Bytes,
-        ttl: Duration,
-        token: &'a str,
-    ) -> StoreFuture<'a, bool> {
-        let _ = token;
+    /// The default ignores the lease and the sets and calls
+    /// [`put`](Store::put).
+    fn fill<'a>(&'a self, fill: Fill<'a>) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            self.put(key, record, ttl).await?;
+            self.put(fill.key, fill.record, fill.ttl).await?;
             Ok(true)
         })
     }
 
     /// A subscription that wakes when another process fills `key` (see
-    /// [`put_fenced`](Store::put_fenced)). `None` when the store has no such
+    /// [`fill`](Store::fill)). `None` when the store has no such
     /// notifications: waiters then poll.
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
         let _ = key;
         None
+    }
+
+    /// Deletes every key `pattern` selects (entries and their leases)
+    /// without blocking the store: on Redis `SCAN MATCH … COUNT …` and
+    /// `UNLINK` in batches, never `KEYS`. Returns how many were deleted.
+    ///
+    /// The default deletes nothing and says so with an error.
+    fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
+        let _ = pattern;
+        Box::pin(std::future::ready(Err(StoreError::backend(
+            "this store cannot delete by pattern",
+        ))))
+    }
+
+    /// Deletes every key that is a member of the set `set` (joined through
+    /// [`Fill::sets`] or [`try_lease`](Store::try_lease)), then the set,
+    /// reading it incrementally (`SSCAN`). Returns how many were deleted.
+    ///
+    /// The default deletes nothing and says so with an error.
+    fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
+        let _ = set;
+        Box::pin(std::future::ready(Err(StoreError::backend(
+            "this store has no sets",
+        ))))
+    }
+}
+
+/// A rebuilt entry to store; see [`Store::fill`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Fill<'a> {
+    /// The entry's key.
+    pub key: &'a str,
+    /// The encoded entry.
+    pub record: Bytes,
+    /// How long to keep it.
+    pub ttl: Duration,
+    /// The lease token the rebuild holds; `None` stores unconditionally.
+    pub token: Option<&'a str>,
+    /// Sets the key joins: its tags' sets and, with the indexed prefix
+    /// strategy, the index sets of its path and the path's ancestors. Each
+    /// set is kept at least as long as the entry.
+    pub sets: &'a [String],
+}
+
+impl<'a> Fill<'a> {
+    /// A fill of `record` under `key` for `ttl`, unfenced, joining no set.
+    pub fn new(key: &'a str, record: Bytes, ttl: Duration) -> Self {
+        Fill {
+            key,
+            record,
+            ttl,
+            token: None,
+            sets: &[],
+        }
+    }
+
+    /// Fences the fill by the lease `token` holds.
+    pub fn fenced_by(mut self, token: &'a str) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// Adds the key to `sets`.
+    pub fn joining(mut self, sets: &'a [String]) -> Self {
+        self.sets = sets;
+        self
     }
 }
 
@@ -174,8 +242,9 @@ impl<T: Store + ?Sized> Store for Arc<T> {
         key: &'a str,
         token: &'a str,
         ttl: Duration,
+        sets: &'a [String],
     ) -> StoreFuture<'a, bool> {
-        (**self).try_lease(key, token, ttl)
+        (**self).try_lease(key, token, ttl, sets)
     }
 
     fn extend_lease<'a>(
@@ -191,24 +260,82 @@ impl<T: Store + ?Sized> Store for Arc<T> {
         (**self).release_lease(key, token)
     }
 
-    fn put_fenced<'a>(
-        &'a self,
-        key: &'a str,
-        record: Bytes,
-        ttl: Duration,
-        token: &'a str,
-    ) -> StoreFuture<'a, bool> {
-        (**self).put_fenced(key, record, ttl, token)
+    fn fill<'a>(&'a self, fill: Fill<'a>) -> StoreFuture<'a, bool> {
+        (**self).fill(fill)
     }
 
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
         (**self).subscribe_fill(key)
     }
+
+    fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
+        (**self).delete_matching(pattern)
+    }
+
+    fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
+        (**self).delete_members(set)
+    }
 }
+
+/// The keys of a path prefix: every entry (and rebuild lease) whose
+/// readable path is the prefix or lies under it. Usable as a Redis
+/// `SCAN MATCH` glob ([`glob`](Self::glob)) and as a predicate
+/// ([`matches`](Self::matches)); both select the same keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPattern {
+    /// Namespace and escaped path: holds no glob character.
+    stem: String,
+    /// Whether the next character must be `#` or `/` (a path boundary).
+    boundary: bool,
+    /// Only keys ending so (`:lease`), when set.
+    suffix: &'static str,
+}
+
+impl KeyPattern {
+    pub(crate) fn new(stem: String, boundary: bool) -> Self {
+        KeyPattern {
+            stem,
+            boundary,
+            suffix: "",
+        }
+    }
+
+    /// The same selection, narrowed to the rebuild leases.
+    pub fn leases(&self) -> KeyPattern {
+        KeyPattern {
+            suffix: LEASE_SUFFIX,
+            ..self.clone()
+        }
+    }
+
+    /// The pattern as a Redis `MATCH` glob, e.g. `tf:/users/42[#/]*`.
+    pub fn glob(&self) -> String {
+        let mut glob = self.stem.clone();
+        if self.boundary {
+            glob.push_str("[#/]");
+        }
+        glob.push('*');
+        glob.push_str(self.suffix);
+        glob
+    }
+
+    /// Whether `key` is selected.
+    pub fn matches(&self, key: &str) -> bool {
+        let Some(rest) = key.strip_prefix(&self.stem) else {
+            return false;
+        };
+        if self.boundary && !rest.starts_with(['#', '/']) {
+            return false;
+        }
+        rest.ends_with(self.suffix)
+    }
+}
+
+const LEASE_SUFFIX: &str = ":lease";
 
 /// The key of the rebuild lease of the entry under `key`. It shares the
 /// entry's readable path (so a path-prefix invalidation removes it too) and
 /// its hash tag (so it lives in the entry's cluster slot).
 pub fn lease_key(key: &str) -> String {
-    format!("{key}:lease")
+    format!("{key}{LEASE_SUFFIX}")
 }

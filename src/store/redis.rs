@@ -12,7 +12,7 @@ use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::{lease_key, FillSubscription, Store, StoreError, StoreFuture};
+use super::{lease_key, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture};
 
 /// The stream that carries fill notifications, unless
 /// [`RedisStore::fill_feed_key`] says otherwise.
@@ -24,8 +24,12 @@ const FILL_FEED_MAXLEN: usize = 10_000;
 /// How long one blocking read of the fill feed waits for news.
 const FILL_FEED_BLOCK_MS: u64 = 1_000;
 
-static PUT_FENCED: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/put_fenced.lua")));
+/// `COUNT` hint of each `SCAN` and `SSCAN` step.
+const SCAN_COUNT: usize = 1_000;
+
+static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/fill.lua")));
+static TRY_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/try_lease.lua")));
 static EXTEND_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/extend_lease.lua")));
 static RELEASE_LEASE: LazyLock<Script> =
@@ -199,6 +203,60 @@ impl RedisStore {
         let mut conn = self.connection().await?;
         cmd.query_async(&mut conn).await.map_err(|e| self.fail(e))
     }
+
+    /// `SCAN MATCH glob COUNT …` over the whole keyspace, `UNLINK`ing what
+    /// each step returns. Each step is one short command: Redis serves
+    /// other clients between them.
+    async fn scan_unlink(&self, glob: &str) -> Result<u64, StoreError> {
+        let mut cursor: u64 = 0;
+        let mut deleted = 0u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(glob)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let (next, keys): (u64, Vec<String>) = self.query(&scan).await?;
+            if !keys.is_empty() {
+                let mut unlink = redis::cmd("UNLINK");
+                unlink.arg(&keys);
+                let removed: u64 = self.query(&unlink).await?;
+                deleted += removed;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    /// `SSCAN set COUNT …`, then `UNLINK` of the members and `SREM` of them
+    /// from the set, one step at a time.
+    async fn sscan_unlink(&self, set: &str) -> Result<u64, StoreError> {
+        let mut cursor: u64 = 0;
+        let mut deleted = 0u64;
+        loop {
+            let mut scan = redis::cmd("SSCAN");
+            scan.arg(set).arg(cursor).arg("COUNT").arg(SCAN_COUNT);
+            let (next, members): (u64, Vec<String>) = self.query(&scan).await?;
+            if !members.is_empty() {
+                let mut pipe = redis::pipe();
+                pipe.cmd("UNLINK").arg(&members);
+                pipe.cmd("SREM").arg(set).arg(&members).ignore();
+                let mut conn = self.connection().await?;
+                let (removed,): (u64,) = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                deleted += removed;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
 }
 
 impl fmt::Debug for RedisStore {
@@ -233,7 +291,11 @@ impl Store for RedisStore {
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
-        Box::pin(async move { self.query::<()>(redis::cmd("UNLINK").arg(key)).await })
+        Box::pin(async move {
+            let mut cmd = redis::cmd("UNLINK");
+            cmd.arg(key).arg(lease_key(key));
+            self.query::<()>(&cmd).await
+        })
     }
 
     fn try_lease<'a>(
@@ -241,16 +303,31 @@ impl Store for RedisStore {
         key: &'a str,
         token: &'a str,
         ttl: Duration,
+        sets: &'a [String],
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(lease_key(key))
+            if sets.is_empty() {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(lease_key(key))
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_millis(ttl));
+                let reply: Option<String> = self.query(&cmd).await?;
+                return Ok(reply.is_some());
+            }
+            let mut conn = self.connection().await?;
+            let mut invocation = TRY_LEASE.key(lease_key(key));
+            for set in sets {
+                invocation.key(set);
+            }
+            let taken: i64 = invocation
                 .arg(token)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl_millis(ttl));
-            let reply: Option<String> = self.query(&cmd).await?;
-            Ok(reply.is_some())
+                .arg(ttl_millis(ttl))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.fail(e))?;
+            Ok(taken == 1)
         })
     }
 
@@ -286,27 +363,48 @@ impl Store for RedisStore {
         })
     }
 
-    fn put_fenced<'a>(
-        &'a self,
-        key: &'a str,
-        record: Bytes,
-        ttl: Duration,
-        token: &'a str,
-    ) -> StoreFuture<'a, bool> {
+    fn fill<'a>(&'a self, fill: Fill<'a>) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let mut conn = self.connection().await?;
-            let stored: i64 = PUT_FENCED
-                .key(key)
-                .key(lease_key(key))
-                .key(&self.feed.key)
-                .arg(token)
-                .arg(record.as_ref())
-                .arg(ttl_millis(ttl))
+            let mut invocation = FILL.key(fill.key);
+            invocation.key(lease_key(fill.key)).key(&self.feed.key);
+            for set in fill.sets {
+                invocation.key(set);
+            }
+            let stored: i64 = invocation
+                .arg(fill.token.unwrap_or(""))
+                .arg(fill.record.as_ref())
+                .arg(ttl_millis(fill.ttl))
                 .arg(FILL_FEED_MAXLEN)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| self.fail(e))?;
             Ok(stored == 1)
+        })
+    }
+
+    fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            // Two walks. The first removes the leases: from then on no
+            // rebuild under the prefix can store. A rebuild that stored
+            // while that walk ran made a key the walk may have missed, but
+            // that key exists for all of the second walk, which removes it
+            // with every other entry.
+            let leases = self.scan_unlink(&pattern.leases().glob()).await?;
+            let entries = self.scan_unlink(&pattern.glob()).await?;
+            Ok(leases + entries)
+        })
+    }
+
+    fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            // Two reads of the set, for the reason `delete_matching` walks
+            // twice; members are removed from the set as they are deleted
+            // (not the set itself), so fills that join it meanwhile stay
+            // indexed.
+            let first = self.sscan_unlink(set).await?;
+            let second = self.sscan_unlink(set).await?;
+            Ok(first + second)
         })
     }
 

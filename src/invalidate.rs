@@ -1,0 +1,606 @@
+//! Invalidation: writes remove the cached paths they touch; an
+//! [`Invalidator`] does the same from application code.
+//!
+//! After a request with an unsafe method (RFC 9111 §4.4: anything but `GET`,
+//! `HEAD`, `OPTIONS`, `TRACE`; configurable) gets a non-error response
+//! (2xx, 3xx), the layer invalidates the request path and every cached path
+//! under it, and the same-origin paths in `Location` and `Content-Location`.
+//! gRPC calls (`content-type: application/grpc…`) are `POST`s but not writes:
+//! they invalidate nothing and cost no store command.
+//!
+//! An invalidation also removes the rebuild leases under the paths, so a
+//! rebuild that started before the write cannot store its (old) result
+//! afterwards.
+//!
+//! # Prefix strategies
+//!
+//! - [`PrefixStrategy::Scan`] (default): `SCAN MATCH {ns}{path}[#/]* COUNT
+//!   1000` and `UNLINK` in batches — never `KEYS`. Nothing extra is written
+//!   on a fill, but each invalidation walks the whole keyspace twice (leases
+//!   first, then entries; see [`Store::delete_matching`]): about one
+//!   `SCAN` step per thousand keys in Redis, however few match.
+//! - [`PrefixStrategy::Index`]: each fill adds its key to a set per path
+//!   prefix (its own path and each ancestor, written in the fill's round
+//!   trip, expiring with the entries); an invalidation reads one set with
+//!   `SSCAN` and unlinks its members. Its cost grows with the entries under
+//!   the prefix, not with the keyspace, at the price of a few `SADD`s per
+//!   fill and the sets' memory. Pick it when Redis holds many keys besides
+//!   the ones a prefix selects.
+//!
+//! # Tags
+//!
+//! A response may name tags in a header (`Surrogate-Key: user-42 users` by
+//! default; the header never leaves the layer). The entry joins one set per
+//! tag, and invalidating a tag unlinks the set's members: no scan.
+//!
+//! # Modes
+//!
+//! [`InvalidationMode::Inline`] (default) invalidates before the write's
+//! response is returned (read-your-writes). [`InvalidationMode::Background`]
+//! returns at once and hands the work to a bounded queue whose worker
+//! retries with exponential backoff and jitter; what still fails is counted,
+//! logged and kept as a [`DeadLetter`]. Either way a failed invalidation
+//! never turns a successful write into an error; an inline one that fails
+//! is retried in the background.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use http::header::{self, HeaderMap};
+use http::{Method, Request, StatusCode, Uri};
+use tokio::sync::mpsc;
+
+use crate::error::StoreError;
+use crate::key;
+use crate::layer::{Counters, Shared};
+
+/// How a path prefix is invalidated. See the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PrefixStrategy {
+    /// `SCAN MATCH` + `UNLINK` over the keyspace.
+    #[default]
+    Scan,
+    /// Per-prefix index sets written with each fill, read with `SSCAN`.
+    Index,
+}
+
+/// When a write's invalidation runs. See the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum InvalidationMode {
+    /// Before the write's response is returned.
+    #[default]
+    Inline,
+    /// In a bounded background queue, with retries.
+    Background,
+}
+
+/// Which request methods invalidate.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) enum WriteMethods {
+    /// Every method but the safe ones (RFC 9110 §9.2.1).
+    #[default]
+    Unsafe,
+    Only(Vec<Method>),
+    None,
+}
+
+impl WriteMethods {
+    fn includes(&self, method: &Method) -> bool {
+        match self {
+            WriteMethods::Unsafe => !matches!(
+                *method,
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+            ),
+            WriteMethods::Only(methods) => methods.contains(method),
+            WriteMethods::None => false,
+        }
+    }
+}
+
+/// Invalidation settings of a layer.
+#[derive(Debug)]
+pub(crate) struct InvalidationConfig {
+    pub(crate) strategy: PrefixStrategy,
+    pub(crate) mode: InvalidationMode,
+    pub(crate) methods: WriteMethods,
+    pub(crate) timeout: Duration,
+    pub(crate) queue_capacity: usize,
+    pub(crate) max_attempts: u32,
+    pub(crate) tag_header: Option<http::HeaderName>,
+    pub(crate) queue: OnceLock<mpsc::Sender<Job>>,
+    pub(crate) dead_letters: Mutex<VecDeque<DeadLetter>>,
+}
+
+/// Most dead letters kept; the oldest go first.
+const DEAD_LETTER_CAPACITY: usize = 1_000;
+/// First retry delay of the background queue; doubled per attempt.
+const RETRY_BASE: Duration = Duration::from_millis(100);
+/// Longest retry delay of the background queue.
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// What to invalidate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// A path and every path under it.
+    Prefix(String),
+    /// The entries tagged so.
+    Tag(String),
+    /// One stored key (see [`FenceLayer::cache_key`](crate::FenceLayer::cache_key)).
+    Key(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Prefix(path) => write!(f, "prefix {path}"),
+            Target::Tag(tag) => write!(f, "tag {tag}"),
+            Target::Key(key) => write!(f, "key {key}"),
+        }
+    }
+}
+
+/// An invalidation that still failed after its last attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// What was to be invalidated.
+    pub target: Target,
+    /// How often it was tried.
+    pub attempts: u32,
+    /// The last error, as text.
+    pub error: String,
+}
+
+/// A queued invalidation.
+#[derive(Debug)]
+pub(crate) struct Job {
+    target: Target,
+    attempt: u32,
+}
+
+/// Invalidates cached entries from application code: by path prefix, by
+/// exact request, or by tag. Cheap to clone; get one from
+/// [`FenceLayer::invalidator`](crate::FenceLayer::invalidator).
+///
+/// ```
+/// use tower_fence::FenceLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_fence::StoreError> {
+/// let layer = FenceLayer::memory();
+/// let invalidator = layer.invalidator();
+/// // After a background job changed user 42:
+/// invalidator.invalidate_prefix("/users/42").await?;
+/// invalidator.invalidate_tag("user-42").await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Invalidator {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Invalidator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Invalidator").finish_non_exhaustive()
+    }
+}
+
+impl Invalidator {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Invalidator { shared }
+    }
+
+    /// Removes the entries at `path` and under it (`/users/42` also removes
+    /// `/users/42?x=1` and `/users/42/posts`, never `/users/420`), and the
+    /// rebuild leases there. Returns how many keys were removed.
+    pub async fn invalidate_prefix(&self, path: &str) -> Result<u64, StoreError> {
+        run(&self.shared, &Target::Prefix(path.to_owned())).await
+    }
+
+    /// Removes the entries tagged `tag`.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, StoreError> {
+        run(&self.shared, &Target::Tag(tag.to_owned())).await
+    }
+
+    /// Removes the entry `request` would be served from (and its lease).
+    pub async fn invalidate_request<B>(&self, request: &Request<B>) -> Result<u64, StoreError> {
+        let key = key::derive_from(
+            &self.shared.key,
+            request.method(),
+            request.uri(),
+            request.headers(),
+        );
+        run(&self.shared, &Target::Key(key.as_str().to_owned())).await
+    }
+
+    /// Invalidations that failed after every retry of the background queue,
+    /// oldest first (at most 1,000 are kept).
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        lock(&self.shared.invalidation.dead_letters)
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Carries out one target, bounded by the invalidation timeout.
+pub(crate) async fn run(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
+    let work = async {
+        match target {
+            Target::Prefix(path) => match shared.invalidation.strategy {
+                PrefixStrategy::Scan => {
+                    let pattern = key::prefix_pattern(&shared.key.namespace, path);
+                    shared.store.delete_matching(&pattern).await
+                }
+                PrefixStrategy::Index => {
+                    let set = key::index_set(&shared.key.namespace, path);
+                    shared.store.delete_members(&set).await
+                }
+            },
+            Target::Tag(tag) => {
+                let set = key::tag_set(&shared.key.namespace, tag);
+                shared.store.delete_members(&set).await
+            }
+            Target::Key(key) => shared.store.delete(key).await.map(|()| 1),
+        }
+    };
+    let result = tokio::time::timeout(shared.invalidation.timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::timeout()));
+    match &result {
+        Ok(deleted) => {
+            Counters::bump(&shared.counters.invalidations);
+            tracing::debug!(%target, deleted, "tower-fence: invalidated");
+        }
+        Err(err) => {
+            Counters::bump(&shared.counters.invalidation_errors);
+            tracing::warn!(%target, error = %err, "tower-fence: invalidation failed");
+        }
+    }
+    result
+}
+
+/// Whether a request is a write whose success invalidates.
+pub(crate) fn is_write(shared: &Shared, method: &Method, headers: &HeaderMap) -> bool {
+    shared.invalidation.methods.includes(method) && !is_grpc(headers)
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// What a write touched: its path, and the same-origin paths its response
+/// names in `Location` and `Content-Location` (RFC 9111 §4.4).
+pub(crate) fn targets_of_write(
+    request_uri: &Uri,
+    request_host: Option<&str>,
+    status: StatusCode,
+    response_headers: &HeaderMap,
+) -> Vec<Target> {
+    if !(status.is_success() || status.is_redirection()) {
+        return Vec::new();
+    }
+    let mut targets = vec![Target::Prefix(request_uri.path().to_owned())];
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(value) = response_headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        if let Some(path) = same_origin_path(request_uri, request_host, value) {
+            let target = Target::Prefix(path);
+            if !targets.contains(&target) {
+                targets.push(target);
+            }
+        }
+    }
+    targets
+}
+
+/// The path `reference` points at, if it is on the request's origin.
+fn same_origin_path(
+    request_uri: &Uri,
+    request_host: Option<&str>,
+    reference: &str,
+) -> Option<String> {
+    let reference = reference.trim();
+    if reference.starts_with("//") {
+        // Network-path reference: same origin only with the same host.
+        let uri: Uri = format!("http:{reference}").parse().ok()?;
+        return same_host(uri.authority()?.as_str(), request_uri, request_host)
+            .then(|| uri.path().to_owned());
+    }
+    if reference.starts_with('/') {
+        let uri: Uri = reference.parse().ok()?;
+        return Some(uri.path().to_owned());
+    }
+    if let Ok(uri) = reference.parse::<Uri>() {
+        if let Some(authority) = uri.authority() {
+            if !matches!(uri.scheme_str(), Some("http" | "https")) {
+                return None;
+            }
+            return same_host(authority.as_str(), request_uri, request_host)
+                .then(|| uri.path().to_owned());
+        }
+    }
+    // A relative reference: resolve against the request path's directory.
+    let base = request_uri.path();
+    let dir = &base[..base.rfind('/').map_or(0, |i| i + 1)];
+    let joined = format!("{dir}{reference}");
+    let uri: Uri = joined.parse().ok()?;
+    Some(normalize_dots(uri.path()))
+}
+
+fn same_host(authority: &str, request_uri: &Uri, request_host: Option<&str>) -> bool {
+    let own = request_uri
+        .authority()
+        .map(|a| a.as_str())
+        .or(request_host)
+        .unwrap_or("");
+    !own.is_empty() && authority.eq_ignore_ascii_case(own)
+}
+
+/// Removes `.` and `..` segments (RFC 3986 §5.2.4).
+fn normalize_dots(path: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for segment in path.split('/').skip(1) {
+        match segment {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    format!("/{}", out.join("/"))
+}
+
+/// Invalidates `targets` now, bounded by the invalidation timeout; what
+/// fails goes to the background queue for retries.
+pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
+    for target in targets {
+        if run(&shared, &target).await.is_err() {
+            enqueue(&shared, target, 1);
+        }
+    }
+}
+
+/// Hands `target` to the background queue (started on first use).
+pub(crate) fn enqueue(shared: &Arc<Shared>, target: Target, attempt: u32) {
+    let Some(queue) = queue(shared) else {
+        dead_letter(
+            shared,
+            target,
+            attempt,
+            "no tokio runtime for the invalidation queue".into(),
+        );
+        return;
+    };
+    if let Err(err) = queue.try_send(Job { target, attempt }) {
+        let job = match err {
+            mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => job,
+        };
+        dead_letter(
+            shared,
+            job.target,
+            job.attempt,
+            "invalidation queue full".into(),
+        );
+    }
+}
+
+fn queue(shared: &Arc<Shared>) -> Option<&mpsc::Sender<Job>> {
+    if let Some(queue) = shared.invalidation.queue.get() {
+        return Some(queue);
+    }
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let (tx, rx) = mpsc::channel(shared.invalidation.queue_capacity.max(1));
+    if shared.invalidation.queue.set(tx).is_ok() {
+        runtime.spawn(worker(Arc::downgrade(shared), rx));
+    }
+    shared.invalidation.queue.get()
+}
+
+/// Runs queued invalidations one at a time; a failed one is retried after
+/// an exponential, jittered delay, up to the configured attempts.
+async fn worker(shared: std::sync::Weak<Shared>, mut rx: mpsc::Receiver<Job>) {
+    while let Some(job) = rx.recv().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let Err(err) = run(&shared, &job.target).await else {
+            continue;
+        };
+        let attempts = job.attempt + 1;
+        if attempts >= shared.invalidation.max_attempts {
+            dead_letter(&shared, job.target, attempts, err.to_string());
+            continue;
+        }
+        let delay = backoff(job.attempt);
+        let retry_shared = shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            enqueue(&retry_shared, job.target, attempts);
+        });
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in `[d/2, d]` where `d`
+/// doubles from 100 ms per attempt, capped at 10 s.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = RETRY_BASE
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(RETRY_MAX);
+    let half = ceiling / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+fn dead_letter(shared: &Shared, target: Target, attempts: u32, error: String) {
+    Counters::bump(&shared.counters.invalidations_dead);
+    tracing::error!(%target, attempts, %error, "tower-fence: invalidation given up");
+    let mut dead = lock(&shared.invalidation.dead_letters);
+    if dead.len() >= DEAD_LETTER_CAPACITY {
+        dead.pop_front();
+    }
+    dead.push_back(DeadLetter {
+        target,
+        attempts,
+        error,
+    });
+}
+
+/// The tags a response names in the tag header.
+pub(crate) fn tags(shared: &Shared, headers: &HeaderMap) -> Vec<String> {
+    let Some(name) = &shared.invalidation.tag_header else {
+        return Vec::new();
+    };
+    let mut tags: Vec<String> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([' ', ',']))
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    tags.sort();
+    tags.dedup();
+    tags
+}
+
+/// Removes the tag header: it never leaves the layer.
+pub(crate) fn strip_tags(shared: &Shared, headers: &mut HeaderMap) {
+    if let Some(name) = &shared.invalidation.tag_header {
+        headers.remove(name);
+    }
+}
+
+/// The sets a fill of `path` with `tags` joins.
+pub(crate) fn fill_sets(shared: &Shared, path: &str, tags: &[String]) -> Vec<String> {
+    let namespace = &shared.key.namespace;
+    let mut sets = lease_sets(shared, path);
+    sets.extend(tags.iter().map(|tag| key::tag_set(namespace, tag)));
+    sets
+}
+
+/// The sets a rebuild lease of `path` joins (index strategy only).
+pub(crate) fn lease_sets(shared: &Shared, path: &str) -> Vec<String> {
+    match shared.invalidation.strategy {
+        PrefixStrategy::Index => key::index_sets(&shared.key.namespace, path),
+        PrefixStrategy::Scan => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (n, v) in pairs {
+            map.append(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    fn prefixes(targets: Vec<Target>) -> Vec<String> {
+        targets
+            .into_iter()
+            .map(|t| match t {
+                Target::Prefix(p) => p,
+                other => panic!("{other}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn writes_touch_their_path_and_same_origin_locations() {
+        let uri: Uri = "/users".parse().unwrap();
+        let h = headers(&[
+            ("location", "/users/42"),
+            ("content-location", "http://example.com/users/42/profile"),
+        ]);
+        assert_eq!(
+            prefixes(targets_of_write(
+                &uri,
+                Some("example.com"),
+                StatusCode::CREATED,
+                &h
+            )),
+            ["/users", "/users/42", "/users/42/profile"]
+        );
+    }
+
+    #[test]
+    fn foreign_and_failed_writes_touch_nothing_more() {
+        let uri: Uri = "/users/7".parse().unwrap();
+        let h = headers(&[("location", "https://elsewhere.example/users/1")]);
+        assert_eq!(
+            prefixes(targets_of_write(
+                &uri,
+                Some("example.com"),
+                StatusCode::OK,
+                &h
+            )),
+            ["/users/7"]
+        );
+        assert!(targets_of_write(&uri, None, StatusCode::BAD_REQUEST, &h).is_empty());
+        assert!(targets_of_write(&uri, None, StatusCode::INTERNAL_SERVER_ERROR, &h).is_empty());
+    }
+
+    #[test]
+    fn relative_locations_resolve_against_the_request() {
+        let uri: Uri = "/a/b/c".parse().unwrap();
+        let h = headers(&[("location", "../d")]);
+        assert_eq!(
+            prefixes(targets_of_write(&uri, None, StatusCode::SEE_OTHER, &h)),
+            ["/a/b/c", "/a/d"]
+        );
+    }
+
+    #[test]
+    fn method_sets() {
+        assert!(WriteMethods::Unsafe.includes(&Method::POST));
+        assert!(WriteMethods::Unsafe.includes(&Method::from_bytes(b"PURGE").unwrap()));
+        assert!(!WriteMethods::Unsafe.includes(&Method::GET));
+        assert!(!WriteMethods::Unsafe.includes(&Method::OPTIONS));
+        assert!(WriteMethods::Only(vec![Method::PUT]).includes(&Method::PUT));
+        assert!(!WriteMethods::Only(vec![Method::PUT]).includes(&Method::POST));
+        assert!(!WriteMethods::None.includes(&Method::DELETE));
+    }
+
+    #[test]
+    fn grpc_is_not_a_write() {
+        assert!(is_grpc(&headers(&[(
+            "content-type",
+            "application/grpc+proto"
+        )])));
+        assert!(!is_grpc(&headers(&[("content-type", "application/json")])));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..40 {
+            let delay = backoff(attempt);
+            let ceiling = RETRY_BASE
+                .saturating_mul(1 << attempt.min(16))
+                .min(RETRY_MAX);
+            assert!(
+                delay >= ceiling / 2 && delay <= ceiling,
+                "{attempt}: {delay:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! Writes invalidate what they touch: prefixes, Location, tags, the race
+//! with a rebuild, background mode, and never `KEYS`. Every behaviour test
+//! runs on the memory store and on Redis, with both prefix strategies.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::routing::any;
+use axum::Router;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use support::RedisProcess;
+use tokio::sync::Notify;
+use tower::ServiceExt;
+use tower_fence::invalidate::{InvalidationMode, PrefixStrategy};
+use tower_fence::{FenceLayer, FenceLayerBuilder};
+
+struct Backend {
+    redis: Option<RedisProcess>,
+    strategy: PrefixStrategy,
+}
+
+impl Backend {
+    fn memory(strategy: PrefixStrategy) -> Self {
+        Backend {
+            redis: None,
+            strategy,
+        }
+    }
+
+    async fn redis(strategy: PrefixStrategy) -> Self {
+        Backend {
+            redis: Some(RedisProcess::start_async().await),
+            strategy,
+        }
+    }
+
+    async fn builder(&self) -> FenceLayerBuilder {
+        let builder = match &self.redis {
+            None => FenceLayer::builder(),
+            Some(redis) => FenceLayer::builder()
+                .redis(redis.pool().await)
+                .store_timeout(Duration::from_secs(2)),
+        };
+        builder.prefix_strategy(self.strategy)
+    }
+}
+
+/// An origin: `GET` answers `max-age=60` with a body naming the path and
+/// the call, tagged by `?tags=`; `/race/..` waits for the gate first.
+/// Other methods answer `?status=` (204 by default), with `?location=` and
+/// `?clocation=` as `Location` and `Content-Location`.
+#[derive(Clone, Default)]
+struct Origin {
+    gets: Arc<AtomicUsize>,
+    gate: Arc<Notify>,
+    gate_entered: Arc<AtomicUsize>,
+}
+
+impl Origin {
+    fn gets(&self) -> usize {
+        self.gets.load(Ordering::SeqCst)
+    }
+
+    fn router(&self) -> Router {
+        async fn handler(
+            State(origin): State<Origin>,
+            method: Method,
+            Path(path): Path<String>,
+            RawQuery(query): RawQuery,
+        ) -> http::Response<Body> {
+            let query = query.unwrap_or_default();
+            let param = |name: &str| {
+                query.split('&').find_map(|pair| {
+                    let (n, v) = pair.split_once('=')?;
+                    (n == name).then(|| v.replace("%20", " ").replace("%2F", "/"))
+                })
+            };
+            let mut response = http::Response::builder();
+            if method == Method::GET {
+                if path.starts_with("race/") {
+                    let opened = origin.gate.notified();
+                    origin.gate_entered.fetch_add(1, Ordering::SeqCst);
+                    opened.await;
+                }
+                let n = origin.gets.fetch_add(1, Ordering::SeqCst) + 1;
+                response = response.header("cache-control", "max-age=60");
+                if let Some(tags) = param("tags") {
+                    response = response.header("surrogate-key", tags);
+                }
+                return response
+                    .body(Body::from(format!("/{path} call {n}")))
+                    .unwrap();
+            }
+            let status = param("status").map_or(204, |s| s.parse().unwrap());
+            if let Some(location) = param("location") {
+                response = response.header("location", location);
+            }
+            if let Some(location) = param("clocation") {
+                response = response.header("content-location", location);
+            }
+            response.status(status).body(Body::empty()).unwrap()
+        }
+        Router::new()
+            .route("/{*path}", any(handler))
+            .with_state(self.clone())
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+}
+
+impl Reply {
+    fn is_hit(&self) -> bool {
+        self.headers
+            .get("cache-status")
+            .is_some_and(|v| v.to_str().unwrap().starts_with("tower-fence; hit"))
+    }
+}
+
+async fn send(app: &Router, method: Method, uri: &str) -> Reply {
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", "shop.example")
+        .body(Body::empty())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(30), app.clone().oneshot(request))
+        .await
+        .expect("an answer within 30 s")
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    body.collect().await.unwrap();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+    }
+}
+
+async fn get(app: &Router, uri: &str) -> Reply {
+    send(app, Method::GET, uri).await
+}
+
+/// Fills each of `uris` and checks the second read is a hit.
+async fn warm(app: &Router, uris: &[&str]) {
+    for uri in uris {
+        get(app, uri).await;
+        assert!(get(app, uri).await.is_hit(), "{uri} is cached");
+    }
+}
+
+macro_rules! everywhere {
+    ($($name:ident),* $(,)?) => {
+        mod memory_scan {
+            $( #[tokio::test] async fn $name() {
+                super::$name(super::Backend::memory(super::PrefixStrategy::Scan)).await;
+            } )*
+        }
+        mod memory_index {
+            $( #[tokio::test] async fn $name() {
+                super::$name(super::Backend::memory(super::PrefixStrategy::Index)).await;
+            } )*
+        }
+        mod redis_scan {
+            $( #[tokio::test] async fn $name() {
+                super::$name(super::Backend::redis(super::PrefixStrategy::Scan).await).await;
+            } )*
+        }
+        mod redis_index {
+            $( #[tokio::test] async fn $name() {
+                super::$name(super::Backend::redis(super::PrefixStrategy::Index).await).await;
+            } )*
+        }
+    };
+}
+
+everywhere!(
+    a_write_clears_its_path_and_below_only,
+    adversarial_paths_cannot_widen_an_invalidation,
+    location_and_content_location_are_invalidated,
+    failed_writes_invalidate_nothing,
+    tags_invalidate_their_entries,
+    the_invalidator_clears_prefixes_and_requests,
+    a_rebuild_that_started_before_a_write_is_not_stored,
+);
+
+async fn a_write_clears_its_path_and_below_only(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    let cleared = [
+        "/users/42",
+        "/users/42?x=1",
+        "/users/42/posts",
+        "/users/42/",
+    ];
+    let kept = ["/users/420", "/users", "/users/4", "/other/42"];
+    warm(&app, &cleared).await;
+    warm(&app, &kept).await;
+    let write = send(&app, Method::PUT, "/users/42").await;
+    assert_eq!(write.status, StatusCode::NO_CONTENT);
+    for uri in cleared {
+        assert!(!get(&app, uri).await.is_hit(), "{uri} was invalidated");
+    }
+    for uri in kept {
+        assert!(get(&app, uri).await.is_hit(), "{uri} was kept");
+    }
+    // Unknown methods are writes too (RFC 9111 §4.4).
+    let purge = Method::from_bytes(b"PURGE").unwrap();
+    send(&app, purge, "/users/420").await;
+    assert!(!get(&app, "/users/420").await.is_hit());
+}
+
+async fn adversarial_paths_cannot_widen_an_invalidation(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    let kept = ["/files/ab", "/files/a", "/files/b", "/files/x/y"];
+    warm(&app, &kept).await;
+    warm(&app, &["/files/a*", "/files/[ab]"]).await;
+    // (`/files/?` would be the path `/files/` with a query: all of /files.)
+    for uri in [
+        "/files/a*",
+        "/files/%2A",
+        "/files/[ab]",
+        "/files/%3F",
+        "/files/%5C",
+    ] {
+        send(&app, Method::DELETE, uri).await;
+    }
+    for uri in kept {
+        assert!(
+            get(&app, uri).await.is_hit(),
+            "{uri} survives glob characters"
+        );
+    }
+    assert!(!get(&app, "/files/a*").await.is_hit());
+    assert!(!get(&app, "/files/[ab]").await.is_hit());
+}
+
+async fn location_and_content_location_are_invalidated(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    warm(&app, &["/users/42", "/teams/7", "/elsewhere/1"]).await;
+    let created = send(
+        &app,
+        Method::POST,
+        "/users?status=201&location=/users/42&clocation=http://shop.example/teams/7",
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert!(!get(&app, "/users/42").await.is_hit());
+    assert!(!get(&app, "/teams/7").await.is_hit());
+    // Another origin's Location is not ours to invalidate.
+    send(
+        &app,
+        Method::POST,
+        "/users?status=201&location=http://evil.example/elsewhere/1",
+    )
+    .await;
+    assert!(get(&app, "/elsewhere/1").await.is_hit());
+}
+
+async fn failed_writes_invalidate_nothing(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    warm(&app, &["/orders/1"]).await;
+    for status in [400, 404, 409, 500, 503] {
+        let reply = send(&app, Method::PATCH, &format!("/orders/1?status={status}")).await;
+        assert_eq!(reply.status.as_u16(), status);
+    }
+    assert!(get(&app, "/orders/1").await.is_hit());
+    assert_eq!(layer.stats().invalidations, 0);
+    // gRPC calls are POSTs, but not writes.
+    let grpc = Request::post("/orders/1")
+        .header("content-type", "application/grpc")
+        .body(Body::empty())
+        .unwrap();
+    app.clone().oneshot(grpc).await.unwrap();
+    assert!(get(&app, "/orders/1").await.is_hit());
+    assert_eq!(layer.stats().invalidations, 0);
+}
+
+async fn tags_invalidate_their_entries(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let tagged = [
+        "/a?tags=user-42%20team-1",
+        "/b?tags=team-1",
+        "/c?tags=user-7",
+    ];
+    warm(&app, &tagged).await;
+    let reply = get(&app, tagged[0]).await;
+    assert!(
+        reply.headers.get("surrogate-key").is_none(),
+        "the tag header stays inside"
+    );
+    let removed = layer.invalidator().invalidate_tag("team-1").await.unwrap();
+    assert!(removed >= 2, "{removed}");
+    assert!(!get(&app, tagged[0]).await.is_hit());
+    assert!(!get(&app, tagged[1]).await.is_hit());
+    assert!(get(&app, tagged[2]).await.is_hit());
+}
+
+async fn the_invalidator_clears_prefixes_and_requests(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    warm(
+        &app,
+        &["/reports/2026/q1", "/reports/2026/q2", "/reports/2025"],
+    )
+    .await;
+    let invalidator = layer.invalidator();
+    invalidator
+        .invalidate_prefix("/reports/2026")
+        .await
+        .unwrap();
+    assert!(!get(&app, "/reports/2026/q1").await.is_hit());
+    assert!(!get(&app, "/reports/2026/q2").await.is_hit());
+    assert!(get(&app, "/reports/2025").await.is_hit());
+    let request = Request::get("/reports/2025")
+        .header("host", "shop.example")
+        .body(())
+        .unwrap();
+    invalidator.invalidate_request(&request).await.unwrap();
+    assert!(!get(&app, "/reports/2025").await.is_hit());
+}
+
+async fn a_rebuild_that_started_before_a_write_is_not_stored(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    // A rebuild starts and stalls inside the origin, holding its lease.
+    let reader = tokio::spawn({
+        let app = app.clone();
+        async move { get(&app, "/race/1").await }
+    });
+    while origin.gate_entered.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The write goes through meanwhile, and invalidates (inline).
+    let write = send(&app, Method::PUT, "/race/1").await;
+    assert_eq!(write.status, StatusCode::NO_CONTENT);
+    // The stalled rebuild finishes with what it read before the write.
+    origin.gate.notify_waiters();
+    let stale = reader.await.unwrap();
+    assert_eq!(stale.status, StatusCode::OK);
+    assert!(!stale.headers["cache-status"]
+        .to_str()
+        .unwrap()
+        .contains("stored"));
+    assert_eq!(layer.stats().fenced_out, 1);
+    // It was not stored: the next read goes to the origin.
+    let next = tokio::spawn({
+        let app = app.clone();
+        async move { get(&app, "/race/1").await }
+    });
+    while origin.gate_entered.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    origin.gate.notify_waiters();
+    let fresh = next.await.unwrap();
+    assert!(!fresh.is_hit());
+    assert_eq!(origin.gets(), 2);
+}
+
+#[tokio::test]
+async fn background_mode_retries_while_redis_is_briefly_down() {
+    let mut redis = RedisProcess::start_async().await;
+    let origin = Origin::default();
+    let layer = FenceLayer::builder()
+        .redis(redis.pool().await)
+        .invalidation_mode(InvalidationMode::Background)
+        .invalidation_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer.clone());
+    warm(&app, &["/items/1"]).await;
+    redis.stop();
+    // The write succeeds at once, whatever Redis does.
+    let write = send(&app, Method::DELETE, "/items/1").await;
+    assert_eq!(write.status, StatusCode::NO_CONTENT);
+    // Let a few attempts fail, then bring Redis back.
+    for _ in 0..100 {
+        if layer.stats().invalidation_errors >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(layer.stats().invalidation_errors >= 2);
+    redis.restart();
+    for _ in 0..200 {
+        if layer.stats().invalidations >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(layer.stats().invalidations, 1, "{:?}", layer.stats());
+    assert!(layer.invalidator().dead_letters().is_empty());
+}
+
+#[tokio::test]
+async fn invalidations_that_keep_failing_become_dead_letters() {
+    let mut redis = RedisProcess::start_async().await;
+    let origin = Origin::default();
+    let layer = FenceLayer::builder()
+        .redis(redis.pool().await)
+        .invalidation_mode(InvalidationMode::Background)
+        .invalidation_timeout(Duration::from_millis(200))
+        .invalidation_attempts(2)
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer.clone());
+    redis.stop();
+    let write = send(&app, Method::POST, "/gone/1").await;
+    assert_eq!(write.status, StatusCode::NO_CONTENT);
+    let invalidator = layer.invalidator();
+    for _ in 0..100 {
+        if !invalidator.dead_letters().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dead = invalidator.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 2);
+    assert_eq!(layer.stats().invalidations_dead, 1);
+}
+
+#[tokio::test]
+async fn inline_invalidation_never_fails_a_write() {
+    let mut redis = RedisProcess::start_async().await;
+    let origin = Origin::default();
+    let layer = FenceLayer::builder()
+        .redis(redis.pool().await)
+        .invalidation_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer.clone());
+    redis.stop();
+    let write = send(&app, Method::PUT, "/x/1").await;
+    assert_eq!(write.status, StatusCode::NO_CONTENT);
+    assert!(layer.stats().invalidation_errors >= 1);
+}
+
+/// Everything Redis is asked while `work` runs, from `MONITOR`.
+async fn monitor<F: std::future::Future>(redis: &RedisProcess, work: F) -> Vec<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", redis.port())).unwrap();
+    stream.write_all(b"MONITOR\r\n").unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert_eq!(ok.trim(), "+OK");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let reading = std::thread::spawn({
+        let lines = lines.clone();
+        move || {
+            for line in reader.lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        }
+    });
+    work.await;
+    // A marker to know the monitor saw everything before it.
+    let marker = redis.conn().await;
+    let mut marker = marker;
+    let _: () = bb8_redis::redis::cmd("ECHO")
+        .arg("end-of-monitor")
+        .query_async(&mut marker)
+        .await
+        .map(|_: String| ())
+        .unwrap();
+    for _ in 0..200 {
+        if lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("end-of-monitor"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stream.shutdown(std::net::Shutdown::Both).ok();
+    reading.join().unwrap();
+    let seen = lines.lock().unwrap().clone();
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layer_never_sends_keys() {
+    let redis = RedisProcess::start_async().await;
+    let origin = Origin::default();
+    let scan = FenceLayer::builder()
+        .redis(redis.pool().await)
+        .build()
+        .unwrap();
+    let index = FenceLayer::builder()
+        .redis(redis.pool().await)
+        .namespace("ix:")
+        .prefix_strategy(PrefixStrategy::Index)
+        .build()
+        .unwrap();
+    let apps = [
+        origin.router().layer(scan.clone()),
+        origin.router().layer(index.clone()),
+    ];
+    let commands = monitor(&redis, async {
+        for app in &apps {
+            warm(app, &["/k/1?tags=t", "/k/2"]).await;
+            send(app, Method::DELETE, "/k").await;
+        }
+        scan.invalidator().invalidate_tag("t").await.unwrap();
+        index.invalidator().invalidate_prefix("/").await.unwrap();
+    })
+    .await;
+    let upper: Vec<String> = commands.iter().map(|l| l.to_uppercase()).collect();
+    assert!(
+        upper.iter().any(|l| l.contains("\"SCAN\"")),
+        "SCAN was used"
+    );
+    assert!(
+        upper.iter().any(|l| l.contains("\"SSCAN\"")),
+        "SSCAN was used"
+    );
+    assert!(
+        !upper.iter().any(|l| l.contains("\"KEYS\"")),
+        "KEYS was sent: {commands:#?}"
+    );
+}
+
+#[tokio::test]
+async fn grpc_writes_cost_no_redis_command() {
+    let redis = RedisProcess::start_async().await;
+    let origin = Origin::default();
+    let layer = FenceLayer::builder()
+        .redis(redis.pool().await)
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer);
+    let commands = monitor(&redis, async {
+        for _ in 0..3 {
+            let grpc = Request::post("/pkg.Service/Method")
+                .header("content-type", "application/grpc+proto")
+                .body(Body::empty())
+                .unwrap();
+            app.clone().oneshot(grpc).await.unwrap();
+        }
+    })
+    .await;
+    let layer_commands: Vec<&String> = commands
+        .iter()
+        .filter(|l| !l.contains("end-of-monitor") && !l.to_uppercase().contains("XREAD"))
+        .filter(|l| !l.to_uppercase().contains("\"XREVRANGE\""))
+        .collect();
+    assert!(layer_commands.is_empty(), "{layer_commands:#?}");
+}
