@@ -16,6 +16,19 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 const MAGIC: [u8; 2] = *b"TF";
 const VERSION: u8 = 1;
 
+/// Bits of [`Entry::flags`].
+pub(crate) mod flags {
+    /// `no-cache`: stored, but validated with the origin before each use
+    /// (RFC 9111 §5.2.2.4).
+    pub(crate) const REVALIDATE: u8 = 1;
+    /// `must-revalidate`, `proxy-revalidate` or `s-maxage`: never served
+    /// stale, not even to a request with `max-stale` (RFC 9111 §5.2.2.2).
+    pub(crate) const NO_STALE: u8 = 1 << 1;
+    /// `public`, `s-maxage` or `must-revalidate`: may satisfy a request with
+    /// `Authorization` (RFC 9111 §3.5).
+    pub(crate) const AUTHORIZED_OK: u8 = 1 << 2;
+}
+
 /// A stored response: what is replayed on a hit, and the times that decide
 /// whether it may be.
 #[derive(Clone, PartialEq, Eq)]
@@ -38,6 +51,8 @@ pub(crate) struct Entry {
     pub(crate) error_until_ms: u64,
     /// How long the origin took to produce the response (XFetch's delta).
     pub(crate) rebuild_ms: u32,
+    /// [`flags`] bits.
+    pub(crate) flags: u8,
     /// The request header values the response varies on (`Vary`), as sent by
     /// the request that filled the entry: `None` when the header was absent.
     pub(crate) vary: Vec<(HeaderName, Option<HeaderValue>)>,
@@ -100,6 +115,7 @@ impl Entry {
         out.put_u64(self.stale_until_ms);
         out.put_u64(self.error_until_ms);
         out.put_u32(self.rebuild_ms);
+        out.put_u8(self.flags);
         put_headers(&mut out, &self.headers);
         put_len(&mut out, self.body.len());
         out.put_slice(&self.body);
@@ -154,6 +170,7 @@ impl Entry {
             return Err(DecodeError::Invalid);
         }
         let rebuild_ms = get_u32(&mut buf)?;
+        let flags = get_u8(&mut buf)?;
         let headers = get_headers(&mut buf)?;
         let body = get_bytes(&mut buf)?;
         let trailers = match get_u8(&mut buf)? {
@@ -189,6 +206,7 @@ impl Entry {
             stale_until_ms,
             error_until_ms,
             rebuild_ms,
+            flags,
             vary,
         })
     }
@@ -196,6 +214,11 @@ impl Entry {
     /// Milliseconds the entry stays fresh after `now_ms` (negative once stale).
     pub(crate) fn ttl_ms(&self, now_ms: u64) -> i64 {
         saturating_diff(self.fresh_until_ms, now_ms)
+    }
+
+    /// Whether a flag of [`flags`] is set.
+    pub(crate) fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
     }
 
     /// Whether the entry is fresh at `now_ms`.
@@ -333,6 +356,7 @@ mod tests {
             stale_until_ms: 71_000,
             error_until_ms: 161_000,
             rebuild_ms: 42,
+            flags: flags::REVALIDATE | flags::AUTHORIZED_OK,
             vary: vec![
                 (
                     HeaderName::from_static("accept-encoding"),
@@ -466,6 +490,7 @@ mod tests {
                     stale_until_ms: fresh.saturating_add(extra % 1_000_000),
                     error_until_ms: fresh.saturating_add(error % 1_000_000),
                     rebuild_ms: rebuild,
+                    flags: (rebuild % 8) as u8,
                     vary,
                 },
             )

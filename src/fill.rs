@@ -93,6 +93,7 @@ impl Recorder {
             stale_until_ms: fill.freshness.stale_until_ms,
             error_until_ms: fill.freshness.error_until_ms,
             rebuild_ms,
+            flags: fill.freshness.flags,
             vary: fill.vary,
         };
         store_entry(fill.shared, fill.key, entry, fill.sets);

@@ -222,6 +222,7 @@ mod tests {
             stale_until_ms: 1,
             error_until_ms: 1,
             rebuild_ms: 0,
+            flags: 0,
             vary: Vec::new(),
         })
     }

@@ -15,10 +15,11 @@ use tokio::task::JoinHandle;
 use tower_service::Service;
 
 use crate::body::FenceBody;
-use crate::entry::{unix_ms, Entry};
+use crate::entry::{flags, unix_ms, Entry};
 use crate::flight::{Joined, Landing};
 use crate::invalidate::{self, InvalidationMode};
 use crate::layer::Counters;
+use crate::policy::{self, Usability};
 use crate::rebuild::{self, Job, LeaderResult};
 use crate::service::{entry_response, finish, vary_matches, Found, LookupFuture, Outcome, Pending};
 use crate::status::{CacheStatus, Fwd};
@@ -272,7 +273,7 @@ where
             // store outage must not become an origin stampede.
             Counters::bump(&shared.counters.bypasses);
             store_failure = Some(err.detail());
-            if head || !miss.may_store {
+            if head || !miss.facts.may_store || miss.facts.authorized {
                 let fut = svc.call(req);
                 return Step::Go(State::Inner {
                     fut,
@@ -283,32 +284,87 @@ where
         }
         Found::Nothing => (Fwd::UriMiss, None),
         Found::Entry(entry) if !vary_matches(&entry, req.headers()) => (Fwd::VaryMiss, None),
-        Found::Entry(entry) if entry.is_fresh(now_ms) => {
-            Counters::bump(&shared.counters.hits);
-            let beta = shared.xfetch_beta;
-            if beta > 0.0 && entry.xfetch_due(now_ms, beta, 1.0 - fastrand::f64()) {
-                Counters::bump(&shared.counters.early_refreshes);
-                spawn_refresh(svc, req, miss);
+        Found::Entry(entry) => {
+            let keyed = miss.overrides.keyed_by_credential;
+            match policy::usability(&entry, &miss.facts, keyed, now_ms) {
+                Usability::Fresh => {
+                    Counters::bump(&shared.counters.hits);
+                    let beta = shared.xfetch_beta;
+                    let due = beta > 0.0 && entry.xfetch_due(now_ms, beta, 1.0 - fastrand::f64());
+                    let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
+                    let response = entry_response(
+                        entry,
+                        head,
+                        CacheStatus::hit(ttl),
+                        true,
+                        Some(req.headers()),
+                    );
+                    if due {
+                        Counters::bump(&shared.counters.early_refreshes);
+                        spawn_refresh(svc, req, miss, None);
+                    }
+                    return Step::Respond(response);
+                }
+                Usability::StaleAccepted => {
+                    Counters::bump(&shared.counters.stale_hits);
+                    let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
+                    let status = CacheStatus::stale(ttl, "max-stale");
+                    return Step::Respond(entry_response(
+                        entry,
+                        head,
+                        status,
+                        true,
+                        Some(req.headers()),
+                    ));
+                }
+                Usability::NotShared => (Fwd::Request, None),
+                Usability::Validate => {
+                    let expired = !entry.is_fresh(now_ms);
+                    let grace = expired
+                        && entry.in_grace(now_ms)
+                        && !entry.has(flags::REVALIDATE)
+                        && !miss.facts.no_cache
+                        && miss.facts.max_age.is_none()
+                        && miss.facts.min_fresh.is_none();
+                    if grace {
+                        // Stale-while-revalidate: serve what is here, refresh
+                        // (revalidate) behind.
+                        Counters::bump(&shared.counters.stale_hits);
+                        let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
+                        let entry = Arc::new(entry);
+                        let status = CacheStatus::stale(ttl, "stale-while-revalidate");
+                        let response = entry_response(
+                            Entry::clone(&entry),
+                            head,
+                            status,
+                            true,
+                            Some(req.headers()),
+                        );
+                        spawn_refresh(svc, req, miss, Some(entry));
+                        return Step::Respond(response);
+                    }
+                    let fwd = if expired { Fwd::Stale } else { Fwd::Request };
+                    (fwd, Some(Arc::new(entry)))
+                }
             }
-            let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
-            return Step::Respond(entry_response(entry, head, CacheStatus::hit(ttl), true));
         }
-        Found::Entry(entry) if entry.in_grace(now_ms) => {
-            // Stale-while-revalidate: serve what is here, refresh behind.
-            Counters::bump(&shared.counters.stale_hits);
-            spawn_refresh(svc, req, miss);
-            let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
-            let status = CacheStatus::stale(ttl, "stale-while-revalidate");
-            return Step::Respond(entry_response(entry, head, status, true));
-        }
-        Found::Entry(entry) => (Fwd::Stale, Some(Arc::new(entry))),
     };
+    if miss.facts.only_if_cached {
+        // RFC 9111 §5.2.1.7: nothing usable is stored, and the client does
+        // not want the origin asked.
+        return Step::Respond(only_if_cached_miss());
+    }
     if store_failure.is_none() {
         Counters::bump(&shared.counters.misses);
     }
-    if head || !miss.may_store || shared.hit_for_miss.contains_key(miss.key.as_str()) {
+    if head
+        || !miss.facts.may_store
+        || miss.facts.authorized
+        || shared.hit_for_miss.contains_key(miss.key.as_str())
+    {
         // HEAD gets no body to store; `no-store` requests store nothing;
-        // hit-for-miss keys were recently uncacheable: no flight for them.
+        // a request with credentials is not coalesced with others; keys
+        // that were recently uncacheable skip the flight (hit-for-miss).
         let outcome = Outcome::fill(miss, fwd, &req);
         let fut = svc.call(req);
         return Step::Go(State::Inner {
@@ -317,6 +373,18 @@ where
         });
     }
     join_flight(Pending { svc, req, miss }, stale, fwd, 1, store_failure)
+}
+
+/// The answer to `only-if-cached` when nothing usable is stored.
+fn only_if_cached_miss<RB: Body>() -> Response<FenceBody<RB>> {
+    let mut response = Response::new(FenceBody::cached(Bytes::new(), None));
+    *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    CacheStatus {
+        detail: Some("only-if-cached"),
+        ..CacheStatus::default()
+    }
+    .append_to(response.headers_mut());
+    response
 }
 
 fn after_wait<S, B, RB>(
@@ -341,7 +409,13 @@ where
             Counters::bump(&shared.counters.collapsed);
             let status = CacheStatus::collapsed(fwd, entry.status.as_u16());
             let entry = Arc::try_unwrap(entry).unwrap_or_else(|shared| Entry::clone(&shared));
-            Step::Respond(entry_response(entry, false, status, true))
+            Step::Respond(entry_response(
+                entry,
+                false,
+                status,
+                true,
+                Some(pending.req.headers()),
+            ))
         }
         Some(Landing::Retry) if joins < MAX_JOINS => {
             join_flight(pending, stale, fwd, joins + 1, None)
@@ -359,6 +433,7 @@ where
                         false,
                         CacheStatus::stale(ttl, "wait-timeout"),
                         true,
+                        Some(pending.req.headers()),
                     ))
                 }
                 None => go_alone(pending, fwd),
@@ -413,6 +488,8 @@ where
                 stale,
                 fwd,
                 store_failure,
+                overrides: miss.overrides,
+                authorized: miss.facts.authorized,
             };
             Step::Go(State::Leading {
                 handle: runtime.spawn(rebuild::lead_miss(job)),
@@ -437,8 +514,12 @@ where
 }
 
 /// Starts a background refresh of the key, unless one runs in this process.
-fn spawn_refresh<S, B, RB>(svc: S, req: Request<B>, miss: crate::service::Miss)
-where
+fn spawn_refresh<S, B, RB>(
+    svc: S,
+    req: Request<B>,
+    miss: crate::service::Miss,
+    current: Option<Arc<Entry>>,
+) where
     S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
@@ -459,9 +540,11 @@ where
         lead,
         svc,
         req,
-        stale: None,
+        stale: current,
         fwd: Fwd::Stale,
         store_failure: None,
+        overrides: miss.overrides,
+        authorized: miss.facts.authorized,
     };
     runtime.spawn(rebuild::refresh(job));
 }

@@ -14,7 +14,7 @@ use crate::invalidate::{
     InvalidationConfig, InvalidationMode, Invalidator, PrefixStrategy, WriteMethods,
 };
 use crate::key::{self, KeyConfig};
-use crate::policy::{PolicyConfig, DEFAULT_CACHEABLE_STATUSES};
+use crate::policy::{ClientCacheControl, PolicyConfig, DEFAULT_CACHEABLE_STATUSES};
 use crate::service::FenceService;
 use crate::store::{MemoryStore, Store};
 
@@ -74,6 +74,7 @@ pub(crate) struct Shared {
     /// the flight for a while (Varnish's hit-for-miss).
     pub(crate) hit_for_miss: moka::sync::Cache<String, ()>,
     pub(crate) invalidation: InvalidationConfig,
+    pub(crate) client_cache_control: ClientCacheControl,
     pub(crate) counters: Counters,
 }
 
@@ -227,6 +228,7 @@ pub struct FenceLayerBuilder {
     invalidation_queue: usize,
     invalidation_attempts: u32,
     tag_header: Option<String>,
+    client_cache_control: ClientCacheControl,
 }
 
 impl Default for FenceLayerBuilder {
@@ -253,6 +255,7 @@ impl Default for FenceLayerBuilder {
             invalidation_queue: DEFAULT_INVALIDATION_QUEUE,
             invalidation_attempts: DEFAULT_INVALIDATION_ATTEMPTS,
             tag_header: Some(DEFAULT_TAG_HEADER.to_owned()),
+            client_cache_control: ClientCacheControl::default(),
         }
     }
 }
@@ -281,6 +284,7 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("invalidation_queue", &self.invalidation_queue)
             .field("invalidation_attempts", &self.invalidation_attempts)
             .field("tag_header", &self.tag_header)
+            .field("client_cache_control", &self.client_cache_control)
             .finish()
     }
 }
@@ -430,6 +434,16 @@ impl FenceLayerBuilder {
         self
     }
 
+    /// How far the client's own `Cache-Control` and `Pragma` are obeyed:
+    /// [`ClientCacheControl::Obey`] follows RFC 9111 §5.2.1 (a client's
+    /// `no-cache` or `max-age=0` sends its request to the origin, as a
+    /// revalidation); [`ClientCacheControl::IgnoreRevalidation`] keeps
+    /// clients from busting the cache at will. Defaults to `Obey`.
+    pub fn client_cache_control(mut self, obey: ClientCacheControl) -> Self {
+        self.client_cache_control = obey;
+        self
+    }
+
     /// How long a key whose rebuild could not be shared (a `private`,
     /// `Set-Cookie` or too large response) is remembered, so that its
     /// requests go straight to the inner service instead of queueing behind
@@ -553,6 +567,7 @@ impl FenceLayerBuilder {
                     queue: std::sync::OnceLock::new(),
                     dead_letters: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 },
+                client_cache_control: self.client_cache_control,
                 counters: Counters::default(),
             }),
         })
@@ -599,6 +614,8 @@ pub struct Stats {
     pub invalidation_errors: u64,
     /// Invalidations given up: dead letters.
     pub invalidations_dead: u64,
+    /// Stale entries the origin confirmed with `304 Not Modified`.
+    pub revalidated: u64,
 }
 
 #[derive(Debug, Default)]
@@ -619,6 +636,7 @@ pub(crate) struct Counters {
     pub(crate) invalidations: AtomicU64,
     pub(crate) invalidation_errors: AtomicU64,
     pub(crate) invalidations_dead: AtomicU64,
+    pub(crate) revalidated: AtomicU64,
 }
 
 impl Counters {
@@ -644,6 +662,7 @@ impl Counters {
             invalidations: self.invalidations.load(Ordering::Relaxed),
             invalidation_errors: self.invalidation_errors.load(Ordering::Relaxed),
             invalidations_dead: self.invalidations_dead.load(Ordering::Relaxed),
+            revalidated: self.revalidated.load(Ordering::Relaxed),
         }
     }
 }

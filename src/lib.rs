@@ -16,6 +16,7 @@ mod rebuild;
 mod service;
 mod status;
 pub mod store;
+mod validation;
 
 #[doc(inline)]
 pub use body::FenceBody;

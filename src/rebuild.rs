@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower_service::Service;
@@ -27,9 +27,11 @@ use crate::invalidate;
 use crate::key::CacheKey;
 use crate::layer::{Counters, Shared};
 use crate::policy;
+use crate::policy::Overrides;
 use crate::service::{entry_response, vary_matches, vary_values, with_timeout};
 use crate::status::{CacheStatus, Fwd};
 use crate::store::Fill as StoreFill;
+use crate::validation;
 
 /// A rebuild to run: the flight it leads, the readied inner service and the
 /// request it sends there.
@@ -46,6 +48,10 @@ pub(crate) struct Job<S, B> {
     /// Set when the lookup failed (the store is down or slow): the rebuild
     /// makes no store call, and says why in `Cache-Status`.
     pub(crate) store_failure: Option<&'static str>,
+    /// The route's settings.
+    pub(crate) overrides: Overrides,
+    /// The request carries `Authorization`.
+    pub(crate) authorized: bool,
 }
 
 /// What the leader's own client gets.
@@ -84,6 +90,8 @@ where
         stale,
         fwd,
         store_failure,
+        overrides,
+        authorized,
     } = job;
     let request_headers = req.headers().clone();
     let path = req.uri().path().to_owned();
@@ -118,7 +126,13 @@ where
                         let entry: Arc<Entry> = Arc::from(entry);
                         lead.land(Landing::Response(entry.clone()));
                         let status = CacheStatus::collapsed(fwd, entry.status.as_u16());
-                        return Ok(entry_response(unwrap_arc(entry), false, status, true));
+                        return Ok(entry_response(
+                            unwrap_arc(entry),
+                            false,
+                            status,
+                            true,
+                            Some(&request_headers),
+                        ));
                     }
                     Remote::Leased => Lease::Held,
                     Remote::TimedOut => {
@@ -150,7 +164,13 @@ where
             lead.land(Landing::Response(entry.clone()));
             let status =
                 CacheStatus::hit(entry.ttl_ms(unix_ms(SystemTime::now())).div_euclid(1000));
-            return Ok(entry_response(unwrap_arc(entry), false, status, true));
+            return Ok(entry_response(
+                unwrap_arc(entry),
+                false,
+                status,
+                true,
+                Some(&request_headers),
+            ));
         }
     }
 
@@ -161,7 +181,16 @@ where
     let stale_on_error = stale
         .as_ref()
         .is_some_and(|s| s.usable_on_error(unix_ms(SystemTime::now())));
-    let rebuild = rebuild(&shared, svc, req, &request_headers, started, stale_on_error);
+    let ctx = Context {
+        shared: &shared,
+        overrides: &overrides,
+        authorized,
+        request_headers: &request_headers,
+        started,
+        current: stale.as_deref(),
+        stale_on_error,
+    };
+    let rebuild = rebuild(ctx, svc, req);
     let rebuilt = extend_while(&shared, &key, &token, lease == Lease::Held, rebuild).await;
 
     match rebuilt {
@@ -213,7 +242,13 @@ where
                 detail: store_failure,
                 ..CacheStatus::forward(fwd)
             };
-            Ok(entry_response(unwrap_arc(entry), false, status, false))
+            Ok(entry_response(
+                unwrap_arc(entry),
+                false,
+                status,
+                false,
+                Some(&request_headers),
+            ))
         }
         Rebuilt::SharedError(entry) => {
             if lease == Lease::Held {
@@ -226,7 +261,13 @@ where
                 detail: Some(store_failure.unwrap_or("status")),
                 ..CacheStatus::forward(fwd)
             };
-            Ok(entry_response(unwrap_arc(entry), false, status, false))
+            Ok(entry_response(
+                unwrap_arc(entry),
+                false,
+                status,
+                false,
+                Some(&request_headers),
+            ))
         }
         Rebuilt::Unshared {
             mut response,
@@ -270,6 +311,9 @@ where
         lead,
         svc,
         mut req,
+        stale,
+        overrides,
+        authorized,
         ..
     } = job;
     let request_headers = req.headers().clone();
@@ -294,7 +338,16 @@ where
     }
     Counters::bump(&shared.counters.refreshes);
     let started = Instant::now();
-    let rebuild = rebuild(&shared, svc, req, &request_headers, started, true);
+    let ctx = Context {
+        shared: &shared,
+        overrides: &overrides,
+        authorized,
+        request_headers: &request_headers,
+        started,
+        current: stale.as_deref(),
+        stale_on_error: true,
+    };
+    let rebuild = rebuild(ctx, svc, req);
     match extend_while(&shared, &key, &token, true, rebuild).await {
         Rebuilt::Storable(entry, tags) => {
             let sets = invalidate::fill_sets(&shared, &path, &tags);
@@ -345,39 +398,72 @@ enum Rebuilt<RB: Body, E> {
     },
 }
 
-async fn rebuild<S, B, RB>(
-    shared: &Shared,
-    mut svc: S,
-    req: Request<B>,
-    request_headers: &HeaderMap,
+/// What a rebuild knows besides the request: the route's settings, whether
+/// the request carried credentials, and the stale entry to revalidate.
+struct Context<'a> {
+    shared: &'a Shared,
+    overrides: &'a Overrides,
+    authorized: bool,
+    request_headers: &'a HeaderMap,
     started: Instant,
+    /// The stored entry this rebuild replaces: its validators go to the
+    /// origin, and a `304` refreshes it.
+    current: Option<&'a Entry>,
     stale_on_error: bool,
+}
+
+async fn rebuild<S, B, RB>(
+    ctx: Context<'_>,
+    mut svc: S,
+    mut req: Request<B>,
 ) -> Rebuilt<RB, S::Error>
 where
     S: Service<Request<B>, Response = Response<RB>>,
     RB: Body,
 {
+    let shared = ctx.shared;
+    // Revalidate (RFC 9111 §4.3.1) when the entry has validators.
+    if let Some(current) = ctx.current {
+        for (name, value) in validation::conditional_headers(current) {
+            req.headers_mut().insert(name, value);
+        }
+    }
     let response = match svc.call(req).await {
         Ok(response) => response,
         Err(err) => return Rebuilt::Failed(err),
     };
     let (mut parts, body) = response.into_parts();
+    if ctx.overrides.strip_set_cookie {
+        parts.headers.remove(header::SET_COOKIE);
+    }
     let tags = invalidate::tags(shared, &parts.headers);
     invalidate::strip_tags(shared, &mut parts.headers);
-    if parts.status.is_server_error() && stale_on_error {
+    if parts.status.is_server_error() && ctx.stale_on_error {
         return Rebuilt::OriginError(Response::from_parts(parts, FenceBody::passthrough(body)));
+    }
+    if parts.status == StatusCode::NOT_MODIFIED {
+        if let Some(current) = ctx.current {
+            // RFC 9111 §4.3.4: the stored response, with the 304's headers.
+            drop(body);
+            return refreshed(&ctx, current, &parts.headers, tags);
+        }
     }
     let max = shared.max_body_size;
     let verdict = policy::storability(
         &shared.policy,
+        ctx.overrides,
         parts.status,
         &parts.headers,
+        ctx.authorized,
         SystemTime::now(),
     );
     let shareable_error = match verdict {
         Err(reason) => {
             parts.status.is_server_error()
-                && !matches!(reason, "private" | "no-store" | "set-cookie" | "vary-star")
+                && !matches!(
+                    reason,
+                    "private" | "no-store" | "set-cookie" | "vary-star" | "authorization"
+                )
         }
         Ok(_) => false,
     };
@@ -413,7 +499,7 @@ where
             }
         }
     };
-    let rebuild_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+    let rebuild_ms = u32::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u32::MAX);
     let headers = policy::storable_headers(&parts.headers);
     match verdict {
         Ok(freshness) => {
@@ -429,7 +515,8 @@ where
                     stale_until_ms: freshness.stale_until_ms,
                     error_until_ms: freshness.error_until_ms,
                     rebuild_ms,
-                    vary: vary_values(&names, request_headers),
+                    flags: freshness.flags,
+                    vary: vary_values(&names, ctx.request_headers),
                 },
                 tags,
             )
@@ -446,9 +533,66 @@ where
                 stale_until_ms: now_ms,
                 error_until_ms: now_ms,
                 rebuild_ms,
+                flags: 0,
                 vary: Vec::new(),
             })
         }
+    }
+}
+
+/// The entry a `304 Not Modified` revalidated: its body, the merged
+/// headers, freshness anew from them.
+fn refreshed<RB: Body, E>(
+    ctx: &Context<'_>,
+    current: &Entry,
+    not_modified: &HeaderMap,
+    tags: Vec<String>,
+) -> Rebuilt<RB, E> {
+    Counters::bump(&ctx.shared.counters.revalidated);
+    let merged = policy::storable_headers(&validation::merge_not_modified(
+        &current.headers,
+        not_modified,
+    ));
+    let rebuild_ms = u32::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u32::MAX);
+    let verdict = policy::storability(
+        &ctx.shared.policy,
+        ctx.overrides,
+        current.status,
+        &merged,
+        ctx.authorized,
+        SystemTime::now(),
+    );
+    let now_ms = unix_ms(SystemTime::now());
+    let (freshness, storable) = match verdict {
+        Ok(freshness) => (freshness, true),
+        Err(_) => (
+            crate::policy::Freshness {
+                stored_at_ms: now_ms,
+                fresh_until_ms: now_ms,
+                stale_until_ms: now_ms,
+                error_until_ms: now_ms,
+                flags: 0,
+            },
+            false,
+        ),
+    };
+    let entry = Entry {
+        status: current.status,
+        headers: merged,
+        body: current.body.clone(),
+        trailers: current.trailers.clone(),
+        stored_at_ms: freshness.stored_at_ms,
+        fresh_until_ms: freshness.fresh_until_ms,
+        stale_until_ms: freshness.stale_until_ms,
+        error_until_ms: freshness.error_until_ms,
+        rebuild_ms,
+        flags: freshness.flags,
+        vary: current.vary.clone(),
+    };
+    if storable {
+        Rebuilt::Storable(entry, tags)
+    } else {
+        Rebuilt::SharedError(entry)
     }
 }
 
@@ -672,7 +816,7 @@ fn stale_response_with<RB: Body>(
 ) -> Response<FenceBody<RB>> {
     status.ttl = Some(stale.ttl_ms(unix_ms(SystemTime::now())).div_euclid(1000));
     status.detail = Some(detail);
-    entry_response(Entry::clone(stale), false, status, true)
+    entry_response(Entry::clone(stale), false, status, true, None)
 }
 
 fn unwrap_arc(entry: Arc<Entry>) -> Entry {

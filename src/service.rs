@@ -23,6 +23,7 @@ use crate::layer::{Counters, Shared};
 use crate::policy::{self, RequestPlan};
 use crate::status::{CacheStatus, Fwd};
 use crate::store::StoreError;
+use crate::validation;
 
 /// Caches the responses of the inner service `S`; made by
 /// [`FenceLayer`](crate::FenceLayer).
@@ -95,7 +96,11 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let may_store = match policy::plan_request(req.method(), req.headers()) {
+        let facts = match policy::plan_request(
+            req.method(),
+            req.headers(),
+            self.shared.client_cache_control,
+        ) {
             RequestPlan::Bypass(detail) => {
                 Counters::bump(&self.shared.counters.bypasses);
                 let outcome = if invalidate::is_write(&self.shared, req.method(), req.headers()) {
@@ -114,8 +119,9 @@ where
                 let fut = self.inner.call(req);
                 return ResponseFuture::inner(fut, outcome);
             }
-            RequestPlan::Lookup { may_store } => may_store,
+            RequestPlan::Lookup(facts) => facts,
         };
+        let overrides = policy::Overrides::default();
         let key = key::derive_from(&self.shared.key, req.method(), req.uri(), req.headers());
         // `poll_ready` readied `self.inner`: take that one for this request
         // and leave a fresh clone behind (tower's clone-and-swap).
@@ -130,7 +136,8 @@ where
                 miss: Miss {
                     shared: self.shared.clone(),
                     key,
-                    may_store,
+                    facts,
+                    overrides,
                 },
             },
         )
@@ -203,7 +210,10 @@ where
 pub(crate) struct Miss {
     pub(crate) shared: Arc<Shared>,
     pub(crate) key: CacheKey,
-    pub(crate) may_store: bool,
+    /// What the request asks of the cache.
+    pub(crate) facts: policy::RequestFacts,
+    /// The route's settings.
+    pub(crate) overrides: policy::Overrides,
 }
 
 /// What to do with the inner service's response.
@@ -245,15 +255,30 @@ impl Outcome {
 }
 
 /// A response built from an entry. `with_age` adds `Age` (RFC 9111
-/// §5.1) for responses served from the cache; `head` leaves the body out.
+/// §5.1) for responses served from the cache; `head` leaves the body out;
+/// `conditional` holds the request's headers when its validators are to be
+/// evaluated: a match gives `304 Not Modified` (RFC 9110 §13.2).
 pub(crate) fn entry_response<B: Body>(
     entry: Entry,
     head: bool,
     status: CacheStatus,
     with_age: bool,
+    conditional: Option<&HeaderMap>,
 ) -> Response<FenceBody<B>> {
     let now_ms = unix_ms(SystemTime::now());
     let age = entry.age_secs(now_ms);
+    if conditional.is_some_and(|request| validation::not_modified(&entry, request)) {
+        let mut response = Response::new(FenceBody::cached(Bytes::new(), None));
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        *response.headers_mut() = validation::not_modified_headers(&entry.headers);
+        if with_age {
+            response
+                .headers_mut()
+                .insert(header::AGE, HeaderValue::from(age));
+        }
+        status.append_to(response.headers_mut());
+        return response;
+    }
     let body_len = entry.body.len();
     let body = if head {
         FenceBody::cached(Bytes::new(), None)
@@ -344,14 +369,19 @@ pub(crate) fn finish<B: Body>(response: Response<B>, outcome: Outcome) -> Respon
             };
             let body = if method != Method::GET {
                 FenceBody::passthrough(body)
-            } else if !miss.may_store {
+            } else if !miss.facts.may_store {
                 status.detail = Some("request-no-store");
                 FenceBody::passthrough(body)
             } else {
+                if miss.overrides.strip_set_cookie {
+                    parts.headers.remove(header::SET_COOKIE);
+                }
                 match policy::storability(
                     &shared.policy,
+                    &miss.overrides,
                     parts.status,
                     &parts.headers,
+                    miss.facts.authorized,
                     SystemTime::now(),
                 ) {
                     Err(reason) => {

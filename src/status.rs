@@ -21,6 +21,9 @@ pub(crate) enum Fwd {
     VaryMiss,
     /// An entry that matched, but was stale.
     Stale,
+    /// The request's own directives (`no-cache`, `max-age`, credentials)
+    /// ruled the stored response out.
+    Request,
 }
 
 impl Fwd {
@@ -30,6 +33,7 @@ impl Fwd {
             Fwd::UriMiss => "uri-miss",
             Fwd::VaryMiss => "vary-miss",
             Fwd::Stale => "stale",
+            Fwd::Request => "request",
         }
     }
 }

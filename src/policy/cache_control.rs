@@ -19,6 +19,12 @@ pub(crate) struct CacheControl {
     pub(crate) s_maxage: Option<u64>,
     pub(crate) stale_while_revalidate: Option<u64>,
     pub(crate) stale_if_error: Option<u64>,
+    /// Request only: `max-stale` (`u64::MAX` when given without a value).
+    pub(crate) max_stale: Option<u64>,
+    /// Request only: `min-fresh`.
+    pub(crate) min_fresh: Option<u64>,
+    /// Request only: `only-if-cached`.
+    pub(crate) only_if_cached: bool,
 }
 
 impl CacheControl {
@@ -49,6 +55,11 @@ impl CacheControl {
                     "s-maxage" => cc.s_maxage = Some(min_opt(cc.s_maxage, seconds())),
                     "stale-while-revalidate" => cc.stale_while_revalidate = Some(seconds()),
                     "stale-if-error" => cc.stale_if_error = Some(seconds()),
+                    "max-stale" => {
+                        cc.max_stale = Some(arg.map(delta_seconds).unwrap_or(u64::MAX));
+                    }
+                    "min-fresh" => cc.min_fresh = Some(seconds()),
+                    "only-if-cached" => cc.only_if_cached = true,
                     _ => {}
                 }
             }
@@ -134,6 +145,15 @@ mod tests {
             parse(&["max-age=99999999999999999999999"]).max_age,
             Some(MAX_DELTA_SECONDS)
         );
+    }
+
+    #[test]
+    fn request_directives() {
+        let cc = parse(&["max-stale, min-fresh=5, only-if-cached"]);
+        assert_eq!(cc.max_stale, Some(u64::MAX));
+        assert_eq!(cc.min_fresh, Some(5));
+        assert!(cc.only_if_cached);
+        assert_eq!(parse(&["max-stale=30"]).max_stale, Some(30));
     }
 
     #[test]

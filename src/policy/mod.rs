@@ -16,7 +16,7 @@ mod cache_control;
 use cache_control::delta_seconds;
 pub(crate) use cache_control::CacheControl;
 
-use crate::entry::unix_ms;
+use crate::entry::{flags, unix_ms, Entry};
 
 /// Status codes a response may be cached with under the default TTL when it
 /// carries no explicit freshness: the heuristically cacheable codes of
@@ -46,26 +46,61 @@ pub(crate) struct PolicyConfig {
     pub(crate) cacheable_statuses: Vec<StatusCode>,
 }
 
+/// How far a client's own `Cache-Control` (and `Pragma`) is obeyed.
+///
+/// A shared cache serves many clients; a client that sends `no-cache` or
+/// `max-age=0` on every request makes the cache forward (revalidate) each
+/// of them. [`Obey`](Self::Obey) follows RFC 9111 §5.2.1 to the letter;
+/// [`IgnoreRevalidation`](Self::IgnoreRevalidation) is what many CDNs do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ClientCacheControl {
+    /// Honour `no-cache`, `Pragma: no-cache`, `max-age`, `min-fresh`,
+    /// `max-stale`, `only-if-cached` and `no-store`.
+    #[default]
+    Obey,
+    /// Ignore the directives that force a trip to the origin (`no-cache`,
+    /// `Pragma`, `max-age`, `min-fresh`); honour `max-stale`,
+    /// `only-if-cached` and `no-store`.
+    IgnoreRevalidation,
+    /// Ignore every request directive.
+    Ignore,
+}
+
+/// What a request asks of the cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RequestFacts {
+    /// The request carries `Authorization` (RFC 9111 §3.5).
+    pub(crate) authorized: bool,
+    /// The response may be stored (no `no-store`).
+    pub(crate) may_store: bool,
+    /// The stored response may not be used without validation.
+    pub(crate) no_cache: bool,
+    pub(crate) max_age: Option<u64>,
+    pub(crate) max_stale: Option<u64>,
+    pub(crate) min_fresh: Option<u64>,
+    pub(crate) only_if_cached: bool,
+}
+
 /// What to do with a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum RequestPlan {
-    /// Look the request up; store the response if `may_store`.
-    Lookup { may_store: bool },
+    /// Look the request up.
+    Lookup(RequestFacts),
     /// Send the request to the inner service without consulting the cache;
     /// the reason goes to `Cache-Status` `detail`.
     Bypass(&'static str),
 }
 
-/// Decides whether a request may be answered from the cache.
-pub(crate) fn plan_request(method: &Method, headers: &HeaderMap) -> RequestPlan {
+/// Decides whether a request may be answered from the cache, and reads its
+/// directives (obeyed as far as `client` says).
+pub(crate) fn plan_request(
+    method: &Method,
+    headers: &HeaderMap,
+    client: ClientCacheControl,
+) -> RequestPlan {
     if method != Method::GET && method != Method::HEAD {
         return RequestPlan::Bypass("method");
-    }
-    // RFC 9111 §3.5: a shared cache must not reuse a response to a request
-    // with Authorization unless the response allows it explicitly; until
-    // that is checked per response, such requests bypass the cache.
-    if headers.contains_key(header::AUTHORIZATION) {
-        return RequestPlan::Bypass("authorization");
     }
     // A stored full response is not sliced into ranges; `206` is not stored.
     if headers.contains_key(header::RANGE) {
@@ -75,11 +110,104 @@ pub(crate) fn plan_request(method: &Method, headers: &HeaderMap) -> RequestPlan 
     if headers.contains_key(header::UPGRADE) {
         return RequestPlan::Bypass("upgrade");
     }
-    let cc = CacheControl::parse(headers.get_all(header::CACHE_CONTROL));
-    // RFC 9111 §5.2.1.5: no-store in a request forbids storing the response.
-    RequestPlan::Lookup {
-        may_store: !cc.no_store,
+    let mut facts = RequestFacts {
+        authorized: headers.contains_key(header::AUTHORIZATION),
+        may_store: true,
+        ..RequestFacts::default()
+    };
+    if client == ClientCacheControl::Ignore {
+        return RequestPlan::Lookup(facts);
     }
+    let has_cc = headers.contains_key(header::CACHE_CONTROL);
+    if !has_cc && !headers.contains_key(header::PRAGMA) {
+        return RequestPlan::Lookup(facts);
+    }
+    let cc = CacheControl::parse(headers.get_all(header::CACHE_CONTROL));
+    // RFC 9111 §5.2.1.5: no-store forbids storing the response.
+    facts.may_store = !cc.no_store;
+    facts.max_stale = cc.max_stale;
+    facts.only_if_cached = cc.only_if_cached;
+    if client == ClientCacheControl::Obey {
+        // RFC 9111 §5.4: `Pragma: no-cache` counts only without
+        // `Cache-Control`.
+        let pragma_no_cache = !has_cc
+            && headers
+                .get_all(header::PRAGMA)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| {
+                    v.split(',')
+                        .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+                });
+        facts.no_cache = cc.no_cache || pragma_no_cache;
+        facts.max_age = cc.max_age;
+        facts.min_fresh = cc.min_fresh;
+    }
+    RequestPlan::Lookup(facts)
+}
+
+/// Whether a stored entry may answer a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Usability {
+    /// Fresh enough for the request: a hit.
+    Fresh,
+    /// Stale, but the request accepts it (`max-stale`).
+    StaleAccepted,
+    /// Must be validated with (or fetched again from) the origin first.
+    Validate,
+    /// May not answer this request at all (`Authorization`, RFC 9111 §3.5).
+    NotShared,
+}
+
+/// Decides whether `entry` may answer a request with `facts` at `now_ms`
+/// (RFC 9111 §4.2, §5.2.1).
+pub(crate) fn usability(
+    entry: &Entry,
+    facts: &RequestFacts,
+    keyed_by_credential: bool,
+    now_ms: u64,
+) -> Usability {
+    if facts.authorized && !keyed_by_credential && !entry.has(flags::AUTHORIZED_OK) {
+        return Usability::NotShared;
+    }
+    if facts.no_cache || entry.has(flags::REVALIDATE) {
+        return Usability::Validate;
+    }
+    let age_secs = entry.age_secs(now_ms);
+    if facts.max_age.is_some_and(|max| age_secs > max) {
+        return Usability::Validate;
+    }
+    let remaining_ms = entry.ttl_ms(now_ms);
+    if let Some(min_fresh) = facts.min_fresh {
+        if remaining_ms < i64::try_from(min_fresh.saturating_mul(1000)).unwrap_or(i64::MAX) {
+            return Usability::Validate;
+        }
+    }
+    if remaining_ms > 0 {
+        return Usability::Fresh;
+    }
+    if let Some(max_stale) = facts.max_stale {
+        let stale_ms = remaining_ms.unsigned_abs();
+        if !entry.has(flags::NO_STALE) && stale_ms <= max_stale.saturating_mul(1000) {
+            return Usability::StaleAccepted;
+        }
+    }
+    Usability::Validate
+}
+
+/// Per-route settings that take precedence over the layer's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Overrides {
+    /// Freshness when the response states none.
+    pub(crate) ttl: Option<Duration>,
+    /// Freshness whatever the response states.
+    pub(crate) override_ttl: Option<Duration>,
+    pub(crate) grace: Option<Duration>,
+    pub(crate) stale_if_error: Option<Duration>,
+    /// Store responses with `Set-Cookie` (the header is removed first).
+    pub(crate) strip_set_cookie: bool,
+    /// Requests with `Authorization` are keyed by their credential.
+    pub(crate) keyed_by_credential: bool,
 }
 
 /// The times that make a response an entry.
@@ -90,14 +218,32 @@ pub(crate) struct Freshness {
     pub(crate) fresh_until_ms: u64,
     pub(crate) stale_until_ms: u64,
     pub(crate) error_until_ms: u64,
+    /// Entry flags (`crate::entry::flags`).
+    pub(crate) flags: u8,
 }
+
+/// The `Cache-Control` that governs a shared cache: `CDN-Cache-Control`
+/// when the response has one (RFC 9213 §2.1: the targeted field wins and the
+/// general one is then ignored), else `Cache-Control`.
+pub(crate) fn governing_cache_control(headers: &HeaderMap) -> CacheControl {
+    let targeted = headers.get_all(&CDN_CACHE_CONTROL);
+    if targeted.iter().next().is_some() {
+        return CacheControl::parse(targeted);
+    }
+    CacheControl::parse(headers.get_all(header::CACHE_CONTROL))
+}
+
+/// `CDN-Cache-Control` (RFC 9213).
+static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
 
 /// Decides whether a response to a `GET` may be stored, and its freshness.
 /// `Err` carries the reason for `Cache-Status` `detail`.
 pub(crate) fn storability(
     config: &PolicyConfig,
+    overrides: &Overrides,
     status: StatusCode,
     headers: &HeaderMap,
+    authorized: bool,
     now: SystemTime,
 ) -> Result<Freshness, &'static str> {
     if status.is_informational()
@@ -106,31 +252,35 @@ pub(crate) fn storability(
     {
         return Err("status");
     }
-    let cc = CacheControl::parse(headers.get_all(header::CACHE_CONTROL));
+    let cc = governing_cache_control(headers);
     if cc.no_store {
         return Err("no-store");
     }
     if cc.private {
         return Err("private");
     }
-    // Storing and revalidating every use needs conditional requests to the
-    // origin; until then, a response that may not be reused unvalidated is
-    // not stored.
-    if cc.no_cache {
-        return Err("no-cache");
-    }
-    if headers.contains_key(header::SET_COOKIE) {
+    if headers.contains_key(header::SET_COOKIE) && !overrides.strip_set_cookie {
         return Err("set-cookie");
     }
     if vary_names(headers).is_none() {
         return Err("vary-star");
     }
+    // RFC 9111 §3.5: a response to a request with Authorization is shared
+    // only when it says so.
+    let authorized_ok = cc.public || cc.s_maxage.is_some() || cc.must_revalidate;
+    if authorized && !authorized_ok && !overrides.keyed_by_credential {
+        return Err("authorization");
+    }
 
     let now_ms = unix_ms(now);
-    let lifetime_secs = match explicit_lifetime(&cc, headers, now) {
-        Some(secs) => secs,
-        None if config.cacheable_statuses.contains(&status) => config.default_ttl.as_secs(),
-        None => return Err("status"),
+    let lifetime_secs = match (overrides.override_ttl, explicit_lifetime(&cc, headers, now)) {
+        (Some(ttl), _) => ttl.as_secs(),
+        (None, Some(secs)) => secs,
+        (None, None) if config.cacheable_statuses.contains(&status) => {
+            overrides.ttl.unwrap_or(config.default_ttl).as_secs()
+        }
+        (None, None) if cc.no_cache => 0,
+        (None, None) => return Err("status"),
     };
     // RFC 9111 §4.2.3: the corrected initial age is the larger of the
     // apparent age (now minus `Date`) and the `Age` the response carries.
@@ -143,14 +293,18 @@ pub(crate) fn storability(
     let age_ms = age_secs(headers).saturating_mul(1000).max(apparent_age_ms);
     let stored_at_ms = now_ms.saturating_sub(age_ms);
     let fresh_until_ms = stored_at_ms.saturating_add(lifetime_secs.saturating_mul(1000));
-    if fresh_until_ms <= now_ms {
+    let has_validator =
+        headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED);
+    // A response stale on arrival is worth keeping only to be validated
+    // (no-cache, or a validator to revalidate with).
+    if fresh_until_ms <= now_ms && !(cc.no_cache && has_validator) {
         return Err("stale");
     }
-    // RFC 9111 §5.2.2.2, §5.2.2.8: must-revalidate and proxy-revalidate
-    // forbid serving the response stale, whatever else says so.
-    let may_serve_stale = !(cc.must_revalidate || cc.proxy_revalidate);
+    // RFC 9111 §5.2.2.2, §5.2.2.8, §5.2.2.10: must-revalidate,
+    // proxy-revalidate and s-maxage forbid serving the response stale.
+    let no_stale = cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some();
     let window_ms = |stated: Option<u64>, configured: Duration| -> u64 {
-        if !may_serve_stale {
+        if no_stale || cc.no_cache {
             return 0;
         }
         match stated {
@@ -159,13 +313,28 @@ pub(crate) fn storability(
             None => u64::try_from(configured.as_millis()).unwrap_or(u64::MAX),
         }
     };
+    let mut entry_flags = 0;
+    if cc.no_cache {
+        entry_flags |= flags::REVALIDATE;
+    }
+    if no_stale {
+        entry_flags |= flags::NO_STALE;
+    }
+    if authorized_ok {
+        entry_flags |= flags::AUTHORIZED_OK;
+    }
     Ok(Freshness {
         stored_at_ms,
         fresh_until_ms,
-        stale_until_ms: fresh_until_ms
-            .saturating_add(window_ms(cc.stale_while_revalidate, config.grace)),
-        error_until_ms: fresh_until_ms
-            .saturating_add(window_ms(cc.stale_if_error, config.stale_if_error)),
+        stale_until_ms: fresh_until_ms.saturating_add(window_ms(
+            cc.stale_while_revalidate,
+            overrides.grace.unwrap_or(config.grace),
+        )),
+        error_until_ms: fresh_until_ms.saturating_add(window_ms(
+            cc.stale_if_error,
+            overrides.stale_if_error.unwrap_or(config.stale_if_error),
+        )),
+        flags: entry_flags,
     })
 }
 
@@ -299,8 +468,10 @@ mod tests {
     fn store(status: u16, pairs: &[(&str, &str)]) -> Result<Freshness, &'static str> {
         storability(
             &config(),
+            &Overrides::default(),
             StatusCode::from_u16(status).unwrap(),
             &headers(pairs),
+            false,
             now(),
         )
     }
@@ -328,13 +499,22 @@ mod tests {
             ..config()
         };
         assert_eq!(
-            storability(&cfg, StatusCode::OK, &HeaderMap::new(), now()),
+            storability(
+                &cfg,
+                &Overrides::default(),
+                StatusCode::OK,
+                &HeaderMap::new(),
+                false,
+                now()
+            ),
             Err("stale")
         );
         assert!(storability(
             &cfg,
+            &Overrides::default(),
             StatusCode::OK,
             &headers(&[("cache-control", "max-age=5")]),
+            false,
             now()
         )
         .is_ok());
@@ -351,10 +531,6 @@ mod tests {
         assert_eq!(
             store(200, &[("cache-control", "private, max-age=60")]),
             Err("private")
-        );
-        assert_eq!(
-            store(200, &[("cache-control", "no-cache")]),
-            Err("no-cache")
         );
         assert_eq!(store(200, &[("set-cookie", "a=b")]), Err("set-cookie"));
         assert_eq!(store(200, &[("vary", "accept, *")]), Err("vary-star"));
@@ -404,14 +580,30 @@ mod tests {
             stale_if_error: Duration::from_secs(300),
             ..config()
         };
-        let f = storability(&cfg, StatusCode::OK, &HeaderMap::new(), now()).unwrap();
+        let f = storability(
+            &cfg,
+            &Overrides::default(),
+            StatusCode::OK,
+            &HeaderMap::new(),
+            false,
+            now(),
+        )
+        .unwrap();
         assert_eq!(f.stale_until_ms, f.fresh_until_ms + 30_000);
         assert_eq!(f.error_until_ms, f.fresh_until_ms + 300_000);
         let stated = headers(&[(
             "cache-control",
             "max-age=10, stale-while-revalidate=5, stale-if-error=7",
         )]);
-        let f = storability(&cfg, StatusCode::OK, &stated, now()).unwrap();
+        let f = storability(
+            &cfg,
+            &Overrides::default(),
+            StatusCode::OK,
+            &stated,
+            false,
+            now(),
+        )
+        .unwrap();
         assert_eq!(f.stale_until_ms, f.fresh_until_ms + 5_000);
         assert_eq!(f.error_until_ms, f.fresh_until_ms + 7_000);
     }
@@ -429,8 +621,10 @@ mod tests {
         ] {
             let f = storability(
                 &cfg,
+                &Overrides::default(),
                 StatusCode::OK,
                 &headers(&[("cache-control", directive)]),
+                false,
                 now(),
             )
             .unwrap();
@@ -441,24 +635,276 @@ mod tests {
 
     #[test]
     fn requests_that_bypass() {
-        let plan = |m: Method, pairs: &[(&str, &str)]| plan_request(&m, &headers(pairs));
+        let plan = |m: Method, pairs: &[(&str, &str)]| {
+            plan_request(&m, &headers(pairs), ClientCacheControl::Obey)
+        };
         assert_eq!(plan(Method::POST, &[]), RequestPlan::Bypass("method"));
-        assert_eq!(
-            plan(Method::GET, &[("authorization", "Bearer x")]),
-            RequestPlan::Bypass("authorization")
-        );
         assert_eq!(
             plan(Method::GET, &[("range", "bytes=0-1")]),
             RequestPlan::Bypass("range")
         );
+        let RequestPlan::Lookup(facts) = plan(Method::GET, &[("authorization", "Bearer x")]) else {
+            panic!()
+        };
+        assert!(facts.authorized);
+        let RequestPlan::Lookup(facts) = plan(Method::HEAD, &[]) else {
+            panic!()
+        };
+        assert!(facts.may_store && !facts.no_cache);
+        let RequestPlan::Lookup(facts) = plan(Method::GET, &[("cache-control", "no-store")]) else {
+            panic!()
+        };
+        assert!(!facts.may_store);
+    }
+
+    #[test]
+    fn request_directives_obeyed_as_configured() {
+        let facts = |client, pairs: &[(&str, &str)]| match plan_request(
+            &Method::GET,
+            &headers(pairs),
+            client,
+        ) {
+            RequestPlan::Lookup(facts) => facts,
+            RequestPlan::Bypass(d) => panic!("{d}"),
+        };
+        let busting = [(
+            "cache-control",
+            "no-cache, max-age=0, min-fresh=5, max-stale=9, only-if-cached",
+        )];
+        let obeyed = facts(ClientCacheControl::Obey, &busting);
+        assert!(obeyed.no_cache && obeyed.only_if_cached);
         assert_eq!(
-            plan(Method::HEAD, &[]),
-            RequestPlan::Lookup { may_store: true }
+            (obeyed.max_age, obeyed.min_fresh, obeyed.max_stale),
+            (Some(0), Some(5), Some(9))
+        );
+        let shielded = facts(ClientCacheControl::IgnoreRevalidation, &busting);
+        assert!(!shielded.no_cache && shielded.only_if_cached);
+        assert_eq!(
+            (shielded.max_age, shielded.min_fresh, shielded.max_stale),
+            (None, None, Some(9))
+        );
+        let ignored = facts(ClientCacheControl::Ignore, &busting);
+        assert_eq!(
+            ignored,
+            RequestFacts {
+                may_store: true,
+                ..RequestFacts::default()
+            }
+        );
+        // Pragma counts only without Cache-Control (RFC 9111 §5.4).
+        assert!(facts(ClientCacheControl::Obey, &[("pragma", "no-cache")]).no_cache);
+        assert!(
+            !facts(
+                ClientCacheControl::Obey,
+                &[("pragma", "no-cache"), ("cache-control", "max-stale")]
+            )
+            .no_cache
+        );
+    }
+
+    fn entry_with(fresh_for_secs: i64, entry_flags: u8) -> Entry {
+        let fresh_until = (NOW_MS as i64 + fresh_for_secs * 1000) as u64;
+        Entry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::new(),
+            trailers: None,
+            stored_at_ms: NOW_MS - 10_000,
+            fresh_until_ms: fresh_until,
+            stale_until_ms: fresh_until,
+            error_until_ms: fresh_until,
+            rebuild_ms: 0,
+            flags: entry_flags,
+            vary: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn usability_follows_request_and_entry_directives() {
+        let any = RequestFacts {
+            may_store: true,
+            ..RequestFacts::default()
+        };
+        assert_eq!(
+            usability(&entry_with(5, 0), &any, false, NOW_MS),
+            Usability::Fresh
         );
         assert_eq!(
-            plan(Method::GET, &[("cache-control", "no-store")]),
-            RequestPlan::Lookup { may_store: false }
+            usability(&entry_with(-1, 0), &any, false, NOW_MS),
+            Usability::Validate
         );
+        assert_eq!(
+            usability(&entry_with(5, flags::REVALIDATE), &any, false, NOW_MS),
+            Usability::Validate
+        );
+        let no_cache = RequestFacts {
+            no_cache: true,
+            ..any.clone()
+        };
+        assert_eq!(
+            usability(&entry_with(5, 0), &no_cache, false, NOW_MS),
+            Usability::Validate
+        );
+        // Age is 10 s.
+        let max_age = RequestFacts {
+            max_age: Some(5),
+            ..any.clone()
+        };
+        assert_eq!(
+            usability(&entry_with(5, 0), &max_age, false, NOW_MS),
+            Usability::Validate
+        );
+        let min_fresh = RequestFacts {
+            min_fresh: Some(10),
+            ..any.clone()
+        };
+        assert_eq!(
+            usability(&entry_with(5, 0), &min_fresh, false, NOW_MS),
+            Usability::Validate
+        );
+        let max_stale = RequestFacts {
+            max_stale: Some(3),
+            ..any.clone()
+        };
+        assert_eq!(
+            usability(&entry_with(-2, 0), &max_stale, false, NOW_MS),
+            Usability::StaleAccepted
+        );
+        assert_eq!(
+            usability(&entry_with(-4, 0), &max_stale, false, NOW_MS),
+            Usability::Validate
+        );
+        assert_eq!(
+            usability(&entry_with(-2, flags::NO_STALE), &max_stale, false, NOW_MS),
+            Usability::Validate
+        );
+        let authorized = RequestFacts {
+            authorized: true,
+            ..any.clone()
+        };
+        assert_eq!(
+            usability(&entry_with(5, 0), &authorized, false, NOW_MS),
+            Usability::NotShared
+        );
+        assert_eq!(
+            usability(&entry_with(5, 0), &authorized, true, NOW_MS),
+            Usability::Fresh
+        );
+        assert_eq!(
+            usability(
+                &entry_with(5, flags::AUTHORIZED_OK),
+                &authorized,
+                false,
+                NOW_MS
+            ),
+            Usability::Fresh
+        );
+    }
+
+    #[test]
+    fn cdn_cache_control_wins_and_no_cache_is_stored_for_validation() {
+        let f = store(
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=30"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(f.fresh_until_ms, NOW_MS + 30_000);
+        assert_eq!(
+            store(
+                200,
+                &[
+                    ("cache-control", "max-age=30"),
+                    ("cdn-cache-control", "no-store")
+                ]
+            ),
+            Err("no-store")
+        );
+        let f = store(200, &[("cache-control", "no-cache, max-age=60")]).unwrap();
+        assert!(f.flags & flags::REVALIDATE != 0);
+        let f = store(200, &[("cache-control", "s-maxage=60")]).unwrap();
+        assert!(f.flags & flags::NO_STALE != 0 && f.flags & flags::AUTHORIZED_OK != 0);
+    }
+
+    #[test]
+    fn authorized_responses_need_explicit_permission() {
+        let authorized = |pairs: &[(&str, &str)]| {
+            storability(
+                &config(),
+                &Overrides::default(),
+                StatusCode::OK,
+                &headers(pairs),
+                true,
+                now(),
+            )
+        };
+        assert_eq!(
+            authorized(&[("cache-control", "max-age=60")]),
+            Err("authorization")
+        );
+        assert!(authorized(&[("cache-control", "public, max-age=60")]).is_ok());
+        assert!(authorized(&[("cache-control", "s-maxage=60")]).is_ok());
+        assert!(authorized(&[("cache-control", "must-revalidate, max-age=60")]).is_ok());
+        let keyed = Overrides {
+            keyed_by_credential: true,
+            ..Overrides::default()
+        };
+        assert!(storability(
+            &config(),
+            &keyed,
+            StatusCode::OK,
+            &headers(&[("cache-control", "max-age=60")]),
+            true,
+            now()
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn route_overrides() {
+        let o = Overrides {
+            override_ttl: Some(Duration::from_secs(5)),
+            ..Overrides::default()
+        };
+        let f = storability(
+            &config(),
+            &o,
+            StatusCode::OK,
+            &headers(&[("cache-control", "max-age=600")]),
+            false,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(f.fresh_until_ms, NOW_MS + 5_000);
+        let o = Overrides {
+            ttl: Some(Duration::from_secs(7)),
+            ..Overrides::default()
+        };
+        let f = storability(
+            &config(),
+            &o,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            false,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(f.fresh_until_ms, NOW_MS + 7_000);
+        let o = Overrides {
+            strip_set_cookie: true,
+            ..Overrides::default()
+        };
+        assert!(storability(
+            &config(),
+            &o,
+            StatusCode::OK,
+            &headers(&[("set-cookie", "a=b")]),
+            false,
+            now()
+        )
+        .is_ok());
     }
 
     #[test]
