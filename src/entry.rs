@@ -15,6 +15,55 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 const MAGIC: [u8; 2] = *b"TF";
 const VERSION: u8 = 1;
+/// Magic of a vary stub: the record under a URL whose responses vary.
+const VARY_MAGIC: [u8; 2] = *b"TV";
+
+/// What a key holds: an entry, or — for a URL whose responses vary on
+/// request headers — a stub naming those headers, the variants living under
+/// keys of their own (see `key::variant`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Record {
+    Entry(Entry),
+    Vary(Vec<HeaderName>),
+}
+
+impl Record {
+    /// Decodes an entry or a vary stub.
+    pub(crate) fn decode(record: &Bytes) -> Result<Record, DecodeError> {
+        if record.len() >= 2 && record[..2] == VARY_MAGIC {
+            let mut buf = record.slice(2..);
+            let version = get_u8(&mut buf)?;
+            if version != VERSION {
+                return Err(DecodeError::UnknownVersion(version));
+            }
+            let count = get_len(&mut buf)?;
+            let mut names = Vec::with_capacity(count.min(64));
+            for _ in 0..count {
+                names.push(
+                    HeaderName::from_bytes(&get_bytes(&mut buf)?)
+                        .map_err(|_| DecodeError::Invalid)?,
+                );
+            }
+            if buf.has_remaining() {
+                return Err(DecodeError::TrailingBytes);
+            }
+            return Ok(Record::Vary(names));
+        }
+        Entry::decode(record).map(Record::Entry)
+    }
+
+    /// Encodes a vary stub naming `names`.
+    pub(crate) fn encode_vary(names: &[HeaderName]) -> Bytes {
+        let mut out = BytesMut::new();
+        out.put_slice(&VARY_MAGIC);
+        out.put_u8(VERSION);
+        put_len(&mut out, names.len());
+        for name in names {
+            put_bytes(&mut out, name.as_str().as_bytes());
+        }
+        out.freeze()
+    }
+}
 
 /// Bits of [`Entry::flags`].
 pub(crate) mod flags {
@@ -377,6 +426,21 @@ mod tests {
     }
 
     #[test]
+    fn vary_stubs_round_trip_and_garbage_is_refused() {
+        let names = vec![
+            HeaderName::from_static("accept-language"),
+            HeaderName::from_static("accept-encoding"),
+        ];
+        let stub = Record::encode_vary(&names);
+        assert_eq!(Record::decode(&stub), Ok(Record::Vary(names)));
+        for cut in 0..stub.len() {
+            assert!(Record::decode(&stub.slice(..cut)).is_err() || cut < 2);
+        }
+        let entry = sample();
+        assert_eq!(Record::decode(&entry.encode()), Ok(Record::Entry(entry)));
+    }
+
+    #[test]
     fn foreign_values_are_not_entries() {
         assert_eq!(
             Entry::decode(&Bytes::from_static(b"hello")),
@@ -504,7 +568,10 @@ mod tests {
 
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = Entry::decode(&Bytes::from(bytes));
+            let _ = Entry::decode(&Bytes::from(bytes.clone()));
+            let mut stub = b"TV".to_vec();
+            stub.extend(bytes);
+            let _ = Record::decode(&Bytes::from(stub));
         }
 
         #[test]

@@ -10,16 +10,16 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::entry::Entry;
 use crate::key::CacheKey;
-use crate::layer::{Counters, Shared};
+use crate::layer::Shared;
 use crate::policy::Freshness;
-use crate::service::with_timeout;
-use crate::store::Fill as StoreFill;
 
 /// Everything needed to store a response once its body has been read.
 #[derive(Debug)]
 pub(crate) struct Fill {
     pub(crate) shared: Arc<Shared>,
     pub(crate) key: CacheKey,
+    /// The URL's key (differs from `key` for a variant).
+    pub(crate) base: CacheKey,
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
     pub(crate) freshness: Freshness,
@@ -96,31 +96,27 @@ impl Recorder {
             flags: fill.freshness.flags,
             vary: fill.vary,
         };
-        store_entry(fill.shared, fill.key, entry, fill.sets);
+        store_entry(fill.shared, fill.base, fill.key, entry, fill.sets);
     }
 }
 
 /// Writes `entry` to the store in a background task, bounded by the store
 /// timeout. Without a Tokio runtime nothing is stored (and nothing panics).
-pub(crate) fn store_entry(shared: Arc<Shared>, key: CacheKey, entry: Entry, sets: Vec<String>) {
+pub(crate) fn store_entry(
+    shared: Arc<Shared>,
+    base: CacheKey,
+    key: CacheKey,
+    entry: Entry,
+    sets: Vec<String>,
+) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         tracing::debug!("no tokio runtime; response not stored");
         return;
     };
     let mut write = Box::pin(async move {
-        let now_ms = crate::entry::unix_ms(std::time::SystemTime::now());
-        let ttl = entry.store_ttl(now_ms);
-        let record = entry.encode();
-        let fill = StoreFill::new(key.as_str(), record, ttl).joining(&sets);
-        match with_timeout(shared.store_timeout, shared.store.fill(fill)).await {
-            Ok(_) => {
-                Counters::bump(&shared.counters.stores);
-                shared.hit_for_miss.invalidate(key.as_str());
-            }
-            Err(err) => {
-                Counters::bump(&shared.counters.store_errors);
-                tracing::warn!(key = key.as_str(), error = %err, "tower-fence: storing a response failed");
-            }
+        if crate::rebuild::fill(&shared, &base, &key, &entry, None, &sets).await {
+            shared.hit_for_miss.invalidate(base.as_str());
+            shared.hit_for_miss.invalidate(key.as_str());
         }
     });
     // A store that completes at once (the memory store) is done before the

@@ -18,10 +18,13 @@ use crate::body::FenceBody;
 use crate::entry::{flags, unix_ms, Entry};
 use crate::flight::{Joined, Landing};
 use crate::invalidate::{self, InvalidationMode};
+use crate::key;
 use crate::layer::Counters;
 use crate::policy::{self, Usability};
 use crate::rebuild::{self, Job, LeaderResult};
-use crate::service::{entry_response, finish, vary_matches, Found, LookupFuture, Outcome, Pending};
+use crate::service::{
+    entry_response, finish, lookup, vary_matches, Found, LookupFuture, Outcome, Pending,
+};
 use crate::status::{CacheStatus, Fwd};
 
 /// How often a request joins a flight whose leader vanished before it goes
@@ -262,12 +265,28 @@ where
     RB::Data: Send,
     RB::Error: Send,
 {
-    let Pending { mut svc, req, miss } = pending;
+    let Pending {
+        mut svc,
+        req,
+        mut miss,
+    } = pending;
     let shared = miss.shared.clone();
     let now_ms = unix_ms(SystemTime::now());
     let head = req.method() == Method::HEAD;
     let mut store_failure = None;
+    let is_variant = miss.key != miss.base;
     let (fwd, stale) = match found {
+        Found::Vary(names) if !is_variant => {
+            // The URL's responses vary: look the request's variant up.
+            miss.key = key::variant(&miss.base, &names, req.headers());
+            let lookup = Box::pin(lookup(shared, miss.key.clone()));
+            return Step::Go(State::Lookup {
+                lookup,
+                pending: Some(Pending { svc, req, miss }),
+            });
+        }
+        Found::Vary(_) => (Fwd::VaryMiss, None),
+        Found::Nothing if is_variant => (Fwd::VaryMiss, None),
         Found::Failed(err) => {
             // Fail open, but still one request per key in this process: a
             // store outage must not become an origin stampede.
@@ -482,6 +501,7 @@ where
             let job = Job {
                 shared: miss.shared,
                 key: miss.key,
+                base: miss.base,
                 lead,
                 svc,
                 req,
@@ -537,6 +557,7 @@ fn spawn_refresh<S, B, RB>(
     let job = Job {
         shared: miss.shared,
         key: miss.key,
+        base: miss.base,
         lead,
         svc,
         req,

@@ -145,6 +145,35 @@ fn push_escaped(out: &mut String, ch: char) {
     }
 }
 
+/// The key of one variant of a URL whose responses vary on `names`: the
+/// base key with a hash of the request's values of those headers (each
+/// header's field lines joined by `, `, surrounding whitespace trimmed).
+/// It keeps the base key's readable path and hash tag.
+pub(crate) fn variant(base: &CacheKey, names: &[HeaderName], headers: &HeaderMap) -> CacheKey {
+    let mut hasher = Sha256::new();
+    frame(&mut hasher, b"tower-fence variant v1");
+    for name in names {
+        frame(&mut hasher, name.as_str().as_bytes());
+        let values: Vec<&[u8]> = headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.as_bytes().trim_ascii())
+            .collect();
+        hasher.update((values.len() as u64).to_be_bytes());
+        for value in values {
+            frame(&mut hasher, value);
+        }
+    }
+    let digest = hasher.finalize();
+    let mut storage = String::with_capacity(base.storage.len() + 18);
+    storage.push_str(&base.storage);
+    storage.push_str(".v");
+    for byte in &digest[..8] {
+        let _ = write!(storage, "{byte:02x}");
+    }
+    CacheKey { storage }
+}
+
 /// Escapes a path the way keys store it (for building prefix patterns).
 pub(crate) fn escape_path(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
@@ -329,6 +358,26 @@ mod tests {
         for bad in ["a*", "a?", "a[", "a]", "a\\", "{a}", "a#", "a\n"] {
             assert!(!valid_namespace(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn variants_keep_the_path_and_hash_tag_and_differ_by_value() {
+        let c = config();
+        let base = derive_from(&c, &Method::GET, &"/p".parse().unwrap(), &HeaderMap::new());
+        let names = [HeaderName::from_static("accept-language")];
+        let mut en = HeaderMap::new();
+        en.insert("accept-language", "en".parse().unwrap());
+        let mut de = HeaderMap::new();
+        de.insert("accept-language", " de ".parse().unwrap());
+        let v_en = variant(&base, &names, &en);
+        let v_de = variant(&base, &names, &de);
+        assert_ne!(v_en, v_de);
+        assert!(v_en.as_str().starts_with(base.as_str()));
+        assert!(prefix_pattern("tf:", "/p").matches(v_en.as_str()));
+        assert_eq!(v_en.as_str().matches('{').count(), 1);
+        let mut de_trimmed = HeaderMap::new();
+        de_trimmed.insert("accept-language", "de".parse().unwrap());
+        assert_eq!(variant(&base, &names, &de_trimmed), v_de);
     }
 
     #[test]

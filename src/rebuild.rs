@@ -14,16 +14,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower_service::Service;
 
 use crate::body::FenceBody;
-use crate::entry::{unix_ms, Entry};
+use crate::entry::{unix_ms, Entry, Record};
 use crate::flight::{Landing, Lead};
 use crate::invalidate;
+use crate::key;
 use crate::key::CacheKey;
 use crate::layer::{Counters, Shared};
 use crate::policy;
@@ -37,7 +38,10 @@ use crate::validation;
 /// request it sends there.
 pub(crate) struct Job<S, B> {
     pub(crate) shared: Arc<Shared>,
+    /// The key led and filled (the URL's or a variant's).
     pub(crate) key: CacheKey,
+    /// The URL's key.
+    pub(crate) base: CacheKey,
     pub(crate) lead: Lead,
     pub(crate) svc: S,
     pub(crate) req: Request<B>,
@@ -84,6 +88,7 @@ where
     let Job {
         shared,
         key,
+        base,
         lead,
         svc,
         mut req,
@@ -229,8 +234,8 @@ where
         Rebuilt::Storable(entry, tags) => {
             let sets = invalidate::fill_sets(&shared, &path, &tags);
             let stored = match lease {
-                Lease::Held => fill(&shared, &key, &entry, Some(&token), &sets).await,
-                Lease::Unknown => fill(&shared, &key, &entry, None, &sets).await,
+                Lease::Held => fill(&shared, &base, &key, &entry, Some(&token), &sets).await,
+                Lease::Unknown => fill(&shared, &base, &key, &entry, None, &sets).await,
                 Lease::Elsewhere => false,
             };
             shared.hit_for_miss.invalidate(key.as_str());
@@ -308,6 +313,7 @@ where
     let Job {
         shared,
         key,
+        base,
         lead,
         svc,
         mut req,
@@ -351,7 +357,7 @@ where
     match extend_while(&shared, &key, &token, true, rebuild).await {
         Rebuilt::Storable(entry, tags) => {
             let sets = invalidate::fill_sets(&shared, &path, &tags);
-            fill(&shared, &key, &entry, Some(&token), &sets).await;
+            fill(&shared, &base, &key, &entry, Some(&token), &sets).await;
             lead.land(Landing::Response(Arc::new(entry)));
         }
         _ => {
@@ -752,22 +758,81 @@ async fn read_usable(
     let record = with_timeout(shared.store_timeout, shared.store.get(key.as_str()))
         .await
         .ok()??;
-    let entry = Entry::decode(&record).ok()?;
-    (entry.is_fresh(unix_ms(SystemTime::now())) && vary_matches(&entry, request_headers))
-        .then_some(entry)
+    let entry = match Record::decode(&record).ok()? {
+        Record::Entry(entry) => entry,
+        // The fill was of a varying response: read this request's variant.
+        Record::Vary(names) => {
+            let variant = key::variant(key, &names, request_headers);
+            let record = with_timeout(shared.store_timeout, shared.store.get(variant.as_str()))
+                .await
+                .ok()??;
+            Entry::decode(&record).ok()?
+        }
+    };
+    let usable = entry.is_fresh(unix_ms(SystemTime::now()))
+        && !entry.has(crate::entry::flags::REVALIDATE)
+        && vary_matches(&entry, request_headers);
+    usable.then_some(entry)
 }
 
-/// Stores `entry`, fenced by `token` when given, joining `sets`; `true`
-/// when stored.
-async fn fill(
+/// Stores `entry` under `key` (the URL's key `base`, or one of its
+/// variants), fenced by `token` when given, joining `sets`; `true` when
+/// stored.
+///
+/// A response that varies, stored under the URL's own key, goes to its
+/// variant's key, and the URL's key gets a vary stub naming the headers. The
+/// variant is written first and the stub, fenced by the lease, second: if
+/// the lease was lost meanwhile the variant is removed again, so an
+/// invalidation during the rebuild leaves nothing behind.
+pub(crate) async fn fill(
     shared: &Shared,
+    base: &CacheKey,
     key: &CacheKey,
     entry: &Entry,
     token: Option<&str>,
     sets: &[String],
 ) -> bool {
     let ttl = entry.store_ttl(unix_ms(SystemTime::now()));
-    let mut fill = StoreFill::new(key.as_str(), entry.encode(), ttl).joining(sets);
+    let names: Vec<HeaderName> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
+    if names.is_empty() {
+        return write(shared, key, entry.encode(), ttl, token, sets).await;
+    }
+    let stub = Record::encode_vary(&names);
+    if key != base {
+        // Already the variant's key (the stub was found): refresh the stub.
+        let stored = write(shared, key, entry.encode(), ttl, token, sets).await;
+        if stored {
+            write(shared, base, stub, ttl, None, &[]).await;
+        }
+        return stored;
+    }
+    let request_values: HeaderMap = entry
+        .vary
+        .iter()
+        .filter_map(|(name, value)| Some((name.clone(), value.clone()?)))
+        .collect();
+    let variant = key::variant(base, &names, &request_values);
+    if !write(shared, &variant, entry.encode(), ttl, None, sets).await {
+        return false;
+    }
+    // The stub joins no set: an invalidation removes the variants (they
+    // joined the sets), and a stub whose variant is gone is a vary-miss.
+    if write(shared, base, stub, ttl, token, &[]).await {
+        return true;
+    }
+    let _ = with_timeout(shared.store_timeout, shared.store.delete(variant.as_str())).await;
+    false
+}
+
+async fn write(
+    shared: &Shared,
+    key: &CacheKey,
+    record: Bytes,
+    ttl: Duration,
+    token: Option<&str>,
+    sets: &[String],
+) -> bool {
+    let mut fill = StoreFill::new(key.as_str(), record, ttl).joining(sets);
     if let Some(token) = token {
         fill = fill.fenced_by(token);
     }

@@ -14,7 +14,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::FenceBody;
-use crate::entry::{unix_ms, Entry};
+use crate::entry::{unix_ms, Entry, Record};
 use crate::fill::{Fill, Recorder};
 use crate::future::ResponseFuture;
 use crate::invalidate;
@@ -135,6 +135,7 @@ where
                 req,
                 miss: Miss {
                     shared: self.shared.clone(),
+                    base: key.clone(),
                     key,
                     facts,
                     overrides,
@@ -158,16 +159,19 @@ pub(crate) struct Pending<S, B> {
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Found {
     Entry(Entry),
+    /// A vary stub: the variant is under a key of its own.
+    Vary(Vec<HeaderName>),
     Nothing,
     Failed(StoreError),
 }
 
 pub(crate) type LookupFuture = Pin<Box<dyn Future<Output = Found> + Send>>;
 
-async fn lookup(shared: Arc<Shared>, key: CacheKey) -> Found {
+pub(crate) async fn lookup(shared: Arc<Shared>, key: CacheKey) -> Found {
     match with_timeout(shared.store_timeout, shared.store.get(key.as_str())).await {
-        Ok(Some(record)) => match Entry::decode(&record) {
-            Ok(entry) => Found::Entry(entry),
+        Ok(Some(record)) => match Record::decode(&record) {
+            Ok(Record::Entry(entry)) => Found::Entry(entry),
+            Ok(Record::Vary(names)) => Found::Vary(names),
             Err(err) => {
                 Counters::bump(&shared.counters.decode_errors);
                 tracing::warn!(key = key.as_str(), error = %err, "tower-fence: deleting a record that does not decode");
@@ -209,7 +213,10 @@ where
 #[derive(Debug)]
 pub(crate) struct Miss {
     pub(crate) shared: Arc<Shared>,
+    /// The key looked up, led and filled: the URL's, or its variant's.
     pub(crate) key: CacheKey,
+    /// The URL's key (which holds the vary stub when responses vary).
+    pub(crate) base: CacheKey,
     /// What the request asks of the cache.
     pub(crate) facts: policy::RequestFacts,
     /// The route's settings.
@@ -402,6 +409,7 @@ pub(crate) fn finish<B: Body>(response: Response<B>, outcome: Outcome) -> Respon
                             sets: invalidate::fill_sets(&shared, &path, &tags),
                             shared: miss.shared.clone(),
                             key: miss.key,
+                            base: miss.base,
                             status: parts.status,
                             headers: policy::storable_headers(&parts.headers),
                             freshness,

@@ -206,7 +206,7 @@ on_both_stores!(
     garbage_records_are_misses_and_deleted,
     inner_errors_pass_through,
     trailers_are_cached,
-    vary_mismatch_is_a_miss,
+    variants_are_stored_side_by_side,
     authorization_is_shared_only_with_permission,
     status_codes_follow_the_configuration,
 );
@@ -449,7 +449,7 @@ async fn trailers_are_cached(backend: Backend) {
     assert_eq!(origin.calls(), 1);
 }
 
-async fn vary_mismatch_is_a_miss(backend: Backend) {
+async fn variants_are_stored_side_by_side(backend: Backend) {
     let origin = Origin::default();
     let app = origin
         .router()
@@ -470,6 +470,13 @@ async fn vary_mismatch_is_a_miss(backend: Backend) {
         de.cache_status()
     );
     assert_ne!(de.body, en.body);
+    assert_eq!(origin.calls(), 2);
+    // Both variants are kept, each served to its own requests.
+    settle().await;
+    let en_again = send(&app, req("en")).await;
+    let de_again = send(&app, req("de")).await;
+    assert!(en_again.is_hit() && de_again.is_hit());
+    assert_eq!((en_again.body, de_again.body), (en.body, de.body));
     assert_eq!(origin.calls(), 2);
 }
 
@@ -496,7 +503,9 @@ async fn authorization_is_shared_only_with_permission(backend: Backend) {
     // With `public` it is.
     send(&app, authorized("/open?cc=public%2C%20max-age%3D60")).await;
     settle().await;
-    assert!(send(&app, authorized("/open?cc=public%2C%20max-age%3D60")).await.is_hit());
+    assert!(send(&app, authorized("/open?cc=public%2C%20max-age%3D60"))
+        .await
+        .is_hit());
     assert_eq!(origin.calls(), 3);
     // An entry stored for anonymous requests without `public` is not given
     // to a request with credentials.
@@ -504,7 +513,11 @@ async fn authorization_is_shared_only_with_permission(backend: Backend) {
     settle().await;
     assert!(get_path(&app, "/anon?cc=max-age%3D60").await.is_hit());
     let reply = send(&app, authorized("/anon?cc=max-age%3D60")).await;
-    assert!(reply.cache_status().contains("fwd=request"), "{}", reply.cache_status());
+    assert!(
+        reply.cache_status().contains("fwd=request"),
+        "{}",
+        reply.cache_status()
+    );
     assert_eq!(origin.calls(), 5);
 }
 
