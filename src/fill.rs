@@ -27,6 +27,8 @@ pub(crate) struct Fill {
     pub(crate) started: Instant,
     /// Sets the entry joins (tags, prefix indexes).
     pub(crate) sets: Vec<String>,
+    /// Headers the route declared to vary on (part of the key already).
+    pub(crate) declared_vary: Vec<HeaderName>,
 }
 
 /// Collects a response body, as the client reads it, up to the size cap.
@@ -96,7 +98,14 @@ impl Recorder {
             flags: fill.freshness.flags,
             vary: fill.vary,
         };
-        store_entry(fill.shared, fill.base, fill.key, entry, fill.sets);
+        store_entry(
+            fill.shared,
+            fill.base,
+            fill.key,
+            entry,
+            fill.sets,
+            fill.declared_vary,
+        );
     }
 }
 
@@ -108,13 +117,14 @@ pub(crate) fn store_entry(
     key: CacheKey,
     entry: Entry,
     sets: Vec<String>,
+    declared_vary: Vec<HeaderName>,
 ) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         tracing::debug!("no tokio runtime; response not stored");
         return;
     };
     let mut write = Box::pin(async move {
-        if crate::rebuild::fill(&shared, &base, &key, &entry, None, &sets).await {
+        if crate::rebuild::fill(&shared, &base, &key, &entry, None, &sets, &declared_vary).await {
             shared.hit_for_miss.invalidate(base.as_str());
             shared.hit_for_miss.invalidate(key.as_str());
         }

@@ -194,13 +194,26 @@ where
                         }
                     };
                     let invalidation = match &outcome {
-                        Some(Outcome::Write { shared, uri, host }) => {
-                            let targets = invalidate::targets_of_write(
+                        Some(Outcome::Write {
+                            shared,
+                            uri,
+                            host,
+                            also,
+                        }) => {
+                            let mut targets = invalidate::targets_of_write(
                                 uri,
                                 host.as_deref(),
                                 response.status(),
                                 response.headers(),
                             );
+                            if !targets.is_empty() {
+                                for path in also {
+                                    let target = invalidate::Target::Prefix(path.clone());
+                                    if !targets.contains(&target) {
+                                        targets.push(target);
+                                    }
+                                }
+                            }
                             Some((shared.clone(), targets))
                         }
                         _ => None,
@@ -292,7 +305,10 @@ where
             // store outage must not become an origin stampede.
             Counters::bump(&shared.counters.bypasses);
             store_failure = Some(err.detail());
-            if head || !miss.facts.may_store || miss.facts.authorized {
+            if head
+                || !miss.facts.may_store
+                || (miss.facts.authorized && !miss.overrides.keyed_by_credential)
+            {
                 let fut = svc.call(req);
                 return Step::Go(State::Inner {
                     fut,
@@ -378,7 +394,7 @@ where
     }
     if head
         || !miss.facts.may_store
-        || miss.facts.authorized
+        || (miss.facts.authorized && !miss.overrides.keyed_by_credential)
         || shared.hit_for_miss.contains_key(miss.key.as_str())
     {
         // HEAD gets no body to store; `no-store` requests store nothing;

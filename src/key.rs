@@ -59,6 +59,17 @@ pub(crate) fn derive_from(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> CacheKey {
+    derive_with(config, method, uri, headers, &[])
+}
+
+/// [`derive_from`] with extra key material (a route rule's key parts).
+pub(crate) fn derive_with(
+    config: &KeyConfig,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    extra: &[Vec<u8>],
+) -> CacheKey {
     let method_class = method_class(method);
     let authority = uri
         .authority()
@@ -91,6 +102,10 @@ pub(crate) fn derive_from(
         for value in values {
             frame(&mut hasher, value);
         }
+    }
+    hasher.update((extra.len() as u64).to_be_bytes());
+    for part in extra {
+        frame(&mut hasher, part);
     }
     let digest = hasher.finalize();
 

@@ -14,6 +14,7 @@ use crate::invalidate::{
     InvalidationConfig, InvalidationMode, Invalidator, PrefixStrategy, WriteMethods,
 };
 use crate::key::{self, KeyConfig};
+use crate::policy::rules::{Rule, Rules};
 use crate::policy::{ClientCacheControl, PolicyConfig, DEFAULT_CACHEABLE_STATUSES};
 use crate::service::FenceService;
 use crate::store::{MemoryStore, Store};
@@ -75,6 +76,7 @@ pub(crate) struct Shared {
     pub(crate) hit_for_miss: moka::sync::Cache<String, ()>,
     pub(crate) invalidation: InvalidationConfig,
     pub(crate) client_cache_control: ClientCacheControl,
+    pub(crate) rules: Rules,
     pub(crate) counters: Counters,
 }
 
@@ -229,6 +231,7 @@ pub struct FenceLayerBuilder {
     invalidation_attempts: u32,
     tag_header: Option<String>,
     client_cache_control: ClientCacheControl,
+    rules: Rules,
 }
 
 impl Default for FenceLayerBuilder {
@@ -256,6 +259,7 @@ impl Default for FenceLayerBuilder {
             invalidation_attempts: DEFAULT_INVALIDATION_ATTEMPTS,
             tag_header: Some(DEFAULT_TAG_HEADER.to_owned()),
             client_cache_control: ClientCacheControl::default(),
+            rules: Rules::new(),
         }
     }
 }
@@ -285,6 +289,7 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("invalidation_attempts", &self.invalidation_attempts)
             .field("tag_header", &self.tag_header)
             .field("client_cache_control", &self.client_cache_control)
+            .field("rules", &self.rules)
             .finish()
     }
 }
@@ -444,6 +449,32 @@ impl FenceLayerBuilder {
         self
     }
 
+    /// Adds a route rule; the first rule that matches a request decides how
+    /// it is cached (see [`Rule`]). Rules are checked when the layer is
+    /// built.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_fence::policy::rules::Rule;
+    /// use tower_fence::FenceLayer;
+    ///
+    /// let layer = FenceLayer::builder()
+    ///     .rule(Rule::path("/users/{id}").ttl(Duration::from_secs(30)).tags(["user-{id}"]))
+    ///     .rule(Rule::prefix("/admin").off())
+    ///     .build()
+    ///     .unwrap();
+    /// ```
+    pub fn rule(mut self, rule: Rule) -> Self {
+        self.rules.push(rule);
+        self
+    }
+
+    /// Adds route rules, in order (see [`rule`](Self::rule)).
+    pub fn rules(mut self, rules: impl IntoIterator<Item = Rule>) -> Self {
+        self.rules.extend(rules);
+        self
+    }
+
     /// How long a key whose rebuild could not be shared (a `private`,
     /// `Set-Cookie` or too large response) is remembered, so that its
     /// requests go straight to the inner service instead of queueing behind
@@ -514,6 +545,7 @@ impl FenceLayerBuilder {
                 self.xfetch_beta
             )));
         }
+        self.rules.validate()?;
         if self.lease_ttl.is_zero() {
             return Err(ConfigError::new("lease_ttl must be longer than zero"));
         }
@@ -568,6 +600,7 @@ impl FenceLayerBuilder {
                     dead_letters: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 },
                 client_cache_control: self.client_cache_control,
+                rules: self.rules,
                 counters: Counters::default(),
             }),
         })

@@ -232,10 +232,33 @@ where
             Ok(stale_response_with(&stale, status_line, "stale-if-error"))
         }
         Rebuilt::Storable(entry, tags) => {
+            let tags = [tags.as_slice(), overrides.tags.as_slice()].concat();
             let sets = invalidate::fill_sets(&shared, &path, &tags);
             let stored = match lease {
-                Lease::Held => fill(&shared, &base, &key, &entry, Some(&token), &sets).await,
-                Lease::Unknown => fill(&shared, &base, &key, &entry, None, &sets).await,
+                Lease::Held => {
+                    fill(
+                        &shared,
+                        &base,
+                        &key,
+                        &entry,
+                        Some(&token),
+                        &sets,
+                        &overrides.declared_vary,
+                    )
+                    .await
+                }
+                Lease::Unknown => {
+                    fill(
+                        &shared,
+                        &base,
+                        &key,
+                        &entry,
+                        None,
+                        &sets,
+                        &overrides.declared_vary,
+                    )
+                    .await
+                }
                 Lease::Elsewhere => false,
             };
             shared.hit_for_miss.invalidate(key.as_str());
@@ -356,8 +379,18 @@ where
     let rebuild = rebuild(ctx, svc, req);
     match extend_while(&shared, &key, &token, true, rebuild).await {
         Rebuilt::Storable(entry, tags) => {
+            let tags = [tags.as_slice(), overrides.tags.as_slice()].concat();
             let sets = invalidate::fill_sets(&shared, &path, &tags);
-            fill(&shared, &base, &key, &entry, Some(&token), &sets).await;
+            fill(
+                &shared,
+                &base,
+                &key,
+                &entry,
+                Some(&token),
+                &sets,
+                &overrides.declared_vary,
+            )
+            .await;
             lead.land(Landing::Response(Arc::new(entry)));
         }
         _ => {
@@ -791,10 +824,12 @@ pub(crate) async fn fill(
     entry: &Entry,
     token: Option<&str>,
     sets: &[String],
+    declared_vary: &[HeaderName],
 ) -> bool {
     let ttl = entry.store_ttl(unix_ms(SystemTime::now()));
     let names: Vec<HeaderName> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
-    if names.is_empty() {
+    // Headers the route declared to vary on are in the key already.
+    if names.iter().all(|name| declared_vary.contains(name)) {
         return write(shared, key, entry.encode(), ttl, token, sets).await;
     }
     let stub = Record::encode_vary(&names);

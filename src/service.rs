@@ -96,33 +96,78 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let facts = match policy::plan_request(
-            req.method(),
-            req.headers(),
-            self.shared.client_cache_control,
-        ) {
+        let shared = &self.shared;
+        let matched = if shared.rules.is_empty() {
+            None
+        } else {
+            shared.rules.find(req.method(), req.uri().path())
+        };
+        let (parts, body) = req.into_parts();
+        let route_bypass = matched.as_ref().and_then(|m| m.rule.bypass_reason(&parts));
+        let plan = match route_bypass {
+            Some(detail) => RequestPlan::Bypass(detail),
+            None => {
+                policy::plan_request(&parts.method, &parts.headers, shared.client_cache_control)
+            }
+        };
+        let facts = match plan {
             RequestPlan::Bypass(detail) => {
-                Counters::bump(&self.shared.counters.bypasses);
-                let outcome = if invalidate::is_write(&self.shared, req.method(), req.headers()) {
+                Counters::bump(&shared.counters.bypasses);
+                let write = invalidate::is_write(shared, &parts.method, &parts.headers)
+                    && !matched
+                        .as_ref()
+                        .is_some_and(|m| m.rule.invalidates_nothing());
+                let outcome = if write {
                     Outcome::Write {
-                        shared: self.shared.clone(),
-                        uri: req.uri().clone(),
-                        host: req
-                            .headers()
+                        shared: shared.clone(),
+                        uri: parts.uri.clone(),
+                        host: parts
+                            .headers
                             .get(header::HOST)
                             .and_then(|h| h.to_str().ok())
                             .map(str::to_owned),
+                        also: matched
+                            .as_ref()
+                            .map(|m| m.invalidations())
+                            .unwrap_or_default(),
                     }
                 } else {
-                    Outcome::Pass(self.shared.clone(), CacheStatus::bypass(detail))
+                    Outcome::Pass(shared.clone(), CacheStatus::bypass(detail))
                 };
-                let fut = self.inner.call(req);
+                let fut = self.inner.call(Request::from_parts(parts, body));
                 return ResponseFuture::inner(fut, outcome);
             }
             RequestPlan::Lookup(facts) => facts,
         };
-        let overrides = policy::Overrides::default();
-        let key = key::derive_from(&self.shared.key, req.method(), req.uri(), req.headers());
+        let (key, overrides) = match &matched {
+            None => (
+                key::derive_from(&shared.key, &parts.method, &parts.uri, &parts.headers),
+                policy::Overrides::default(),
+            ),
+            Some(m) => {
+                let rule = m.rule;
+                let extra = rule.key_parts(&parts);
+                let key = key::derive_with(
+                    &shared.key,
+                    &parts.method,
+                    &parts.uri,
+                    &parts.headers,
+                    &extra,
+                );
+                let overrides = policy::Overrides {
+                    tags: m.tags(),
+                    declared_vary: rule.vary_headers().to_vec(),
+                    ttl: rule.ttl_setting(),
+                    override_ttl: rule.override_ttl_setting(),
+                    grace: rule.grace_setting(),
+                    stale_if_error: rule.stale_if_error_setting(),
+                    strip_set_cookie: rule.strips_set_cookie(),
+                    keyed_by_credential: rule.authorization_keyed(),
+                };
+                (key, overrides)
+            }
+        };
+        let req = Request::from_parts(parts, body);
         // `poll_ready` readied `self.inner`: take that one for this request
         // and leave a fresh clone behind (tower's clone-and-swap).
         let clone = self.inner.clone();
@@ -233,6 +278,8 @@ pub(crate) enum Outcome {
         shared: Arc<Shared>,
         uri: http::Uri,
         host: Option<String>,
+        /// More prefixes the route's rule invalidates.
+        also: Vec<String>,
     },
     /// A miss: store the response if it may be stored.
     Fill {
@@ -406,7 +453,12 @@ pub(crate) fn finish<B: Body>(response: Response<B>, outcome: Outcome) -> Respon
                             .upper()
                             .is_some_and(|upper| upper <= shared.max_body_size as u64);
                         let fill = Fill {
-                            sets: invalidate::fill_sets(&shared, &path, &tags),
+                            sets: invalidate::fill_sets(
+                                &shared,
+                                &path,
+                                &[tags.as_slice(), miss.overrides.tags.as_slice()].concat(),
+                            ),
+                            declared_vary: miss.overrides.declared_vary.clone(),
                             shared: miss.shared.clone(),
                             key: miss.key,
                             base: miss.base,

@@ -12,6 +12,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, StatusCode};
 
 mod cache_control;
+pub mod rules;
 
 use cache_control::delta_seconds;
 pub(crate) use cache_control::CacheControl;
@@ -196,8 +197,13 @@ pub(crate) fn usability(
 }
 
 /// Per-route settings that take precedence over the layer's.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Overrides {
+    /// Tags every entry of the route joins.
+    pub(crate) tags: Vec<String>,
+    /// Request headers the route's responses are declared to vary on: they
+    /// are part of the key, so such responses need no vary stub.
+    pub(crate) declared_vary: Vec<HeaderName>,
     /// Freshness when the response states none.
     pub(crate) ttl: Option<Duration>,
     /// Freshness whatever the response states.
