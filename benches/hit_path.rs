@@ -1,1 +1,290 @@
-fn main() {}
+//! A cache hit through the whole service, the way axum drives it: clone the
+//! service, `oneshot` one request, collect the body.
+//!
+//! Group `hit_path`:
+//! - `memory`: `FenceLayer::memory()` around a tiny origin;
+//! - `redis`: the same layer on a `RedisStore`, on a private `redis-server`
+//!   this bench starts on a free loopback port;
+//! - `redis_raw_get`: a bare `GET` of the same stored record through the same
+//!   bb8 pool (`test_on_check_out(false)`: one round trip), the floor a Redis
+//!   hit is measured against;
+//! - `redis_raw_get_pool_default`: the same `GET` through a pool with bb8's
+//!   defaults (which `PING`s every checkout: two round trips).
+//!
+//! Every measured path is checked first: the service must answer with a
+//! `Cache-Status` hit and the raw `GET` must return the stored record.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::hint::black_box;
+use std::time::Duration;
+
+use bb8_redis::{bb8, redis, RedisConnectionManager};
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::header::CACHE_CONTROL;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::runtime::Runtime;
+use tower::{Layer, Service, ServiceExt};
+use tower_fence::store::RedisStore;
+use tower_fence::{FenceBody, FenceLayer, CACHE_STATUS};
+
+use support::RedisProcess;
+
+/// Size of the origin's (and so the cached) body.
+const BODY_LEN: usize = 1024;
+/// The one URI every request asks for.
+const URI: &str = "http://bench.example/items/42?page=1";
+
+type Req = Request<Empty<Bytes>>;
+type Res = Response<FenceBody<Full<Bytes>>>;
+
+/// The origin: a 1 KiB body, fresh for 10 minutes.
+fn origin() -> impl Service<
+    Req,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    let body = Bytes::from(vec![b'x'; BODY_LEN]);
+    tower::service_fn(move |_req: Req| {
+        let body = body.clone();
+        async move {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header(CACHE_CONTROL, "max-age=600")
+                    .header("content-type", "application/octet-stream")
+                    .body(Full::new(body))
+                    .expect("valid response"),
+            )
+        }
+    })
+}
+
+fn request() -> Req {
+    Request::get(URI).body(Empty::new()).expect("valid request")
+}
+
+/// One request through a clone of `svc`, body collected (what axum does per
+/// request). Returns the response head and the body bytes.
+async fn call<S>(svc: &S, req: Req) -> (http::response::Parts, Bytes)
+where
+    S: Service<Req, Response = Res, Error = Infallible> + Clone,
+{
+    let response = svc
+        .clone()
+        .oneshot(req)
+        .await
+        .unwrap_or_else(|e| match e {});
+    let (parts, body) = response.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .unwrap_or_else(|e| match e {})
+        .to_bytes();
+    (parts, bytes)
+}
+
+/// Whether the response's `Cache-Status` carries tower-fence's `hit`.
+fn is_hit(parts: &http::response::Parts) -> bool {
+    parts.headers.get_all(&CACHE_STATUS).iter().any(|value| {
+        let mut members = value.to_str().unwrap_or("").split(';').map(str::trim);
+        members.next() == Some(tower_fence::CACHE_NAME) && members.any(|p| p == "hit")
+    })
+}
+
+fn cache_status(parts: &http::response::Parts) -> String {
+    parts
+        .headers
+        .get_all(&CACHE_STATUS)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("<non-ascii>"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Fills the cache with one request, then asserts that the next one is a
+/// hit with the full body. Polls a little, since a remote store writes in
+/// the background.
+async fn warm<S>(svc: &S, what: &str)
+where
+    S: Service<Req, Response = Res, Error = Infallible> + Clone,
+{
+    let (first, body) = call(svc, request()).await;
+    assert_eq!(body.len(), BODY_LEN, "{what}: origin body");
+    assert!(
+        !is_hit(&first),
+        "{what}: the very first request cannot be a hit: {}",
+        cache_status(&first)
+    );
+    let mut last = String::new();
+    for _ in 0..100 {
+        let (parts, body) = call(svc, request()).await;
+        if is_hit(&parts) {
+            assert_eq!(body.len(), BODY_LEN, "{what}: cached body");
+            return;
+        }
+        last = cache_status(&parts);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: the warm request never became a hit; last cache-status: {last}");
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio current-thread runtime")
+}
+
+/// A pool that does not `PING` on checkout, so a checked-out `GET` is one
+/// round trip.
+async fn pool_without_checkout_test(process: &RedisProcess) -> bb8::Pool<RedisConnectionManager> {
+    let manager = RedisConnectionManager::new(process.url()).expect("valid redis url");
+    bb8::Pool::builder()
+        .max_size(8)
+        .connection_timeout(Duration::from_secs(2))
+        .test_on_check_out(false)
+        .build(manager)
+        .await
+        .expect("build bb8 pool")
+}
+
+/// A raw `GET` of `key` through `pool`: check out, query, check in.
+async fn raw_get(pool: &bb8::Pool<RedisConnectionManager>, key: &str) -> Option<Vec<u8>> {
+    let mut conn = pool.get().await.expect("checkout");
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut *conn)
+        .await
+        .expect("GET")
+}
+
+fn hit_path(c: &mut Criterion) {
+    let rt = runtime();
+
+    // --- memory -----------------------------------------------------------
+    let memory_layer = FenceLayer::memory();
+    let memory = memory_layer.layer(origin());
+    rt.block_on(warm(&memory, "memory"));
+    let memory_before = memory_layer.stats();
+
+    // --- redis ------------------------------------------------------------
+    let process = RedisProcess::start();
+    let pool = rt.block_on(pool_without_checkout_test(&process));
+    let default_pool = rt.block_on(process.pool());
+    let layer = FenceLayer::with_store(RedisStore::new(pool.clone()));
+    let redis_svc = layer.layer(origin());
+    rt.block_on(warm(&redis_svc, "redis"));
+
+    // The entry's key, found the way an operator would: `SCAN MATCH tf:*`
+    // (a rebuild lease, `<key>:lease`, may share the prefix).
+    let keys = rt.block_on(process.keys_matching("tf:*"));
+    let entries: Vec<&String> = keys.iter().filter(|k| !k.ends_with(":lease")).collect();
+    assert_eq!(
+        entries.len(),
+        1,
+        "exactly one entry after warming: {keys:?}"
+    );
+    let key = entries[0].clone();
+    assert_eq!(
+        key,
+        layer.cache_key(&request()),
+        "the stored key is the layer's"
+    );
+    let stored = rt
+        .block_on(layer.store().get(&key))
+        .expect("store get")
+        .expect("the store holds the entry");
+    for (name, p) in [("pool", &pool), ("default pool", &default_pool)] {
+        let raw = rt.block_on(raw_get(p, &key));
+        assert_eq!(
+            raw.as_deref(),
+            Some(stored.as_ref()),
+            "raw GET through the {name} returns the stored record"
+        );
+        assert!(stored.len() > BODY_LEN, "the record holds the body");
+    }
+
+    let redis_before = layer.stats();
+
+    let mut group = c.benchmark_group("hit_path");
+    group
+        .sample_size(50)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(5));
+
+    group.bench_function("memory", |b| {
+        b.to_async(&rt).iter_batched(
+            request,
+            |req| async {
+                let (parts, body) = call(&memory, req).await;
+                black_box((parts, body))
+            },
+            BatchSize::SmallInput,
+        );
+    });
+
+    group.bench_function("redis", |b| {
+        b.to_async(&rt).iter_batched(
+            request,
+            |req| async {
+                let (parts, body) = call(&redis_svc, req).await;
+                black_box((parts, body))
+            },
+            BatchSize::SmallInput,
+        );
+    });
+
+    group.bench_function("redis_raw_get", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(raw_get(&pool, black_box(&key)).await) });
+    });
+
+    group.bench_function("redis_raw_get_pool_default", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(raw_get(&default_pool, black_box(&key)).await) });
+    });
+
+    group.finish();
+
+    // Every measured request was a hit: nothing else moved the counters.
+    for (what, before, after) in [
+        ("memory", memory_before, memory_layer.stats()),
+        ("redis", redis_before, layer.stats()),
+    ] {
+        assert!(
+            after.hits > before.hits,
+            "{what}: no hits counted: {after:?}"
+        );
+        assert_eq!(
+            (
+                after.misses,
+                after.bypasses,
+                after.stores,
+                after.store_errors,
+                after.decode_errors
+            ),
+            (
+                before.misses,
+                before.bypasses,
+                before.stores,
+                before.store_errors,
+                before.decode_errors
+            ),
+            "{what}: a measured request was not a hit"
+        );
+    }
+
+    drop(rt);
+    drop(process);
+}
+
+criterion_group!(benches, hit_path);
+criterion_main!(benches);

@@ -22,6 +22,7 @@ const VARY_MAGIC: [u8; 2] = *b"TV";
 /// request headers — a stub naming those headers, the variants living under
 /// keys of their own (see `key::variant`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // decoded once per lookup, then moved
 pub(crate) enum Record {
     Entry(Entry),
     Vary(Vec<HeaderName>),

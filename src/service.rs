@@ -268,8 +268,9 @@ pub(crate) struct Miss {
     pub(crate) overrides: policy::Overrides,
 }
 
-/// What to do with the inner service's response.
+/// What to do with the inner service's response. Moved once per request.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Outcome {
     /// Pass it through, saying this in `Cache-Status`.
     Pass(Arc<Shared>, CacheStatus),
