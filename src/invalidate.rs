@@ -17,7 +17,7 @@
 //! - [`PrefixStrategy::Scan`] (default): `SCAN MATCH {ns}{path}[#/]* COUNT
 //!   1000` and `UNLINK` in batches — never `KEYS`. Nothing extra is written
 //!   on a fill, but each invalidation walks the whole keyspace twice (leases
-//!   first, then entries; see [`Store::delete_matching`]): about one
+//!   first, then entries; see [`Store::delete_matching`](crate::store::Store::delete_matching)): about one
 //!   `SCAN` step per thousand keys in Redis, however few match.
 //! - [`PrefixStrategy::Index`]: each fill adds its key to a set per path
 //!   prefix (its own path and each ancestor, written in the fill's round
