@@ -57,6 +57,7 @@ impl Upstream {
             .route("/big", get(big))
             .route("/echo", post(echo))
             .route("/headers", get(headers))
+            .route("/slow", get(slow))
             .with_state(calls.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -94,6 +95,15 @@ fn count(calls: &AtomicUsize) -> usize {
 async fn max_age(State(calls): Calls) -> impl IntoResponse {
     let n = count(&calls);
     ([(header::CACHE_CONTROL, "max-age=60")], format!("call {n}"))
+}
+
+async fn slow(State(calls): Calls) -> impl IntoResponse {
+    let n = count(&calls);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (
+        [(header::CACHE_CONTROL, "max-age=60")],
+        format!("slow call {n}"),
+    )
 }
 
 async fn no_headers(State(calls): Calls) -> String {
@@ -337,6 +347,28 @@ async fn second_get_of_max_age_is_a_hit_with_age() {
     );
     assert_eq!(second.headers["cache-control"], "max-age=60");
     assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_at_a_cold_key_reach_the_upstream_once() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+    let url = proxy.url("/slow");
+    // Each request on a connection of its own, all at once.
+    let requests: Vec<_> = (0..300)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { send(Request::get(url).body(empty()).unwrap()).await })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for request in requests {
+        let reply = request.await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        bodies.push(reply.text());
+    }
+    assert_eq!(upstream.calls(), 1);
+    assert!(bodies.iter().all(|b| b == "slow call 1"));
 }
 
 #[tokio::test]
