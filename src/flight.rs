@@ -37,6 +37,9 @@ struct FlightState {
     /// The leader waits for another process's rebuild; that wait is bounded
     /// on its own, so the local waiters do not time out meanwhile.
     leader_waits: bool,
+    /// A background refresh (the entry is still served meanwhile), not a
+    /// rebuild of a missing entry.
+    refresh: bool,
 }
 
 type Slot = watch::Receiver<FlightState>;
@@ -69,6 +72,19 @@ impl Flights {
 
     /// Leads the flight for `key`, or waits on the one that runs.
     pub(crate) fn join(self: &Arc<Self>, key: &str) -> Joined {
+        self.join_as(key, false)
+    }
+
+    /// Waits on the rebuild of a missing entry that runs for `key`, if one
+    /// does: such a request would miss in the store too, so it need not ask.
+    pub(crate) fn wait_for_rebuild(&self, key: &str) -> Option<Wait> {
+        let running = self.lock();
+        let slot = running.get(key)?;
+        let live = slot.has_changed().is_ok() && !slot.borrow().refresh;
+        live.then(|| Wait { rx: slot.clone() })
+    }
+
+    fn join_as(self: &Arc<Self>, key: &str, refresh: bool) -> Joined {
         let mut running = self.lock();
         if let Some(slot) = running.get(key) {
             // A slot whose leader is gone and that never landed is stale:
@@ -77,7 +93,10 @@ impl Flights {
                 return Joined::Waiter(Wait { rx: slot.clone() });
             }
         }
-        let (tx, rx) = watch::channel(FlightState::default());
+        let (tx, rx) = watch::channel(FlightState {
+            refresh,
+            ..FlightState::default()
+        });
         running.insert(key.to_owned(), rx);
         Joined::Leader(Lead {
             flights: self.clone(),
@@ -88,7 +107,7 @@ impl Flights {
 
     /// Leads the flight for `key` only if none runs (background refreshes).
     pub(crate) fn try_lead(self: &Arc<Self>, key: &str) -> Option<Lead> {
-        match self.join(key) {
+        match self.join_as(key, true) {
             Joined::Leader(lead) => Some(lead),
             Joined::Waiter(_) => None,
         }
@@ -152,9 +171,9 @@ impl Lead {
             }
         }
         // Sent after removal, so a waiter that retries finds no stale slot.
-        tx.send_replace(FlightState {
-            landing: Some(landing.unwrap_or(Landing::Retry)),
-            leader_waits: false,
+        tx.send_modify(|state| {
+            state.landing = Some(landing.unwrap_or(Landing::Retry));
+            state.leader_waits = false;
         });
     }
 }
@@ -321,6 +340,24 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         lead.land(Landing::Uncacheable);
         assert!(matches!(waiting.await.unwrap(), Some(Landing::Uncacheable)));
+    }
+
+    #[tokio::test]
+    async fn only_rebuilds_of_missing_entries_are_joined_without_a_lookup() {
+        let flights = Arc::new(Flights::default());
+        let refresh = flights.try_lead("fresh").unwrap();
+        assert!(flights.wait_for_rebuild("fresh").is_none());
+        let Joined::Leader(lead) = flights.join("cold") else {
+            panic!()
+        };
+        let wait = flights.wait_for_rebuild("cold").unwrap();
+        lead.land(Landing::Uncacheable);
+        assert!(matches!(
+            wait.landing(LONG).await,
+            Some(Landing::Uncacheable)
+        ));
+        assert!(flights.wait_for_rebuild("cold").is_none());
+        drop(refresh);
     }
 
     #[tokio::test]

@@ -95,6 +95,20 @@ where
         }
     }
 
+    /// A request that waits on a rebuild already running in this process.
+    pub(crate) fn waiting(wait: crate::flight::Wait, pending: Pending<S, B>) -> Self {
+        let timeout = pending.miss.shared.wait_timeout;
+        ResponseFuture {
+            state: State::Waiting {
+                wait: Box::pin(wait.landing(timeout)),
+                pending: Some(pending),
+                stale: None,
+                fwd: Fwd::UriMiss,
+                joins: 1,
+            },
+        }
+    }
+
     pub(crate) fn inner(fut: S::Future, outcome: Outcome) -> Self {
         ResponseFuture {
             state: State::Inner {

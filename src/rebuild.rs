@@ -231,7 +231,7 @@ where
             ));
             Ok(stale_response_with(&stale, status_line, "stale-if-error"))
         }
-        Rebuilt::Storable(entry, tags) => {
+        Rebuilt::Storable(entry, tags, origin_status) => {
             let tags = [tags.as_slice(), overrides.tags.as_slice()].concat();
             let sets = invalidate::fill_sets(&shared, &path, &tags);
             let stored = match lease {
@@ -265,7 +265,7 @@ where
             let entry = Arc::new(entry);
             lead.land(Landing::Response(entry.clone()));
             let status = CacheStatus {
-                fwd_status: Some(entry.status.as_u16()),
+                fwd_status: Some(origin_status.as_u16()),
                 stored,
                 detail: store_failure,
                 ..CacheStatus::forward(fwd)
@@ -378,7 +378,7 @@ where
     };
     let rebuild = rebuild(ctx, svc, req);
     match extend_while(&shared, &key, &token, true, rebuild).await {
-        Rebuilt::Storable(entry, tags) => {
+        Rebuilt::Storable(entry, tags, _) => {
             let tags = [tags.as_slice(), overrides.tags.as_slice()].concat();
             let sets = invalidate::fill_sets(&shared, &path, &tags);
             fill(
@@ -424,8 +424,9 @@ enum Rebuilt<RB: Body, E> {
     Failed(E),
     /// The origin answered 5xx and a stale entry may be served instead.
     OriginError(Response<FenceBody<RB>>),
-    /// A complete, storable response, and its tags.
-    Storable(Entry, Vec<String>),
+    /// A complete, storable response, its tags, and the status the origin
+    /// answered with (`304` for a revalidation).
+    Storable(Entry, Vec<String>, StatusCode),
     /// A complete error response that all waiters may be given, not stored.
     SharedError(Entry),
     /// A response only the leader's client may have. `remember`: the key
@@ -558,6 +559,7 @@ where
                     vary: vary_values(&names, ctx.request_headers),
                 },
                 tags,
+                parts.status,
             )
         }
         Err(_) => {
@@ -629,7 +631,7 @@ fn refreshed<RB: Body, E>(
         vary: current.vary.clone(),
     };
     if storable {
-        Rebuilt::Storable(entry, tags)
+        Rebuilt::Storable(entry, tags, StatusCode::NOT_MODIFIED)
     } else {
         Rebuilt::SharedError(entry)
     }

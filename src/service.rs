@@ -172,6 +172,32 @@ where
         // and leave a fresh clone behind (tower's clone-and-swap).
         let clone = self.inner.clone();
         let svc = mem::replace(&mut self.inner, clone);
+        // A missing entry is being rebuilt in this process: wait for it in
+        // memory, without a store round trip.
+        let may_join = req.method() == Method::GET
+            && facts.may_store
+            && !facts.only_if_cached
+            && !facts.no_cache
+            && !(facts.authorized && !overrides.keyed_by_credential);
+        if may_join {
+            if let Some(wait) = self.shared.flights.wait_for_rebuild(key.as_str()) {
+                Counters::bump(&self.shared.counters.misses);
+                return ResponseFuture::waiting(
+                    wait,
+                    Pending {
+                        svc,
+                        req,
+                        miss: Miss {
+                            shared: self.shared.clone(),
+                            base: key.clone(),
+                            key,
+                            facts,
+                            overrides,
+                        },
+                    },
+                );
+            }
+        }
         let lookup = Box::pin(lookup(self.shared.clone(), key.clone()));
         ResponseFuture::lookup(
             lookup,
