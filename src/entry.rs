@@ -292,10 +292,21 @@ impl Entry {
     }
 
     /// How long a store should keep the record: until the end of its last
-    /// stale window, at least one millisecond.
-    pub(crate) fn store_ttl(&self, now_ms: u64) -> Duration {
-        let until = self.stale_until_ms.max(self.error_until_ms);
+    /// stale window, or -- when it has a validator (`ETag`, `Last-Modified`)
+    /// to be revalidated with -- `keep_ms` past its freshness (Varnish's
+    /// keep); at least one millisecond.
+    pub(crate) fn store_ttl(&self, now_ms: u64, keep_ms: u64) -> Duration {
+        let mut until = self.stale_until_ms.max(self.error_until_ms);
+        if self.has_validator() {
+            until = until.max(self.fresh_until_ms.saturating_add(keep_ms));
+        }
         Duration::from_millis(until.saturating_sub(now_ms).max(1))
+    }
+
+    /// Whether the entry can be revalidated (has `ETag` or `Last-Modified`).
+    pub(crate) fn has_validator(&self) -> bool {
+        self.headers.contains_key(http::header::ETAG)
+            || self.headers.contains_key(http::header::LAST_MODIFIED)
     }
 
     /// XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): whether a hit
@@ -485,8 +496,21 @@ mod tests {
         assert_eq!(entry.ttl_ms(u64::MAX), i64::MIN);
         assert_eq!(entry.age_secs(0), 0);
         assert_eq!(entry.age_secs(3_500), 2);
-        assert_eq!(entry.store_ttl(u64::MAX), Duration::from_millis(1));
-        assert_eq!(entry.store_ttl(1_000), Duration::from_millis(160_000));
+        assert_eq!(entry.store_ttl(u64::MAX, 0), Duration::from_millis(1));
+        assert_eq!(entry.store_ttl(1_000, 0), Duration::from_millis(160_000));
+        // Without a validator there is nothing to keep a stale entry for.
+        assert_eq!(
+            entry.store_ttl(1_000, 1_000_000),
+            Duration::from_millis(160_000)
+        );
+        let mut validated = entry.clone();
+        validated
+            .headers
+            .insert("etag", HeaderValue::from_static("\"v1\""));
+        assert_eq!(
+            validated.store_ttl(1_000, 1_000_000),
+            Duration::from_millis(1_060_000)
+        );
     }
 
     #[test]

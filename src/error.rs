@@ -59,6 +59,15 @@ impl StoreError {
         self.kind == Kind::Unavailable
     }
 
+    /// An error of the same kind, without the source (for requests that
+    /// shared the failed call).
+    pub(crate) fn copy_kind(&self) -> StoreError {
+        StoreError {
+            kind: self.kind,
+            source: None,
+        }
+    }
+
     /// A short token for `Cache-Status` `detail` and for logs.
     pub(crate) fn detail(&self) -> &'static str {
         match self.kind {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::entry::Entry;
+use crate::service::Found;
 
 /// What a flight ended with, as its waiters see it.
 #[derive(Debug, Clone)]
@@ -221,6 +222,94 @@ impl Wait {
                 Ok(Ok(())) => {}
             }
         }
+    }
+}
+
+/// Store reads in flight: concurrent lookups of one key share one read.
+///
+/// A burst for a hot (or cold) key costs the store one `GET`, not one per
+/// request; the others get a copy of what it found. If the request that
+/// reads goes away mid-read, the others read for themselves.
+#[derive(Default)]
+pub(crate) struct Lookups {
+    running: Mutex<HashMap<String, watch::Receiver<Option<Found>>>>,
+}
+
+impl fmt::Debug for Lookups {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lookups").finish_non_exhaustive()
+    }
+}
+
+/// The role of a lookup.
+pub(crate) enum Reading {
+    /// Read the store, then [`ReadGuard::share`] the result.
+    First(ReadGuard),
+    /// Another request reads; await its result.
+    Follow(watch::Receiver<Option<Found>>),
+}
+
+impl Lookups {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, watch::Receiver<Option<Found>>>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn start(self: &Arc<Self>, key: &str) -> Reading {
+        let mut running = self.lock();
+        if let Some(rx) = running.get(key) {
+            if rx.has_changed().is_ok() {
+                return Reading::Follow(rx.clone());
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        running.insert(key.to_owned(), rx);
+        Reading::First(ReadGuard {
+            lookups: self.clone(),
+            key: key.to_owned(),
+            tx: Some(tx),
+        })
+    }
+}
+
+/// The reading request's side: shares its result, or on drop frees the key.
+pub(crate) struct ReadGuard {
+    lookups: Arc<Lookups>,
+    key: String,
+    tx: Option<watch::Sender<Option<Found>>>,
+}
+
+impl ReadGuard {
+    pub(crate) fn share(mut self, found: &Found) {
+        if let Some(tx) = self.tx.take() {
+            self.forget(&tx);
+            tx.send_replace(Some(found.share()));
+        }
+    }
+
+    fn forget(&self, tx: &watch::Sender<Option<Found>>) {
+        let mut running = self.lookups.lock();
+        if running
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&tx.subscribe()))
+        {
+            running.remove(&self.key);
+        }
+    }
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            self.forget(&tx);
+        }
+    }
+}
+
+/// Awaits another request's read; `None` if it went away without one.
+pub(crate) async fn follow(mut rx: watch::Receiver<Option<Found>>) -> Option<Found> {
+    match rx.wait_for(Option::is_some).await {
+        Ok(found) => found.as_ref().map(Found::share),
+        Err(_) => None,
     }
 }
 

@@ -9,7 +9,7 @@ use http::{HeaderName, Request, StatusCode};
 use tower_layer::Layer;
 
 use crate::error::ConfigError;
-use crate::flight::Flights;
+use crate::flight::{Flights, Lookups};
 use crate::invalidate::{
     InvalidationConfig, InvalidationMode, Invalidator, PrefixStrategy, WriteMethods,
 };
@@ -45,6 +45,8 @@ pub const DEFAULT_INVALIDATION_QUEUE: usize = 10_000;
 pub const DEFAULT_INVALIDATION_ATTEMPTS: u32 = 8;
 /// Default tag header: `surrogate-key`.
 pub const DEFAULT_TAG_HEADER: &str = "surrogate-key";
+/// Default time a stale entry with a validator is kept for revalidation: 60 s.
+pub const DEFAULT_KEEP: Duration = Duration::from_secs(60);
 /// Most keys remembered as hit-for-miss at once.
 const HIT_FOR_MISS_CAPACITY: u64 = 100_000;
 
@@ -70,7 +72,9 @@ pub(crate) struct Shared {
     pub(crate) lease_ttl: Duration,
     pub(crate) fill_poll_interval: Duration,
     pub(crate) xfetch_beta: f64,
+    pub(crate) keep: Duration,
     pub(crate) flights: Arc<Flights>,
+    pub(crate) lookups: Arc<Lookups>,
     /// Keys whose last rebuild could not be shared: requests for them skip
     /// the flight for a while (Varnish's hit-for-miss).
     pub(crate) hit_for_miss: moka::sync::Cache<String, ()>,
@@ -89,6 +93,13 @@ impl fmt::Debug for Shared {
             .field("max_body_size", &self.max_body_size)
             .field("store_timeout", &self.store_timeout)
             .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The keep window in milliseconds.
+    pub(crate) fn keep_ms(&self) -> u64 {
+        u64::try_from(self.keep.as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -222,6 +233,7 @@ pub struct FenceLayerBuilder {
     lease_ttl: Duration,
     fill_poll_interval: Duration,
     xfetch_beta: f64,
+    keep: Duration,
     hit_for_miss_ttl: Duration,
     prefix_strategy: PrefixStrategy,
     invalidation_mode: InvalidationMode,
@@ -250,6 +262,7 @@ impl Default for FenceLayerBuilder {
             lease_ttl: DEFAULT_LEASE_TTL,
             fill_poll_interval: DEFAULT_FILL_POLL_INTERVAL,
             xfetch_beta: DEFAULT_XFETCH_BETA,
+            keep: DEFAULT_KEEP,
             hit_for_miss_ttl: DEFAULT_HIT_FOR_MISS_TTL,
             prefix_strategy: PrefixStrategy::default(),
             invalidation_mode: InvalidationMode::default(),
@@ -280,6 +293,7 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("lease_ttl", &self.lease_ttl)
             .field("fill_poll_interval", &self.fill_poll_interval)
             .field("xfetch_beta", &self.xfetch_beta)
+            .field("keep", &self.keep)
             .field("hit_for_miss_ttl", &self.hit_for_miss_ttl)
             .field("prefix_strategy", &self.prefix_strategy)
             .field("invalidation_mode", &self.invalidation_mode)
@@ -475,6 +489,17 @@ impl FenceLayerBuilder {
         self
     }
 
+    /// Keep: how long past its freshness an entry with a validator (`ETag`,
+    /// `Last-Modified`) stays stored, so that it can be revalidated with a
+    /// conditional request (a `304` costs no body) and serve `max-stale`
+    /// requests. It is never served stale on its own account: only grace,
+    /// stale-if-error and the client's `max-stale` do that. Defaults to
+    /// 60 s.
+    pub fn keep(mut self, keep: Duration) -> Self {
+        self.keep = keep;
+        self
+    }
+
     /// How long a key whose rebuild could not be shared (a `private`,
     /// `Set-Cookie` or too large response) is remembered, so that its
     /// requests go straight to the inner service instead of queueing behind
@@ -586,7 +611,9 @@ impl FenceLayerBuilder {
                 lease_ttl: self.lease_ttl,
                 fill_poll_interval: self.fill_poll_interval,
                 xfetch_beta: self.xfetch_beta,
+                keep: self.keep,
                 flights: Arc::new(Flights::default()),
+                lookups: Arc::new(Lookups::default()),
                 hit_for_miss,
                 invalidation: InvalidationConfig {
                     strategy: self.prefix_strategy,

@@ -160,9 +160,11 @@ where
         }
     };
 
-    if lease == Lease::Held {
-        // Another process may have filled the key between our lookup and
-        // our lease: read it once more before paying for a rebuild.
+    // Another process may have filled the key between our lookup and our
+    // lease: read it once more before paying for a rebuild -- unless the
+    // request's own directives (`no-cache`, `max-age`) ruled stored
+    // responses out.
+    if lease == Lease::Held && fwd != Fwd::Request {
         if let Some(entry) = read_usable(&shared, &key, &request_headers).await {
             release(&shared, &key, &token).await;
             let entry = Arc::new(entry);
@@ -828,7 +830,7 @@ pub(crate) async fn fill(
     sets: &[String],
     declared_vary: &[HeaderName],
 ) -> bool {
-    let ttl = entry.store_ttl(unix_ms(SystemTime::now()));
+    let ttl = entry.store_ttl(unix_ms(SystemTime::now()), shared.keep_ms());
     let names: Vec<HeaderName> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
     // Headers the route declared to vary on are in the key already.
     if names.iter().all(|name| declared_vary.contains(name)) {

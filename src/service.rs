@@ -16,6 +16,7 @@ use tower_service::Service;
 use crate::body::FenceBody;
 use crate::entry::{unix_ms, Entry, Record};
 use crate::fill::{Fill, Recorder};
+use crate::flight::{self, Reading};
 use crate::future::ResponseFuture;
 use crate::invalidate;
 use crate::key::{self, CacheKey};
@@ -178,7 +179,7 @@ where
             && facts.may_store
             && !facts.only_if_cached
             && !facts.no_cache
-            && !(facts.authorized && !overrides.keyed_by_credential);
+            && (!facts.authorized || overrides.keyed_by_credential);
         if may_join {
             if let Some(wait) = self.shared.flights.wait_for_rebuild(key.as_str()) {
                 Counters::bump(&self.shared.counters.misses);
@@ -238,7 +239,34 @@ pub(crate) enum Found {
 
 pub(crate) type LookupFuture = Pin<Box<dyn Future<Output = Found> + Send>>;
 
+impl Found {
+    /// A copy for a request that shared this lookup.
+    pub(crate) fn share(&self) -> Found {
+        match self {
+            Found::Entry(entry) => Found::Entry(entry.clone()),
+            Found::Vary(names) => Found::Vary(names.clone()),
+            Found::Nothing => Found::Nothing,
+            Found::Failed(err) => Found::Failed(err.copy_kind()),
+        }
+    }
+}
+
+/// Looks `key` up, sharing one store read among concurrent lookups of it.
 pub(crate) async fn lookup(shared: Arc<Shared>, key: CacheKey) -> Found {
+    match shared.lookups.start(key.as_str()) {
+        Reading::First(guard) => {
+            let found = read(shared.clone(), key).await;
+            guard.share(&found);
+            found
+        }
+        Reading::Follow(rx) => match flight::follow(rx).await {
+            Some(found) => found,
+            None => read(shared, key).await,
+        },
+    }
+}
+
+async fn read(shared: Arc<Shared>, key: CacheKey) -> Found {
     match with_timeout(shared.store_timeout, shared.store.get(key.as_str())).await {
         Ok(Some(record)) => match Record::decode(&record) {
             Ok(Record::Entry(entry)) => Found::Entry(entry),

@@ -174,8 +174,11 @@ pub(crate) fn usability(
     if facts.no_cache || entry.has(flags::REVALIDATE) {
         return Usability::Validate;
     }
-    let age_secs = entry.age_secs(now_ms);
-    if facts.max_age.is_some_and(|max| age_secs > max) {
+    let age_ms = now_ms.saturating_sub(entry.stored_at_ms);
+    if facts
+        .max_age
+        .is_some_and(|max| age_ms > max.saturating_mul(1000))
+    {
         return Usability::Validate;
     }
     let remaining_ms = entry.ttl_ms(now_ms);
