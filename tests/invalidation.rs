@@ -573,3 +573,51 @@ async fn grpc_writes_cost_no_redis_command() {
         .collect();
     assert!(layer_commands.is_empty(), "{layer_commands:#?}");
 }
+
+#[tokio::test]
+async fn index_sets_shed_members_whose_entries_are_gone() {
+    let redis = RedisProcess::start_async().await;
+    // Entries that live one second, indexed under /gc.
+    let app = Router::new()
+        .route(
+            "/gc/{id}",
+            axum::routing::get(|| async { ([(http::header::CACHE_CONTROL, "max-age=1")], "x") }),
+        )
+        .layer(
+            FenceLayer::builder()
+                .redis(redis.pool().await)
+                .keep(Duration::ZERO)
+                .prefix_strategy(PrefixStrategy::Index)
+                .build()
+                .unwrap(),
+        );
+    for i in 0..20 {
+        get(&app, &format!("/gc/old{i}")).await;
+    }
+    let mut conn = redis.conn().await;
+    let scard = |conn: &mut bb8_redis::redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let n: usize = bb8_redis::redis::cmd("SCARD")
+                .arg("tf:idx:/gc")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    // Entries and (released) rebuild leases.
+    let before = scard(&mut conn).await;
+    assert!((20..=40).contains(&before), "{before}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The old entries expired; each new fill adds two members (its lease
+    // and itself) and sweeps up to two dead ones.
+    for i in 0..20 {
+        get(&app, &format!("/gc/new{i}")).await;
+    }
+    let after = scard(&mut conn).await;
+    assert!(
+        after < before + 20,
+        "dead members were swept: {before} -> {after}"
+    );
+}

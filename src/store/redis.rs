@@ -24,8 +24,14 @@ const FILL_FEED_MAXLEN: usize = 10_000;
 /// How long one blocking read of the fill feed waits for news.
 const FILL_FEED_BLOCK_MS: u64 = 1_000;
 
-/// `COUNT` hint of each `SCAN` and `SSCAN` step.
-const SCAN_COUNT: usize = 1_000;
+/// `COUNT` hint of each `SCAN` step: about a millisecond of Redis's time
+/// per step over a million keys, so other clients wait at most that long.
+const SCAN_COUNT: usize = 500;
+
+/// `COUNT` hint of each `SSCAN` step. Every member read is unlinked in the
+/// same step, and `UNLINK` frees small values synchronously: 250 keeps one
+/// step under a millisecond.
+const SSCAN_COUNT: usize = 250;
 
 static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/fill.lua")));
 static TRY_LEASE: LazyLock<Script> =
@@ -238,7 +244,7 @@ impl RedisStore {
         let mut deleted = 0u64;
         loop {
             let mut scan = redis::cmd("SSCAN");
-            scan.arg(set).arg(cursor).arg("COUNT").arg(SCAN_COUNT);
+            scan.arg(set).arg(cursor).arg("COUNT").arg(SSCAN_COUNT);
             let (next, members): (u64, Vec<String>) = self.query(&scan).await?;
             if !members.is_empty() {
                 let mut pipe = redis::pipe();

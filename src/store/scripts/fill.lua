@@ -13,6 +13,15 @@ if ARGV[1] ~= '' then
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
 for i = 4, #KEYS do
+    -- Sets live as long as their newest member, so a busy prefix's set is
+    -- renewed forever: drop up to two members whose keys are gone (expired
+    -- or invalidated through another set) on each fill, which keeps dead
+    -- members from piling up.
+    for _, member in ipairs(redis.call('SRANDMEMBER', KEYS[i], 2)) do
+        if member ~= KEYS[1] and redis.call('EXISTS', member) == 0 then
+            redis.call('SREM', KEYS[i], member)
+        end
+    end
     redis.call('SADD', KEYS[i], KEYS[1])
     if redis.call('PTTL', KEYS[i]) < ttl then
         redis.call('PEXPIRE', KEYS[i], ttl)
