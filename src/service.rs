@@ -180,40 +180,32 @@ where
             && !facts.only_if_cached
             && !facts.no_cache
             && (!facts.authorized || overrides.keyed_by_credential);
-        if may_join {
-            if let Some(wait) = self.shared.flights.wait_for_rebuild(key.as_str()) {
+        let join = if may_join {
+            self.shared.flights.wait_for_rebuild(key.as_str())
+        } else {
+            None
+        };
+        let pending = Pending {
+            svc,
+            req,
+            miss: Miss {
+                shared: self.shared.clone(),
+                base: key.clone(),
+                key,
+                facts,
+                overrides,
+            },
+        };
+        match join {
+            Some(wait) => {
                 Counters::bump(&self.shared.counters.misses);
-                return ResponseFuture::waiting(
-                    wait,
-                    Pending {
-                        svc,
-                        req,
-                        miss: Miss {
-                            shared: self.shared.clone(),
-                            base: key.clone(),
-                            key,
-                            facts,
-                            overrides,
-                        },
-                    },
-                );
+                ResponseFuture::waiting(wait, pending)
+            }
+            None => {
+                let key = pending.miss.key.clone();
+                ResponseFuture::lookup(Box::pin(lookup(self.shared.clone(), key)), pending)
             }
         }
-        let lookup = Box::pin(lookup(self.shared.clone(), key.clone()));
-        ResponseFuture::lookup(
-            lookup,
-            Pending {
-                svc,
-                req,
-                miss: Miss {
-                    shared: self.shared.clone(),
-                    base: key.clone(),
-                    key,
-                    facts,
-                    overrides,
-                },
-            },
-        )
     }
 }
 
