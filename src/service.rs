@@ -34,6 +34,11 @@ use crate::validation;
 /// other request goes to `S` untouched. Errors of `S` pass through as they
 /// are: the cache adds none, and a store that fails or is slow sends the
 /// request to `S` (fail open).
+///
+/// `S`, its future, its error and the bodies must be `Send + 'static`: a
+/// rebuild runs in a task of its own (so that a client hanging up does not
+/// cancel it for everyone waiting), and background refreshes call `S` after
+/// the triggering response was sent. axum, tonic and hyper services are.
 pub struct FenceService<S> {
     inner: S,
     shared: Arc<Shared>,
