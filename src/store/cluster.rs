@@ -1,0 +1,745 @@
+//! The Redis Cluster store: one multiplexed `redis` cluster connection.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::time::Duration;
+
+use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+use ::redis::streams::{StreamRangeReply, StreamReadReply};
+use ::redis::{self as rds, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, Script};
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::{
+    lease_key, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture,
+    DEFAULT_FILL_FEED_KEY,
+};
+
+/// Length the fill feed is trimmed to (approximately).
+const FILL_FEED_MAXLEN: usize = 10_000;
+
+/// How long one blocking read of the fill feed waits for news.
+const FILL_FEED_BLOCK_MS: u64 = 1_000;
+
+/// `COUNT` hint of each `SCAN` step on each master.
+const SCAN_COUNT: usize = 500;
+
+/// `COUNT` hint of each `SSCAN` step.
+const SSCAN_COUNT: usize = 250;
+
+/// The fenced part of a fill, on the entry's slot only: stores the entry
+/// while the lease is held (when fenced) and releases the lease.
+const FENCED_STORE_LUA: &str = r"
+-- KEYS[1] entry, KEYS[2] lease (same slot: same hash tag)
+-- ARGV[1] lease token ('' = unfenced), ARGV[2] record, ARGV[3] ttl in ms
+if ARGV[1] ~= '' then
+    if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+        return 0
+    end
+    redis.call('DEL', KEYS[2])
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', tonumber(ARGV[3]))
+return 1
+";
+
+/// Adds a member (a key of another slot, stored as a plain value) to one set
+/// and keeps the set at least as long as the member.
+const JOIN_SET_LUA: &str = r"
+-- KEYS[1] set; ARGV[1] member, ARGV[2] ttl in ms
+local ttl = tonumber(ARGV[2])
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+";
+
+static FENCED_STORE: LazyLock<Script> = LazyLock::new(|| Script::new(FENCED_STORE_LUA));
+static JOIN_SET: LazyLock<Script> = LazyLock::new(|| Script::new(JOIN_SET_LUA));
+static EXTEND_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/extend_lease.lua")));
+static RELEASE_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/release_lease.lua")));
+
+/// A store in a Redis Cluster (feature `cluster`), shared by every process
+/// that points at the same cluster.
+///
+/// It speaks to the cluster through one multiplexed
+/// [`ClusterConnection`](::redis::cluster_async::ClusterConnection), made at
+/// the first use and shared by every clone of the store; it is made again
+/// when it breaks. A hit is one `GET`, a plain fill one script on the
+/// entry's slot.
+///
+/// Keys carry a hash tag (`…#{hash}`), so an entry, its rebuild lease and
+/// its variants live in one slot, and everything [`RedisStore`] does on one
+/// key is just as atomic here: the lease is `SET NX PX`, extended and
+/// released by compare-and-set scripts, and a fenced fill stores the entry
+/// only while its lease is held, in one script.
+///
+/// What spans slots is done in steps rather than in one script:
+///
+/// - the index and tag sets each live in their own slot: a key joins each
+///   set with a small script per set (`SADD`, and the set's TTL raised to
+///   the member's). A fill joins its sets before the fenced store (so an
+///   invalidation that runs while it stores finds it) and again after (so it
+///   stays indexed if an invalidation emptied the set meanwhile); a lease
+///   the same way around `SET NX`. The protection of the indexed prefix
+///   strategy against a rebuild racing a write (the write's invalidation
+///   removes the lease, and the fill is fenced out) therefore holds once
+///   these writes have landed, not atomically with them: only an
+///   invalidation that starts and ends inside the few round trips of a
+///   lease's or a fill's joins can miss it. Dead members (keys that expired)
+///   are not swept from the sets, unlike on a single node: a script cannot
+///   check keys of other slots. Invalidating a set removes its members as
+///   usual; untouched sets expire with their newest member.
+/// - the fill feed (a capped stream, see [`RedisStore`]) is its own key:
+///   the fill appends to it after the entry is stored. Each store reads it
+///   with `XREAD BLOCK` on a *second* cluster connection, so that the
+///   blocking read never holds up other commands to that node.
+/// - a prefix invalidation `SCAN`s every master (from `CLUSTER NODES`), the
+///   leases first, then the entries, and `UNLINK`s what it finds one slot at
+///   a time; a set invalidation `SSCAN`s the set and `UNLINK`s its members
+///   one slot at a time.
+///
+/// [`RedisStore`]: super::RedisStore
+///
+/// ```no_run
+/// use tower_fence::store::RedisClusterStore;
+/// use tower_fence::FenceLayer;
+///
+/// # fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisClusterStore::new([
+///     "redis://10.0.0.1:6379",
+///     "redis://10.0.0.2:6379",
+///     "redis://10.0.0.3:6379",
+/// ])?;
+/// let layer = FenceLayer::builder().store(store).build()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisClusterStore {
+    shared: Arc<Shared>,
+    feed: Arc<FillFeed>,
+}
+
+struct Shared {
+    client: ClusterClient,
+    /// The fill feed reader's client: its reads block, so its response
+    /// timeout is longer than a blocking read.
+    reader_client: ClusterClient,
+    connection: Mutex<Option<ClusterConnection>>,
+    /// Held while connecting, so that a burst of requests on a cold store
+    /// waits for one connection, not one each.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// The fill notifications this process waits for.
+#[derive(Debug)]
+struct FillFeed {
+    key: String,
+    waiters: Mutex<HashMap<String, watch::Sender<u64>>>,
+    reading: AtomicBool,
+}
+
+impl FillFeed {
+    fn new(key: String) -> Self {
+        FillFeed {
+            key,
+            waiters: Mutex::new(HashMap::new()),
+            reading: AtomicBool::new(false),
+        }
+    }
+
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<u64>>> {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn notify(&self, key: &str) {
+        if let Some(tx) = self.waiters().get(key) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Forgets keys nobody waits for any more.
+    fn sweep(&self) {
+        self.waiters().retain(|_, tx| tx.receiver_count() > 0);
+    }
+}
+
+impl RedisClusterStore {
+    /// A store on the cluster that `nodes` (some or all of its nodes, e.g.
+    /// `redis://10.0.0.1:6379`) belong to. Connects at the first use; inside
+    /// a Tokio runtime it starts reading the fill feed at once, otherwise at
+    /// the first wait for a fill. Fails only when a node address is invalid.
+    pub fn new(
+        nodes: impl IntoIterator<Item = impl IntoConnectionInfo>,
+    ) -> Result<Self, StoreError> {
+        let nodes = nodes
+            .into_iter()
+            .map(IntoConnectionInfo::into_connection_info)
+            .collect::<Result<Vec<ConnectionInfo>, RedisError>>()
+            .map_err(StoreError::backend)?;
+        if nodes.is_empty() {
+            return Err(StoreError::backend("no Redis Cluster node given"));
+        }
+        let client = ClusterClient::new(nodes.clone()).map_err(StoreError::backend)?;
+        let reader_client = ClusterClientBuilder::new(nodes)
+            .response_timeout(Duration::from_millis(FILL_FEED_BLOCK_MS * 3))
+            .build()
+            .map_err(StoreError::backend)?;
+        let store = RedisClusterStore {
+            shared: Arc::new(Shared {
+                client,
+                reader_client,
+                connection: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
+            feed: Arc::new(FillFeed::new(DEFAULT_FILL_FEED_KEY.to_owned())),
+        };
+        store.start_feed_reader();
+        Ok(store)
+    }
+
+    /// Names the stream that carries fill notifications; stores that share
+    /// a cluster and a namespace must share it. Defaults to
+    /// [`DEFAULT_FILL_FEED_KEY`].
+    #[must_use]
+    pub fn fill_feed_key(self, key: impl Into<String>) -> Self {
+        let store = RedisClusterStore {
+            shared: self.shared,
+            feed: Arc::new(FillFeed::new(key.into())),
+        };
+        store.start_feed_reader();
+        store
+    }
+
+    fn start_feed_reader(&self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.feed.reading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        handle.spawn(read_fill_feed(
+            Arc::downgrade(&self.feed),
+            self.shared.reader_client.clone(),
+        ));
+    }
+
+    async fn connection(&self) -> Result<ClusterConnection, StoreError> {
+        if let Some(conn) = self.cached() {
+            return Ok(conn);
+        }
+        let _connecting = self.shared.connecting.lock().await;
+        if let Some(conn) = self.cached() {
+            return Ok(conn);
+        }
+        let conn = self
+            .shared
+            .client
+            .get_async_connection()
+            .await
+            .map_err(StoreError::unavailable)?;
+        if let Ok(mut slot) = self.shared.connection.lock() {
+            *slot = Some(conn.clone());
+        }
+        Ok(conn)
+    }
+
+    fn cached(&self) -> Option<ClusterConnection> {
+        self.shared
+            .connection
+            .lock()
+            .ok()
+            .and_then(|slot| slot.clone())
+    }
+
+    /// Maps a command error; forgets the shared connection when it broke so
+    /// that the next call makes a fresh one.
+    fn fail(&self, err: RedisError) -> StoreError {
+        if err.is_connection_dropped()
+            || err.is_io_error()
+            || err.is_unrecoverable_error()
+            || err.kind() == ErrorKind::ClusterConnectionNotFound
+        {
+            if let Ok(mut slot) = self.shared.connection.lock() {
+                *slot = None;
+            }
+            StoreError::unavailable(err)
+        } else {
+            StoreError::backend(err)
+        }
+    }
+
+    async fn query<T: rds::FromRedisValue>(&self, cmd: &rds::Cmd) -> Result<T, StoreError> {
+        let mut conn = self.connection().await?;
+        cmd.query_async(&mut conn).await.map_err(|e| self.fail(e))
+    }
+
+    /// Adds `member` to each of `sets` (one script per set, each on its own
+    /// slot, all sent at once), raising each set's TTL to `ttl`.
+    async fn join_sets(&self, member: &str, sets: &[String], ttl: u64) -> Result<(), StoreError> {
+        if sets.is_empty() {
+            return Ok(());
+        }
+        let conn = self.connection().await?;
+        let mut joins = tokio::task::JoinSet::new();
+        for set in sets {
+            let mut conn = conn.clone();
+            let set = set.clone();
+            let member = member.to_owned();
+            joins.spawn(async move {
+                JOIN_SET
+                    .key(set)
+                    .arg(member)
+                    .arg(ttl)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            });
+        }
+        while let Some(joined) = joins.join_next().await {
+            match joined {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => return Err(self.fail(err)),
+                Err(err) => return Err(StoreError::backend(err)),
+            }
+        }
+        Ok(())
+    }
+
+    /// `UNLINK`s `keys`, one command per slot (a multi-key command across
+    /// slots fails with `CROSSSLOT`), all sent at once. Returns how many
+    /// existed.
+    async fn unlink(&self, keys: Vec<String>) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut by_slot: HashMap<Slot, Vec<String>> = HashMap::new();
+        for key in keys {
+            by_slot.entry(Slot::for_key(&key)).or_default().push(key);
+        }
+        let conn = self.connection().await?;
+        let mut unlinks = tokio::task::JoinSet::new();
+        for (slot, keys) in by_slot {
+            let mut conn = conn.clone();
+            unlinks.spawn(async move {
+                let mut cmd = rds::cmd("UNLINK");
+                cmd.arg(keys);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_slot(slot, SlotAddr::Master),
+                ));
+                let value = conn.route_command(cmd, routing).await?;
+                rds::from_redis_value::<u64>(value).map_err(RedisError::from)
+            });
+        }
+        let mut deleted = 0;
+        while let Some(unlinked) = unlinks.join_next().await {
+            match unlinked {
+                Ok(Ok(n)) => deleted += n,
+                Ok(Err(err)) => return Err(self.fail(err)),
+                Err(err) => return Err(StoreError::backend(err)),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// One slot served by each master of the cluster, read from
+    /// `CLUSTER NODES`: routing a command to that slot reaches that master.
+    async fn master_slots(&self) -> Result<Vec<Slot>, StoreError> {
+        let nodes: String = self.query(rds::cmd("CLUSTER").arg("NODES")).await?;
+        let slots = parse_master_slots(&nodes);
+        if slots.is_empty() {
+            return Err(StoreError::backend(
+                "CLUSTER NODES names no master serving a slot",
+            ));
+        }
+        Ok(slots)
+    }
+
+    /// `SCAN MATCH glob COUNT …` over the keyspace of the master serving
+    /// `slot`, `UNLINK`ing what each step returns.
+    async fn scan_unlink(&self, slot: Slot, glob: &str) -> Result<u64, StoreError> {
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+            Route::with_slot(slot, SlotAddr::Master),
+        ));
+        let mut cursor: u64 = 0;
+        let mut deleted = 0u64;
+        loop {
+            let mut scan = rds::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(glob)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let mut conn = self.connection().await?;
+            let value = conn
+                .route_command(scan, routing.clone())
+                .await
+                .map_err(|e| self.fail(e))?;
+            let (next, keys): (u64, Vec<String>) =
+                rds::from_redis_value(value).map_err(StoreError::backend)?;
+            deleted += self.unlink(keys).await?;
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    /// [`scan_unlink`](Self::scan_unlink) on every master.
+    async fn scan_unlink_all(&self, masters: &[Slot], glob: &str) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for slot in masters {
+            deleted += self.scan_unlink(*slot, glob).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// `SSCAN set COUNT …`, then `UNLINK` of the members (by slot) and
+    /// `SREM` of them from the set, one step at a time.
+    async fn sscan_unlink(&self, set: &str) -> Result<u64, StoreError> {
+        let mut cursor: u64 = 0;
+        let mut deleted = 0u64;
+        loop {
+            let mut scan = rds::cmd("SSCAN");
+            scan.arg(set).arg(cursor).arg("COUNT").arg(SSCAN_COUNT);
+            let (next, members): (u64, Vec<String>) = self.query(&scan).await?;
+            if !members.is_empty() {
+                let mut srem = rds::cmd("SREM");
+                srem.arg(set).arg(&members);
+                deleted += self.unlink(members).await?;
+                self.query::<()>(&srem).await?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// For each master in a `CLUSTER NODES` reply that serves slots and is not
+/// failed, the first slot it serves.
+fn parse_master_slots(nodes: &str) -> Vec<Slot> {
+    let mut slots = Vec::new();
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(flags) = fields.get(2) else {
+            continue;
+        };
+        let flags: Vec<&str> = flags.split(',').collect();
+        if !flags.contains(&"master") || flags.contains(&"fail") || flags.contains(&"noaddr") {
+            continue;
+        }
+        // Fields 8.. are slots or ranges (`0-5460`, `5461`), or slots
+        // being migrated (`[…]`).
+        let first = fields.iter().skip(8).find_map(|range| {
+            if range.starts_with('[') {
+                return None;
+            }
+            let start = range.split('-').next()?;
+            start.parse::<u16>().ok().and_then(Slot::new)
+        });
+        if let Some(slot) = first {
+            slots.push(slot);
+        }
+    }
+    slots
+}
+
+impl fmt::Debug for RedisClusterStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisClusterStore")
+            .field("connected", &self.cached().is_some())
+            .field("fill_feed", &self.feed.key)
+            .finish()
+    }
+}
+
+fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl Store for RedisClusterStore {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
+        Box::pin(async move {
+            let value: Option<Vec<u8>> = self.query(rds::cmd("GET").arg(key)).await?;
+            Ok(value.map(Bytes::from))
+        })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, record: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut cmd = rds::cmd("SET");
+            cmd.arg(key)
+                .arg(record.as_ref())
+                .arg("PX")
+                .arg(ttl_millis(ttl));
+            self.query::<()>(&cmd).await
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            // The entry and its lease share a hash tag: one slot, one command.
+            let mut cmd = rds::cmd("UNLINK");
+            cmd.arg(key).arg(lease_key(key));
+            self.query::<()>(&cmd).await
+        })
+    }
+
+    fn try_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+        sets: &'a [String],
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let lease = lease_key(key);
+            let ttl = ttl_millis(ttl);
+            // The lease key is the same whoever holds it: joining the sets
+            // before taking it is harmless when the lease is taken already.
+            self.join_sets(&lease, sets, ttl).await?;
+            let mut cmd = rds::cmd("SET");
+            cmd.arg(&lease).arg(token).arg("NX").arg("PX").arg(ttl);
+            let reply: Option<String> = self.query(&cmd).await?;
+            if reply.is_none() {
+                return Ok(false);
+            }
+            if let Err(err) = self.join_sets(&lease, sets, ttl).await {
+                // Not findable by an invalidation: give it up rather than
+                // rebuild under a lease that cannot be fenced.
+                let _ = self.release_lease(key, token).await;
+                return Err(err);
+            }
+            Ok(true)
+        })
+    }
+
+    fn extend_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.connection().await?;
+            let extended: i64 = EXTEND_LEASE
+                .key(lease_key(key))
+                .arg(token)
+                .arg(ttl_millis(ttl))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.fail(e))?;
+            Ok(extended == 1)
+        })
+    }
+
+    fn release_lease<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.connection().await?;
+            let _: i64 = RELEASE_LEASE
+                .key(lease_key(key))
+                .arg(token)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.fail(e))?;
+            Ok(())
+        })
+    }
+
+    fn fill<'a>(&'a self, fill: Fill<'a>) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let ttl = ttl_millis(fill.ttl);
+            // Joined before the store, so that an invalidation of a set
+            // that runs while the entry is stored finds it.
+            self.join_sets(fill.key, fill.sets, ttl).await?;
+            let mut conn = self.connection().await?;
+            let stored: i64 = FENCED_STORE
+                .key(fill.key)
+                .key(lease_key(fill.key))
+                .arg(fill.token.unwrap_or(""))
+                .arg(fill.record.as_ref())
+                .arg(ttl)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.fail(e))?;
+            if stored != 1 {
+                return Ok(false);
+            }
+            // Joined again, in case an invalidation emptied a set between
+            // the first joins and the store.
+            if let Err(err) = self.join_sets(fill.key, fill.sets, ttl).await {
+                // An entry its sets may not find must not stay.
+                let _ = self.query::<()>(rds::cmd("UNLINK").arg(fill.key)).await;
+                return Err(err);
+            }
+            let mut xadd = rds::cmd("XADD");
+            xadd.arg(&self.feed.key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(FILL_FEED_MAXLEN)
+                .arg("*")
+                .arg("k")
+                .arg(fill.key);
+            if let Err(err) = self.query::<()>(&xadd).await {
+                // Waiters poll too: a lost notification only costs latency.
+                tracing::debug!(error = %err, "tower-fence: fill feed append failed");
+            }
+            Ok(true)
+        })
+    }
+
+    fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            // Two walks of every master, leases first, for the reason
+            // `RedisStore::delete_matching` gives.
+            let masters = self.master_slots().await?;
+            let leases = self
+                .scan_unlink_all(&masters, &pattern.leases().glob())
+                .await?;
+            let entries = self.scan_unlink_all(&masters, &pattern.glob()).await?;
+            Ok(leases + entries)
+        })
+    }
+
+    fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let first = self.sscan_unlink(set).await?;
+            let second = self.sscan_unlink(set).await?;
+            Ok(first + second)
+        })
+    }
+
+    fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
+        self.start_feed_reader();
+        let rx = self
+            .feed
+            .waiters()
+            .entry(key.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
+        Some(FillSubscription::new(rx))
+    }
+}
+
+/// Reads the fill feed on a cluster connection of its own and wakes this
+/// process's waiters, until every store sharing `feed` is gone. Reconnects
+/// with a growing pause when the cluster is away, resuming after the last
+/// entry read.
+async fn read_fill_feed(feed: Weak<FillFeed>, client: ClusterClient) {
+    let mut last_id: Option<String> = None;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let Some(stream) = feed.upgrade().map(|f| f.key.clone()) else {
+            return;
+        };
+        let mut conn = match client.get_async_connection().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::debug!(error = %err, "tower-fence: fill feed reader cannot connect");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        if last_id.is_none() {
+            // Start after the newest entry: what was filled before this
+            // process waited is found by reading the entry itself.
+            let newest: rds::RedisResult<StreamRangeReply> = rds::cmd("XREVRANGE")
+                .arg(&stream)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await;
+            match newest {
+                Ok(reply) => {
+                    last_id = Some(
+                        reply
+                            .ids
+                            .first()
+                            .map_or_else(|| "0-0".to_owned(), |e| e.id.clone()),
+                    );
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "tower-fence: fill feed reader cannot read");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+        }
+        pause = Duration::from_millis(50);
+        loop {
+            let from = last_id.clone().unwrap_or_else(|| "$".to_owned());
+            let reply: rds::RedisResult<Option<StreamReadReply>> = rds::cmd("XREAD")
+                .arg("COUNT")
+                .arg(512)
+                .arg("BLOCK")
+                .arg(FILL_FEED_BLOCK_MS)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(&from)
+                .query_async(&mut conn)
+                .await;
+            let Some(feed) = feed.upgrade() else {
+                return;
+            };
+            match reply {
+                Ok(Some(reply)) => {
+                    for key in reply.keys {
+                        for entry in key.ids {
+                            if let Some(filled) = entry.get::<String>("k") {
+                                feed.notify(&filled);
+                            }
+                            last_id = Some(entry.id);
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::debug!(error = %err, "tower-fence: fill feed read failed; reconnecting");
+                    tokio::time::sleep(pause).await;
+                    break;
+                }
+            }
+            feed.sweep();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masters_and_their_first_slots_are_read_from_cluster_nodes() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001 master - 0 1 2 connected [5461->-a1] 5461-10922
+c3 127.0.0.1:7002@17002 master,fail - 0 1 3 connected 10923-16383
+d4 127.0.0.1:7003@17003 slave a1 0 1 1 connected
+e5 127.0.0.1:7004@17004 master - 0 1 5 connected 16000
+f6 127.0.0.1:7005@17005 master - 0 1 6 connected
+";
+        let slots = parse_master_slots(nodes);
+        assert_eq!(
+            slots,
+            vec![
+                Slot::new(0).unwrap(),
+                Slot::new(5461).unwrap(),
+                Slot::new(16000).unwrap()
+            ]
+        );
+    }
+}
