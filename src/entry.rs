@@ -154,6 +154,32 @@ impl fmt::Display for DecodeError {
 impl std::error::Error for DecodeError {}
 
 impl Entry {
+    /// An entry of a response, with the times `freshness` gives and the
+    /// rebuild time since `started`.
+    pub(crate) fn new(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+        freshness: &crate::policy::Freshness,
+        started: std::time::Instant,
+        vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    ) -> Entry {
+        Entry {
+            status,
+            headers,
+            body,
+            trailers,
+            stored_at_ms: freshness.stored_at_ms,
+            fresh_until_ms: freshness.fresh_until_ms,
+            stale_until_ms: freshness.stale_until_ms,
+            error_until_ms: freshness.error_until_ms,
+            rebuild_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            flags: freshness.flags,
+            vary,
+        }
+    }
+
     /// Encodes the entry into one contiguous value (one Redis `SET`).
     pub(crate) fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(self.encoded_len_hint());
@@ -325,6 +351,21 @@ impl Entry {
 fn saturating_diff(a: u64, b: u64) -> i64 {
     let diff = i128::from(a) - i128::from(b);
     diff.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
+/// The chunks of a body as one value (no copy for one chunk).
+pub(crate) fn concat(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut buf = BytesMut::with_capacity(len);
+            for chunk in &chunks {
+                buf.extend_from_slice(chunk);
+            }
+            buf.freeze()
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch (0 for a clock set before 1970).

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::task::{Context, Waker};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use crate::entry::Entry;
+use crate::entry::{concat, Entry};
 use crate::key::CacheKey;
 use crate::layer::Shared;
 use crate::policy::Freshness;
@@ -72,32 +72,17 @@ impl Recorder {
 
     /// The body ended cleanly: store the entry (in the background).
     pub(crate) fn finish(self) {
-        let body = match self.chunks.len() {
-            0 => Bytes::new(),
-            1 => self.chunks.into_iter().next().unwrap_or_default(),
-            _ => {
-                let mut buf = BytesMut::with_capacity(self.len);
-                for chunk in &self.chunks {
-                    buf.extend_from_slice(chunk);
-                }
-                buf.freeze()
-            }
-        };
+        let body = concat(self.chunks, self.len);
         let fill = self.fill;
-        let rebuild_ms = u32::try_from(fill.started.elapsed().as_millis()).unwrap_or(u32::MAX);
-        let entry = Entry {
-            status: fill.status,
-            headers: fill.headers,
+        let entry = Entry::new(
+            fill.status,
+            fill.headers,
             body,
-            trailers: self.trailers,
-            stored_at_ms: fill.freshness.stored_at_ms,
-            fresh_until_ms: fill.freshness.fresh_until_ms,
-            stale_until_ms: fill.freshness.stale_until_ms,
-            error_until_ms: fill.freshness.error_until_ms,
-            rebuild_ms,
-            flags: fill.freshness.flags,
-            vary: fill.vary,
-        };
+            self.trailers,
+            &fill.freshness,
+            fill.started,
+            fill.vary,
+        );
         store_entry(
             fill.shared,
             fill.base,

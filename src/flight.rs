@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::entry::Entry;
+use crate::key::CacheKey;
 use crate::service::Found;
 
 /// What a flight ended with, as its waiters see it.
@@ -232,7 +233,7 @@ impl Wait {
 /// reads goes away mid-read, the others read for themselves.
 #[derive(Default)]
 pub(crate) struct Lookups {
-    running: Mutex<HashMap<String, watch::Receiver<Option<Found>>>>,
+    running: Mutex<HashMap<Arc<str>, watch::Receiver<Option<Found>>>>,
 }
 
 impl fmt::Debug for Lookups {
@@ -250,22 +251,22 @@ pub(crate) enum Reading {
 }
 
 impl Lookups {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, watch::Receiver<Option<Found>>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, watch::Receiver<Option<Found>>>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn start(self: &Arc<Self>, key: &str) -> Reading {
+    pub(crate) fn start(self: &Arc<Self>, key: &CacheKey) -> Reading {
         let mut running = self.lock();
-        if let Some(rx) = running.get(key) {
+        if let Some(rx) = running.get(key.as_str()) {
             if rx.has_changed().is_ok() {
                 return Reading::Follow(rx.clone());
             }
         }
         let (tx, rx) = watch::channel(None);
-        running.insert(key.to_owned(), rx);
+        running.insert(key.shared(), rx);
         Reading::First(ReadGuard {
             lookups: self.clone(),
-            key: key.to_owned(),
+            key: key.shared(),
             tx: Some(tx),
         })
     }
@@ -274,7 +275,7 @@ impl Lookups {
 /// The reading request's side: shares its result, or on drop frees the key.
 pub(crate) struct ReadGuard {
     lookups: Arc<Lookups>,
-    key: String,
+    key: Arc<str>,
     tx: Option<watch::Sender<Option<Found>>>,
 }
 
@@ -282,7 +283,11 @@ impl ReadGuard {
     pub(crate) fn share(mut self, found: &Found) {
         if let Some(tx) = self.tx.take() {
             self.forget(&tx);
-            tx.send_replace(Some(found.share()));
+            // No follower can join once the key is forgotten: copy the
+            // result only for those that did (usually none, on a hit).
+            if tx.receiver_count() > 0 {
+                tx.send_replace(Some(found.share()));
+            }
         }
     }
 

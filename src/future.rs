@@ -168,7 +168,7 @@ where
                 StateProj::Lookup { lookup, pending } => {
                     let found = ready!(lookup.as_mut().poll(cx));
                     match pending.take() {
-                        Some(pending) => after_lookup(found, pending),
+                        Some(pending) => Step::after_lookup(found, pending),
                         // Only reachable if polled again after completing.
                         None => Step::Go(State::Done),
                     }
@@ -182,7 +182,9 @@ where
                 } => {
                     let landing = ready!(wait.as_mut().poll(cx));
                     match pending.take() {
-                        Some(pending) => after_wait(landing, pending, stale.take(), *fwd, *joins),
+                        Some(pending) => {
+                            Step::after_wait(landing, pending, stale.take(), *fwd, *joins)
+                        }
                         None => Step::Go(State::Done),
                     }
                 }
@@ -282,7 +284,9 @@ where
     }
 }
 
-fn after_lookup<S, B, RB>(found: Found, pending: Pending<S, B>) -> Step<S, B, RB>
+/// The steps after a lookup or a wait. One `impl` so that the bounds a
+/// detached rebuild needs are written once.
+impl<S, B, RB> Step<S, B, RB>
 where
     S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
     S::Future: Send + 'static,
@@ -292,136 +296,273 @@ where
     RB::Data: Send,
     RB::Error: Send,
 {
-    let Pending {
-        mut svc,
-        req,
-        mut miss,
-    } = pending;
-    let shared = miss.shared.clone();
-    let now_ms = unix_ms(SystemTime::now());
-    let head = req.method() == Method::HEAD;
-    let mut store_failure = None;
-    let is_variant = miss.key != miss.base;
-    let (fwd, stale) = match found {
-        Found::Vary(names) if !is_variant => {
-            // The URL's responses vary: look the request's variant up.
-            miss.key = key::variant(&miss.base, &names, req.headers());
-            let lookup = Box::pin(lookup(shared, miss.key.clone()));
-            return Step::Go(State::Lookup {
-                lookup,
-                pending: Some(Pending { svc, req, miss }),
-            });
-        }
-        Found::Vary(_) => (Fwd::VaryMiss, None),
-        Found::Nothing if is_variant => (Fwd::VaryMiss, None),
-        Found::Failed(err) => {
-            // Fail open, but still one request per key in this process: a
-            // store outage must not become an origin stampede.
-            Counters::bump(&shared.counters.bypasses);
-            store_failure = Some(err.detail());
-            if head
-                || !miss.facts.may_store
-                || (miss.facts.authorized && !miss.overrides.keyed_by_credential)
-            {
-                let fut = svc.call(req);
-                return Step::Go(State::Inner {
-                    fut,
-                    outcome: Some(Outcome::Pass(shared, CacheStatus::bypass(err.detail()))),
+    fn after_lookup(found: Found, pending: Pending<S, B>) -> Self {
+        let Pending {
+            mut svc,
+            req,
+            mut miss,
+        } = pending;
+        let shared = miss.shared.clone();
+        let now_ms = unix_ms(SystemTime::now());
+        let head = req.method() == Method::HEAD;
+        let mut store_failure = None;
+        let is_variant = miss.key != miss.base;
+        let (fwd, stale) = match found {
+            Found::Vary(names) if !is_variant => {
+                // The URL's responses vary: look the request's variant up.
+                miss.key = key::variant(&miss.base, &names, req.headers());
+                let lookup = Box::pin(lookup(shared, miss.key.clone()));
+                return Step::Go(State::Lookup {
+                    lookup,
+                    pending: Some(Pending { svc, req, miss }),
                 });
             }
-            (Fwd::Bypass, None)
-        }
-        Found::Nothing => (Fwd::UriMiss, None),
-        Found::Entry(entry) if !vary_matches(&entry, req.headers()) => (Fwd::VaryMiss, None),
-        Found::Entry(entry) => {
-            let keyed = miss.overrides.keyed_by_credential;
-            match policy::usability(&entry, &miss.facts, keyed, now_ms) {
-                Usability::Fresh => {
-                    Counters::bump(&shared.counters.hits);
-                    let beta = shared.xfetch_beta;
-                    let due = beta > 0.0 && entry.xfetch_due(now_ms, beta, 1.0 - fastrand::f64());
-                    let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
-                    let response = entry_response(
-                        entry,
-                        head,
-                        CacheStatus::hit(ttl),
-                        true,
-                        Some(req.headers()),
-                    );
-                    if due {
-                        Counters::bump(&shared.counters.early_refreshes);
-                        spawn_refresh(svc, req, miss, None);
+            Found::Vary(_) => (Fwd::VaryMiss, None),
+            Found::Nothing if is_variant => (Fwd::VaryMiss, None),
+            Found::Failed(err) => {
+                // Fail open, but still one request per key in this process: a
+                // store outage must not become an origin stampede.
+                Counters::bump(&shared.counters.bypasses);
+                store_failure = Some(err.detail());
+                if head
+                    || !miss.facts.may_store
+                    || (miss.facts.authorized && !miss.overrides.keyed_by_credential)
+                {
+                    let fut = svc.call(req);
+                    return Step::Go(State::Inner {
+                        fut,
+                        outcome: Some(Outcome::Pass(shared, CacheStatus::bypass(err.detail()))),
+                    });
+                }
+                (Fwd::Bypass, None)
+            }
+            Found::Nothing => (Fwd::UriMiss, None),
+            Found::Entry(entry) if !vary_matches(&entry, req.headers()) => (Fwd::VaryMiss, None),
+            Found::Entry(entry) => {
+                let keyed = miss.overrides.keyed_by_credential;
+                match policy::usability(&entry, &miss.facts, keyed, now_ms) {
+                    Usability::Fresh => {
+                        Counters::bump(&shared.counters.hits);
+                        let beta = shared.xfetch_beta;
+                        let due =
+                            beta > 0.0 && entry.xfetch_due(now_ms, beta, 1.0 - fastrand::f64());
+                        let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
+                        let response = entry_response(
+                            entry,
+                            head,
+                            CacheStatus::hit(ttl),
+                            true,
+                            Some(req.headers()),
+                        );
+                        if due {
+                            Counters::bump(&shared.counters.early_refreshes);
+                            Self::spawn_refresh(svc, req, miss, None);
+                        }
+                        return Step::Respond(response);
                     }
-                    return Step::Respond(response);
-                }
-                Usability::StaleAccepted => {
-                    Counters::bump(&shared.counters.stale_hits);
-                    let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
-                    let status = CacheStatus::stale(ttl, "max-stale");
-                    return Step::Respond(entry_response(
-                        entry,
-                        head,
-                        status,
-                        true,
-                        Some(req.headers()),
-                    ));
-                }
-                Usability::NotShared => (Fwd::Request, None),
-                Usability::Validate => {
-                    let expired = !entry.is_fresh(now_ms);
-                    let grace = expired
-                        && entry.in_grace(now_ms)
-                        && !entry.has(flags::REVALIDATE)
-                        && !miss.facts.no_cache
-                        && miss.facts.max_age.is_none()
-                        && miss.facts.min_fresh.is_none();
-                    if grace {
-                        // Stale-while-revalidate: serve what is here, refresh
-                        // (revalidate) behind.
+                    Usability::StaleAccepted => {
                         Counters::bump(&shared.counters.stale_hits);
                         let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
-                        let entry = Arc::new(entry);
-                        let status = CacheStatus::stale(ttl, "stale-while-revalidate");
-                        let response = entry_response(
-                            Entry::clone(&entry),
+                        let status = CacheStatus::stale(ttl, "max-stale");
+                        return Step::Respond(entry_response(
+                            entry,
                             head,
                             status,
                             true,
                             Some(req.headers()),
-                        );
-                        spawn_refresh(svc, req, miss, Some(entry));
-                        return Step::Respond(response);
+                        ));
                     }
-                    let fwd = if expired { Fwd::Stale } else { Fwd::Request };
-                    (fwd, Some(Arc::new(entry)))
+                    Usability::NotShared => (Fwd::Request, None),
+                    Usability::Validate => {
+                        let expired = !entry.is_fresh(now_ms);
+                        let grace = expired
+                            && entry.in_grace(now_ms)
+                            && !entry.has(flags::REVALIDATE)
+                            && !miss.facts.no_cache
+                            && miss.facts.max_age.is_none()
+                            && miss.facts.min_fresh.is_none();
+                        if grace {
+                            // Stale-while-revalidate: serve what is here, refresh
+                            // (revalidate) behind.
+                            Counters::bump(&shared.counters.stale_hits);
+                            let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
+                            let entry = Arc::new(entry);
+                            let status = CacheStatus::stale(ttl, "stale-while-revalidate");
+                            let response = entry_response(
+                                Entry::clone(&entry),
+                                head,
+                                status,
+                                true,
+                                Some(req.headers()),
+                            );
+                            Self::spawn_refresh(svc, req, miss, Some(entry));
+                            return Step::Respond(response);
+                        }
+                        let fwd = if expired { Fwd::Stale } else { Fwd::Request };
+                        (fwd, Some(Arc::new(entry)))
+                    }
                 }
             }
+        };
+        if miss.facts.only_if_cached {
+            // RFC 9111 §5.2.1.7: nothing usable is stored, and the client does
+            // not want the origin asked.
+            return Step::Respond(only_if_cached_miss());
         }
-    };
-    if miss.facts.only_if_cached {
-        // RFC 9111 §5.2.1.7: nothing usable is stored, and the client does
-        // not want the origin asked.
-        return Step::Respond(only_if_cached_miss());
+        if store_failure.is_none() {
+            Counters::bump(&shared.counters.misses);
+        }
+        if head
+            || !miss.facts.may_store
+            || (miss.facts.authorized && !miss.overrides.keyed_by_credential)
+            || shared.hit_for_miss.contains_key(miss.key.as_str())
+        {
+            // HEAD gets no body to store; `no-store` requests store nothing;
+            // a request with credentials is not coalesced with others; keys
+            // that were recently uncacheable skip the flight (hit-for-miss).
+            let outcome = Outcome::fill(miss, fwd, &req);
+            let fut = svc.call(req);
+            return Step::Go(State::Inner {
+                fut,
+                outcome: Some(outcome),
+            });
+        }
+        Self::join_flight(Pending { svc, req, miss }, stale, fwd, 1, store_failure)
     }
-    if store_failure.is_none() {
-        Counters::bump(&shared.counters.misses);
+
+    fn after_wait(
+        landing: Option<Landing>,
+        pending: Pending<S, B>,
+        stale: Option<Arc<Entry>>,
+        fwd: Fwd,
+        joins: u8,
+    ) -> Self {
+        let shared = pending.miss.shared.clone();
+        match landing {
+            Some(Landing::Response(entry)) if vary_matches(&entry, pending.req.headers()) => {
+                Counters::bump(&shared.counters.collapsed);
+                let status = CacheStatus::collapsed(fwd, entry.status.as_u16());
+                let entry = Arc::try_unwrap(entry).unwrap_or_else(|shared| Entry::clone(&shared));
+                Step::Respond(entry_response(
+                    entry,
+                    false,
+                    status,
+                    true,
+                    Some(pending.req.headers()),
+                ))
+            }
+            Some(Landing::Retry) if joins < MAX_JOINS => {
+                Self::join_flight(pending, stale, fwd, joins + 1, None)
+            }
+            None => {
+                let now_ms = unix_ms(SystemTime::now());
+                Counters::bump(&shared.counters.wait_timeouts);
+                match stale.filter(|s| s.in_grace(now_ms) || s.usable_on_error(now_ms)) {
+                    Some(stale) => {
+                        let ttl = stale.ttl_ms(now_ms).div_euclid(1000);
+                        let entry =
+                            Arc::try_unwrap(stale).unwrap_or_else(|shared| Entry::clone(&shared));
+                        Step::Respond(entry_response(
+                            entry,
+                            false,
+                            CacheStatus::stale(ttl, "wait-timeout"),
+                            true,
+                            Some(pending.req.headers()),
+                        ))
+                    }
+                    None => Self::go_alone(pending, fwd),
+                }
+            }
+            // The leader's answer is not for us (uncacheable, another variant),
+            // or its leaders kept vanishing: ask the inner service ourselves.
+            Some(_) => Self::go_alone(pending, fwd),
+        }
     }
-    if head
-        || !miss.facts.may_store
-        || (miss.facts.authorized && !miss.overrides.keyed_by_credential)
-        || shared.hit_for_miss.contains_key(miss.key.as_str())
-    {
-        // HEAD gets no body to store; `no-store` requests store nothing;
-        // a request with credentials is not coalesced with others; keys
-        // that were recently uncacheable skip the flight (hit-for-miss).
+
+    /// Joins the key's flight: leads it (the rebuild runs in a task of its
+    /// own) or waits for it.
+    fn join_flight(
+        pending: Pending<S, B>,
+        stale: Option<Arc<Entry>>,
+        fwd: Fwd,
+        joins: u8,
+        store_failure: Option<&'static str>,
+    ) -> Self {
+        let shared = pending.miss.shared.clone();
+        match shared.flights.join(pending.miss.key.as_str()) {
+            Joined::Waiter(wait) => Step::Go(State::Waiting {
+                wait: Box::pin(wait.landing(shared.wait_timeout)),
+                pending: Some(pending),
+                stale,
+                fwd,
+                joins,
+            }),
+            Joined::Leader(lead) => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    // No runtime to run a detached rebuild on: do it inline.
+                    drop(lead);
+                    return Self::go_alone(pending, fwd);
+                };
+                let Pending { svc, req, miss } = pending;
+                let job = Job {
+                    shared: miss.shared,
+                    key: miss.key,
+                    base: miss.base,
+                    lead,
+                    svc,
+                    req,
+                    stale,
+                    fwd,
+                    store_failure,
+                    overrides: miss.overrides,
+                    authorized: miss.facts.authorized,
+                };
+                Step::Go(State::Leading {
+                    handle: runtime.spawn(rebuild::lead_miss(job)),
+                })
+            }
+        }
+    }
+
+    /// Sends the request to the inner service without the flight.
+    fn go_alone(pending: Pending<S, B>, fwd: Fwd) -> Self {
+        let Pending { mut svc, req, miss } = pending;
         let outcome = Outcome::fill(miss, fwd, &req);
         let fut = svc.call(req);
-        return Step::Go(State::Inner {
+        Step::Go(State::Inner {
             fut,
             outcome: Some(outcome),
-        });
+        })
     }
-    join_flight(Pending { svc, req, miss }, stale, fwd, 1, store_failure)
+
+    /// Starts a background refresh of the key, unless one runs in this process.
+    fn spawn_refresh(
+        svc: S,
+        req: Request<B>,
+        miss: crate::service::Miss,
+        current: Option<Arc<Entry>>,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Some(lead) = miss.shared.flights.try_lead(miss.key.as_str()) else {
+            return;
+        };
+        let job = Job {
+            shared: miss.shared,
+            key: miss.key,
+            base: miss.base,
+            lead,
+            svc,
+            req,
+            stale: current,
+            fwd: Fwd::Stale,
+            store_failure: None,
+            overrides: miss.overrides,
+            authorized: miss.facts.authorized,
+        };
+        runtime.spawn(rebuild::refresh(job));
+    }
 }
 
 /// The answer to `only-if-cached` when nothing usable is stored.
@@ -434,170 +575,6 @@ fn only_if_cached_miss<RB: Body>() -> Response<FenceBody<RB>> {
     }
     .append_to(response.headers_mut());
     response
-}
-
-fn after_wait<S, B, RB>(
-    landing: Option<Landing>,
-    pending: Pending<S, B>,
-    stale: Option<Arc<Entry>>,
-    fwd: Fwd,
-    joins: u8,
-) -> Step<S, B, RB>
-where
-    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
-    RB: Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Send,
-{
-    let shared = pending.miss.shared.clone();
-    match landing {
-        Some(Landing::Response(entry)) if vary_matches(&entry, pending.req.headers()) => {
-            Counters::bump(&shared.counters.collapsed);
-            let status = CacheStatus::collapsed(fwd, entry.status.as_u16());
-            let entry = Arc::try_unwrap(entry).unwrap_or_else(|shared| Entry::clone(&shared));
-            Step::Respond(entry_response(
-                entry,
-                false,
-                status,
-                true,
-                Some(pending.req.headers()),
-            ))
-        }
-        Some(Landing::Retry) if joins < MAX_JOINS => {
-            join_flight(pending, stale, fwd, joins + 1, None)
-        }
-        None => {
-            let now_ms = unix_ms(SystemTime::now());
-            Counters::bump(&shared.counters.wait_timeouts);
-            match stale.filter(|s| s.in_grace(now_ms) || s.usable_on_error(now_ms)) {
-                Some(stale) => {
-                    let ttl = stale.ttl_ms(now_ms).div_euclid(1000);
-                    let entry =
-                        Arc::try_unwrap(stale).unwrap_or_else(|shared| Entry::clone(&shared));
-                    Step::Respond(entry_response(
-                        entry,
-                        false,
-                        CacheStatus::stale(ttl, "wait-timeout"),
-                        true,
-                        Some(pending.req.headers()),
-                    ))
-                }
-                None => go_alone(pending, fwd),
-            }
-        }
-        // The leader's answer is not for us (uncacheable, another variant),
-        // or its leaders kept vanishing: ask the inner service ourselves.
-        Some(_) => go_alone(pending, fwd),
-    }
-}
-
-/// Joins the key's flight: leads it (the rebuild runs in a task of its
-/// own) or waits for it.
-fn join_flight<S, B, RB>(
-    pending: Pending<S, B>,
-    stale: Option<Arc<Entry>>,
-    fwd: Fwd,
-    joins: u8,
-    store_failure: Option<&'static str>,
-) -> Step<S, B, RB>
-where
-    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
-    RB: Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Send,
-{
-    let shared = pending.miss.shared.clone();
-    match shared.flights.join(pending.miss.key.as_str()) {
-        Joined::Waiter(wait) => Step::Go(State::Waiting {
-            wait: Box::pin(wait.landing(shared.wait_timeout)),
-            pending: Some(pending),
-            stale,
-            fwd,
-            joins,
-        }),
-        Joined::Leader(lead) => {
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                // No runtime to run a detached rebuild on: do it inline.
-                drop(lead);
-                return go_alone(pending, fwd);
-            };
-            let Pending { svc, req, miss } = pending;
-            let job = Job {
-                shared: miss.shared,
-                key: miss.key,
-                base: miss.base,
-                lead,
-                svc,
-                req,
-                stale,
-                fwd,
-                store_failure,
-                overrides: miss.overrides,
-                authorized: miss.facts.authorized,
-            };
-            Step::Go(State::Leading {
-                handle: runtime.spawn(rebuild::lead_miss(job)),
-            })
-        }
-    }
-}
-
-/// Sends the request to the inner service without the flight.
-fn go_alone<S, B, RB>(pending: Pending<S, B>, fwd: Fwd) -> Step<S, B, RB>
-where
-    S: Service<Request<B>, Response = Response<RB>>,
-    RB: Body,
-{
-    let Pending { mut svc, req, miss } = pending;
-    let outcome = Outcome::fill(miss, fwd, &req);
-    let fut = svc.call(req);
-    Step::Go(State::Inner {
-        fut,
-        outcome: Some(outcome),
-    })
-}
-
-/// Starts a background refresh of the key, unless one runs in this process.
-fn spawn_refresh<S, B, RB>(
-    svc: S,
-    req: Request<B>,
-    miss: crate::service::Miss,
-    current: Option<Arc<Entry>>,
-) where
-    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
-    RB: Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Send,
-{
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let Some(lead) = miss.shared.flights.try_lead(miss.key.as_str()) else {
-        return;
-    };
-    let job = Job {
-        shared: miss.shared,
-        key: miss.key,
-        base: miss.base,
-        lead,
-        svc,
-        req,
-        stale: current,
-        fwd: Fwd::Stale,
-        store_failure: None,
-        overrides: miss.overrides,
-        authorized: miss.facts.authorized,
-    };
-    runtime.spawn(rebuild::refresh(job));
 }
 
 /// The answer when a rebuild task was cancelled (the runtime shuts down).

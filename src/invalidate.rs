@@ -484,11 +484,18 @@ pub(crate) fn strip_tags(shared: &Shared, headers: &mut HeaderMap) {
     }
 }
 
-/// The sets a fill of `path` with `tags` joins.
-pub(crate) fn fill_sets(shared: &Shared, path: &str, tags: &[String]) -> Vec<String> {
+/// The sets a fill of `path` joins: its index sets, and those of the tags
+/// the response names and of the route's tags.
+pub(crate) fn fill_sets(
+    shared: &Shared,
+    path: &str,
+    response_tags: &[String],
+    route_tags: &[String],
+) -> Vec<String> {
     let namespace = &shared.key.namespace;
     let mut sets = lease_sets(shared, path);
-    sets.extend(tags.iter().map(|tag| key::tag_set(namespace, tag)));
+    let tags = response_tags.iter().chain(route_tags);
+    sets.extend(tags.map(|tag| key::tag_set(namespace, tag)));
     sets
 }
 

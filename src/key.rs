@@ -18,6 +18,7 @@
 //! prefix no longer than the cut selects them.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};
@@ -30,16 +31,22 @@ pub(crate) const MAX_READABLE_PATH: usize = 512;
 /// Marks a readable path that was cut at [`MAX_READABLE_PATH`].
 const CUT_MARK: char = '~';
 
-/// A request's identity in the store.
+/// A request's identity in the store. Cheap to clone: a request's key is
+/// held by its lookup, its flight and its fill.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct CacheKey {
-    storage: String,
+    storage: Arc<str>,
 }
 
 impl CacheKey {
     /// The key as stored.
     pub(crate) fn as_str(&self) -> &str {
         &self.storage
+    }
+
+    /// The key, shared.
+    pub(crate) fn shared(&self) -> Arc<str> {
+        self.storage.clone()
     }
 }
 
@@ -117,7 +124,9 @@ pub(crate) fn derive_with(
         let _ = write!(storage, "{byte:02x}");
     }
     storage.push('}');
-    CacheKey { storage }
+    CacheKey {
+        storage: storage.into(),
+    }
 }
 
 fn method_class(method: &Method) -> &str {
@@ -186,7 +195,9 @@ pub(crate) fn variant(base: &CacheKey, names: &[HeaderName], headers: &HeaderMap
     for byte in &digest[..8] {
         let _ = write!(storage, "{byte:02x}");
     }
-    CacheKey { storage }
+    CacheKey {
+        storage: storage.into(),
+    }
 }
 
 /// Escapes a path the way keys store it (for building prefix patterns).

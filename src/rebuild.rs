@@ -13,7 +13,7 @@ use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -21,14 +21,14 @@ use http_body_util::BodyExt;
 use tower_service::Service;
 
 use crate::body::FenceBody;
-use crate::entry::{unix_ms, Entry, Record};
+use crate::entry::{concat, unix_ms, Entry, Record};
 use crate::flight::{Landing, Lead};
 use crate::invalidate;
 use crate::key;
 use crate::key::CacheKey;
 use crate::layer::{Counters, Shared};
 use crate::policy;
-use crate::policy::Overrides;
+use crate::policy::{Freshness, Overrides};
 use crate::service::{entry_response, vary_matches, vary_values, with_timeout};
 use crate::status::{CacheStatus, Fwd};
 use crate::store::Fill as StoreFill;
@@ -98,23 +98,17 @@ where
         overrides,
         authorized,
     } = job;
-    let request_headers = req.headers().clone();
-    let path = req.uri().path().to_owned();
-    let lease_sets = invalidate::lease_sets(&shared, &path);
-    prepare_rebuild_request(&mut req);
-    let token = new_token();
+    let Prepared {
+        request_headers,
+        path,
+        lease_sets,
+        token,
+    } = prepare(&shared, &mut req);
 
     let lease = if store_failure.is_some() {
         Lease::Elsewhere
     } else {
-        match with_timeout(
-            shared.store_timeout,
-            shared
-                .store
-                .try_lease(key.as_str(), &token, shared.lease_ttl, &lease_sets),
-        )
-        .await
-        {
+        match take_lease(&shared, &key, &token, &lease_sets).await {
             Ok(true) => Lease::Held,
             Ok(false) => {
                 match wait_for_remote_fill(
@@ -234,8 +228,7 @@ where
             Ok(stale_response_with(&stale, status_line, "stale-if-error"))
         }
         Rebuilt::Storable(entry, tags, origin_status) => {
-            let tags = [tags.as_slice(), overrides.tags.as_slice()].concat();
-            let sets = invalidate::fill_sets(&shared, &path, &tags);
+            let sets = invalidate::fill_sets(&shared, &path, &tags, &overrides.tags);
             let stored = match lease {
                 Lease::Held => {
                     fill(
@@ -347,19 +340,13 @@ where
         authorized,
         ..
     } = job;
-    let request_headers = req.headers().clone();
-    let path = req.uri().path().to_owned();
-    let lease_sets = invalidate::lease_sets(&shared, &path);
-    prepare_rebuild_request(&mut req);
-    let token = new_token();
-    match with_timeout(
-        shared.store_timeout,
-        shared
-            .store
-            .try_lease(key.as_str(), &token, shared.lease_ttl, &lease_sets),
-    )
-    .await
-    {
+    let Prepared {
+        request_headers,
+        path,
+        lease_sets,
+        token,
+    } = prepare(&shared, &mut req);
+    match take_lease(&shared, &key, &token, &lease_sets).await {
         Ok(true) => {}
         Ok(false) => return,
         Err(err) => {
@@ -381,8 +368,7 @@ where
     let rebuild = rebuild(ctx, svc, req);
     match extend_while(&shared, &key, &token, true, rebuild).await {
         Rebuilt::Storable(entry, tags, _) => {
-            let tags = [tags.as_slice(), overrides.tags.as_slice()].concat();
-            let sets = invalidate::fill_sets(&shared, &path, &tags);
+            let sets = invalidate::fill_sets(&shared, &path, &tags, &overrides.tags);
             fill(
                 &shared,
                 &base,
@@ -401,6 +387,43 @@ where
             release(&shared, &key, &token).await;
         }
     }
+}
+
+/// What a rebuild keeps of the client's request before turning it into
+/// the request it sends, and the token of its lease.
+struct Prepared {
+    /// The client's headers: for `Vary` and the client's own validators.
+    request_headers: HeaderMap,
+    path: String,
+    /// The index sets the lease joins.
+    lease_sets: Vec<String>,
+    token: String,
+}
+
+fn prepare<B>(shared: &Shared, req: &mut Request<B>) -> Prepared {
+    let request_headers = req.headers().clone();
+    let path = req.uri().path().to_owned();
+    let lease_sets = invalidate::lease_sets(shared, &path);
+    prepare_rebuild_request(req);
+    Prepared {
+        request_headers,
+        path,
+        lease_sets,
+        token: new_token(),
+    }
+}
+
+/// Takes the key's rebuild lease, bounded by the store timeout.
+async fn take_lease(
+    shared: &Shared,
+    key: &CacheKey,
+    token: &str,
+    lease_sets: &[String],
+) -> Result<bool, crate::StoreError> {
+    let lease = shared
+        .store
+        .try_lease(key.as_str(), token, shared.lease_ttl, lease_sets);
+    with_timeout(shared.store_timeout, lease).await
 }
 
 /// The request a rebuild sends: a `GET` (a refresh may start from a `HEAD`)
@@ -541,44 +564,34 @@ where
             }
         }
     };
-    let rebuild_ms = u32::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u32::MAX);
     let headers = policy::storable_headers(&parts.headers);
     match verdict {
         Ok(freshness) => {
             let names = policy::vary_names(&parts.headers).unwrap_or_default();
-            Rebuilt::Storable(
-                Entry {
-                    status: parts.status,
-                    headers,
-                    body: data,
-                    trailers,
-                    stored_at_ms: freshness.stored_at_ms,
-                    fresh_until_ms: freshness.fresh_until_ms,
-                    stale_until_ms: freshness.stale_until_ms,
-                    error_until_ms: freshness.error_until_ms,
-                    rebuild_ms,
-                    flags: freshness.flags,
-                    vary: vary_values(&names, ctx.request_headers),
-                },
-                tags,
+            let vary = vary_values(&names, ctx.request_headers);
+            let entry = Entry::new(
                 parts.status,
-            )
+                headers,
+                data,
+                trailers,
+                &freshness,
+                ctx.started,
+                vary,
+            );
+            Rebuilt::Storable(entry, tags, parts.status)
         }
         Err(_) => {
-            let now_ms = unix_ms(SystemTime::now());
-            Rebuilt::SharedError(Entry {
-                status: parts.status,
+            let expired = Freshness::expired(unix_ms(SystemTime::now()));
+            let entry = Entry::new(
+                parts.status,
                 headers,
-                body: data,
+                data,
                 trailers,
-                stored_at_ms: now_ms,
-                fresh_until_ms: now_ms,
-                stale_until_ms: now_ms,
-                error_until_ms: now_ms,
-                rebuild_ms,
-                flags: 0,
-                vary: Vec::new(),
-            })
+                &expired,
+                ctx.started,
+                Vec::new(),
+            );
+            Rebuilt::SharedError(entry)
         }
     }
 }
@@ -596,7 +609,6 @@ fn refreshed<RB: Body, E>(
         &current.headers,
         not_modified,
     ));
-    let rebuild_ms = u32::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u32::MAX);
     let verdict = policy::storability(
         &ctx.shared.policy,
         ctx.overrides,
@@ -605,33 +617,17 @@ fn refreshed<RB: Body, E>(
         ctx.authorized,
         SystemTime::now(),
     );
-    let now_ms = unix_ms(SystemTime::now());
-    let (freshness, storable) = match verdict {
-        Ok(freshness) => (freshness, true),
-        Err(_) => (
-            crate::policy::Freshness {
-                stored_at_ms: now_ms,
-                fresh_until_ms: now_ms,
-                stale_until_ms: now_ms,
-                error_until_ms: now_ms,
-                flags: 0,
-            },
-            false,
-        ),
-    };
-    let entry = Entry {
-        status: current.status,
-        headers: merged,
-        body: current.body.clone(),
-        trailers: current.trailers.clone(),
-        stored_at_ms: freshness.stored_at_ms,
-        fresh_until_ms: freshness.fresh_until_ms,
-        stale_until_ms: freshness.stale_until_ms,
-        error_until_ms: freshness.error_until_ms,
-        rebuild_ms,
-        flags: freshness.flags,
-        vary: current.vary.clone(),
-    };
+    let storable = verdict.is_ok();
+    let freshness = verdict.unwrap_or_else(|_| Freshness::expired(unix_ms(SystemTime::now())));
+    let entry = Entry::new(
+        current.status,
+        merged,
+        current.body.clone(),
+        current.trailers.clone(),
+        &freshness,
+        ctx.started,
+        current.vary.clone(),
+    );
     if storable {
         Rebuilt::Storable(entry, tags, StatusCode::NOT_MODIFIED)
     } else {
@@ -695,17 +691,7 @@ async fn read_body<B: Body>(mut body: Pin<Box<B>>, max: usize) -> Read<B> {
             }
         }
     }
-    let data = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut buf = BytesMut::with_capacity(len);
-            for chunk in &chunks {
-                buf.extend_from_slice(chunk);
-            }
-            buf.freeze()
-        }
-    };
+    let data = concat(chunks, len);
     Read::Complete { data, trailers }
 }
 
@@ -764,10 +750,7 @@ async fn wait_for_remote_fill(
         if let Some(entry) = read_usable(shared, key, request_headers).await {
             return Remote::Filled(Box::new(entry));
         }
-        let lease = shared
-            .store
-            .try_lease(key.as_str(), token, shared.lease_ttl, lease_sets);
-        if let Ok(true) = with_timeout(shared.store_timeout, lease).await {
+        if let Ok(true) = take_lease(shared, key, token, lease_sets).await {
             return Remote::Leased;
         }
         let now = Instant::now();

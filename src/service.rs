@@ -250,7 +250,7 @@ impl Found {
 
 /// Looks `key` up, sharing one store read among concurrent lookups of it.
 pub(crate) async fn lookup(shared: Arc<Shared>, key: CacheKey) -> Found {
-    match shared.lookups.start(key.as_str()) {
+    match shared.lookups.start(&key) {
         Reading::First(guard) => {
             let found = read(shared.clone(), key).await;
             guard.share(&found);
@@ -508,7 +508,8 @@ pub(crate) fn finish<B: Body>(response: Response<B>, outcome: Outcome) -> Respon
                             sets: invalidate::fill_sets(
                                 &shared,
                                 &path,
-                                &[tags.as_slice(), miss.overrides.tags.as_slice()].concat(),
+                                &tags,
+                                &miss.overrides.tags,
                             ),
                             declared_vary: miss.overrides.declared_vary.clone(),
                             shared: miss.shared.clone(),

@@ -231,6 +231,20 @@ pub(crate) struct Freshness {
     pub(crate) flags: u8,
 }
 
+impl Freshness {
+    /// Stale from `now_ms` on, with no stale window: for responses given
+    /// to the requests that waited for them but not stored.
+    pub(crate) fn expired(now_ms: u64) -> Freshness {
+        Freshness {
+            stored_at_ms: now_ms,
+            fresh_until_ms: now_ms,
+            stale_until_ms: now_ms,
+            error_until_ms: now_ms,
+            flags: 0,
+        }
+    }
+}
+
 /// The `Cache-Control` that governs a shared cache: `CDN-Cache-Control`
 /// when the response has one (RFC 9213 §2.1: the targeted field wins and the
 /// general one is then ignored), else `Cache-Control`.

@@ -2,34 +2,23 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
-use ::redis::streams::{StreamRangeReply, StreamReadReply};
 use ::redis::{self as rds, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, Script};
 use bytes::Bytes;
-use tokio::sync::watch;
 
+use super::feed::{
+    ttl_millis, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS, FILL_FEED_MAXLEN, RELEASE_LEASE,
+    SCAN_COUNT, SSCAN_COUNT,
+};
 use super::{
     lease_key, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture,
     DEFAULT_FILL_FEED_KEY,
 };
-
-/// Length the fill feed is trimmed to (approximately).
-const FILL_FEED_MAXLEN: usize = 10_000;
-
-/// How long one blocking read of the fill feed waits for news.
-const FILL_FEED_BLOCK_MS: u64 = 1_000;
-
-/// `COUNT` hint of each `SCAN` step on each master.
-const SCAN_COUNT: usize = 500;
-
-/// `COUNT` hint of each `SSCAN` step.
-const SSCAN_COUNT: usize = 250;
 
 /// The fenced part of a fill, on the entry's slot only: stores the entry
 /// while the lease is held (when fenced) and releases the lease.
@@ -60,10 +49,6 @@ return 1
 
 static FENCED_STORE: LazyLock<Script> = LazyLock::new(|| Script::new(FENCED_STORE_LUA));
 static JOIN_SET: LazyLock<Script> = LazyLock::new(|| Script::new(JOIN_SET_LUA));
-static EXTEND_LEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/extend_lease.lua")));
-static RELEASE_LEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/release_lease.lua")));
 
 /// A store in a Redis Cluster (feature `cluster`), shared by every process
 /// that points at the same cluster.
@@ -138,41 +123,6 @@ struct Shared {
     connecting: tokio::sync::Mutex<()>,
 }
 
-/// The fill notifications this process waits for.
-#[derive(Debug)]
-struct FillFeed {
-    key: String,
-    waiters: Mutex<HashMap<String, watch::Sender<u64>>>,
-    reading: AtomicBool,
-}
-
-impl FillFeed {
-    fn new(key: String) -> Self {
-        FillFeed {
-            key,
-            waiters: Mutex::new(HashMap::new()),
-            reading: AtomicBool::new(false),
-        }
-    }
-
-    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<u64>>> {
-        self.waiters
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn notify(&self, key: &str) {
-        if let Some(tx) = self.waiters().get(key) {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
-        }
-    }
-
-    /// Forgets keys nobody waits for any more.
-    fn sweep(&self) {
-        self.waiters().retain(|_, tx| tx.receiver_count() > 0);
-    }
-}
-
 impl RedisClusterStore {
     /// A store on the cluster that `nodes` (some or all of its nodes, e.g.
     /// `redis://10.0.0.1:6379`) belong to. Connects at the first use; inside
@@ -221,16 +171,11 @@ impl RedisClusterStore {
     }
 
     fn start_feed_reader(&self) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self.feed.reading.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        handle.spawn(read_fill_feed(
-            Arc::downgrade(&self.feed),
-            self.shared.reader_client.clone(),
-        ));
+        let client = self.shared.reader_client.clone();
+        FillFeed::start_reader(&self.feed, move || {
+            let client = client.clone();
+            async move { client.get_async_connection().await }
+        });
     }
 
     async fn connection(&self) -> Result<ClusterConnection, StoreError> {
@@ -463,10 +408,6 @@ impl fmt::Debug for RedisClusterStore {
     }
 }
 
-fn ttl_millis(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
 impl Store for RedisClusterStore {
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
         Box::pin(async move {
@@ -621,100 +562,7 @@ impl Store for RedisClusterStore {
 
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
         self.start_feed_reader();
-        let rx = self
-            .feed
-            .waiters()
-            .entry(key.to_owned())
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe();
-        Some(FillSubscription::new(rx))
-    }
-}
-
-/// Reads the fill feed on a cluster connection of its own and wakes this
-/// process's waiters, until every store sharing `feed` is gone. Reconnects
-/// with a growing pause when the cluster is away, resuming after the last
-/// entry read.
-async fn read_fill_feed(feed: Weak<FillFeed>, client: ClusterClient) {
-    let mut last_id: Option<String> = None;
-    let mut pause = Duration::from_millis(50);
-    loop {
-        let Some(stream) = feed.upgrade().map(|f| f.key.clone()) else {
-            return;
-        };
-        let mut conn = match client.get_async_connection().await {
-            Ok(conn) => conn,
-            Err(err) => {
-                tracing::debug!(error = %err, "tower-fence: fill feed reader cannot connect");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        if last_id.is_none() {
-            // Start after the newest entry: what was filled before this
-            // process waited is found by reading the entry itself.
-            let newest: rds::RedisResult<StreamRangeReply> = rds::cmd("XREVRANGE")
-                .arg(&stream)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut conn)
-                .await;
-            match newest {
-                Ok(reply) => {
-                    last_id = Some(
-                        reply
-                            .ids
-                            .first()
-                            .map_or_else(|| "0-0".to_owned(), |e| e.id.clone()),
-                    );
-                }
-                Err(err) => {
-                    tracing::debug!(error = %err, "tower-fence: fill feed reader cannot read");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-            }
-        }
-        pause = Duration::from_millis(50);
-        loop {
-            let from = last_id.clone().unwrap_or_else(|| "$".to_owned());
-            let reply: rds::RedisResult<Option<StreamReadReply>> = rds::cmd("XREAD")
-                .arg("COUNT")
-                .arg(512)
-                .arg("BLOCK")
-                .arg(FILL_FEED_BLOCK_MS)
-                .arg("STREAMS")
-                .arg(&stream)
-                .arg(&from)
-                .query_async(&mut conn)
-                .await;
-            let Some(feed) = feed.upgrade() else {
-                return;
-            };
-            match reply {
-                Ok(Some(reply)) => {
-                    for key in reply.keys {
-                        for entry in key.ids {
-                            if let Some(filled) = entry.get::<String>("k") {
-                                feed.notify(&filled);
-                            }
-                            last_id = Some(entry.id);
-                        }
-                    }
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    tracing::debug!(error = %err, "tower-fence: fill feed read failed; reconnecting");
-                    tokio::time::sleep(pause).await;
-                    break;
-                }
-            }
-            feed.sweep();
-        }
+        Some(self.feed.subscribe(key))
     }
 }
 

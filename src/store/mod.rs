@@ -26,6 +26,8 @@ mod memory;
 pub use memory::{MemoryStore, DEFAULT_MEMORY_CAPACITY_BYTES};
 
 #[cfg(feature = "redis")]
+mod feed;
+#[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -1,45 +1,26 @@
 //! The Redis store: a `bb8` pool of `bb8-redis` connections.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use bb8_redis::redis::streams::StreamReadReply;
 use bb8_redis::redis::{self, aio::MultiplexedConnection, RedisError, Script};
 use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
-use tokio::sync::watch;
 
+use super::feed::{
+    ttl_millis, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS, FILL_FEED_MAXLEN, RELEASE_LEASE,
+    SCAN_COUNT, SSCAN_COUNT,
+};
 use super::{lease_key, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture};
 
 /// The stream that carries fill notifications, unless
 /// [`RedisStore::fill_feed_key`] says otherwise.
 pub const DEFAULT_FILL_FEED_KEY: &str = "tower-fence:fills";
 
-/// Length the fill feed is trimmed to (approximately).
-const FILL_FEED_MAXLEN: usize = 10_000;
-
-/// How long one blocking read of the fill feed waits for news.
-const FILL_FEED_BLOCK_MS: u64 = 1_000;
-
-/// `COUNT` hint of each `SCAN` step: about a millisecond of Redis's time
-/// per step over a million keys, so other clients wait at most that long.
-const SCAN_COUNT: usize = 500;
-
-/// `COUNT` hint of each `SSCAN` step. Every member read is unlinked in the
-/// same step, and `UNLINK` frees small values synchronously: 250 keeps one
-/// step under a millisecond.
-const SSCAN_COUNT: usize = 250;
-
 static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/fill.lua")));
 static TRY_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/try_lease.lua")));
-static EXTEND_LEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/extend_lease.lua")));
-static RELEASE_LEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/release_lease.lua")));
 
 /// The pool type [`RedisStore`] and [`FenceLayer::new`](crate::FenceLayer::new)
 /// take.
@@ -89,33 +70,6 @@ pub struct RedisStore {
     feed: Arc<FillFeed>,
 }
 
-/// The fill notifications this process waits for.
-#[derive(Debug)]
-struct FillFeed {
-    key: String,
-    waiters: Mutex<HashMap<String, watch::Sender<u64>>>,
-    reading: AtomicBool,
-}
-
-impl FillFeed {
-    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<u64>>> {
-        self.waiters
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn notify(&self, key: &str) {
-        if let Some(tx) = self.waiters().get(key) {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
-        }
-    }
-
-    /// Forgets keys nobody waits for any more.
-    fn sweep(&self) {
-        self.waiters().retain(|_, tx| tx.receiver_count() > 0);
-    }
-}
-
 impl RedisStore {
     /// A store on `pool`. Inside a Tokio runtime it starts reading the fill
     /// feed at once; otherwise at the first wait for a fill.
@@ -124,11 +78,7 @@ impl RedisStore {
             pool,
             connection: Arc::new(Mutex::new(None)),
             connecting: Arc::new(tokio::sync::Mutex::new(())),
-            feed: Arc::new(FillFeed {
-                key: DEFAULT_FILL_FEED_KEY.to_owned(),
-                waiters: Mutex::new(HashMap::new()),
-                reading: AtomicBool::new(false),
-            }),
+            feed: Arc::new(FillFeed::new(DEFAULT_FILL_FEED_KEY.to_owned())),
         };
         store.start_feed_reader();
         store
@@ -143,27 +93,22 @@ impl RedisStore {
             pool: self.pool,
             connection: self.connection,
             connecting: self.connecting,
-            feed: Arc::new(FillFeed {
-                key: key.into(),
-                waiters: Mutex::new(HashMap::new()),
-                reading: AtomicBool::new(false),
-            }),
+            feed: Arc::new(FillFeed::new(key.into())),
         };
         store.start_feed_reader();
         store
     }
 
     fn start_feed_reader(&self) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self.feed.reading.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        handle.spawn(read_fill_feed(
-            Arc::downgrade(&self.feed),
-            self.pool.clone(),
-        ));
+        let pool = self.pool.clone();
+        FillFeed::start_reader(&self.feed, move || {
+            let pool = pool.clone();
+            async move {
+                let mut conn = pool.dedicated_connection().await?;
+                conn.set_response_timeout(Duration::from_millis(FILL_FEED_BLOCK_MS * 3));
+                Ok(conn)
+            }
+        });
     }
 
     /// The pool this store draws connections from.
@@ -271,10 +216,6 @@ impl fmt::Debug for RedisStore {
             .field("pool", &self.pool.state())
             .finish()
     }
-}
-
-fn ttl_millis(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl Store for RedisStore {
@@ -416,94 +357,6 @@ impl Store for RedisStore {
 
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
         self.start_feed_reader();
-        let rx = self
-            .feed
-            .waiters()
-            .entry(key.to_owned())
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe();
-        Some(FillSubscription::new(rx))
-    }
-}
-
-/// Reads the fill feed on a dedicated connection and wakes this process's
-/// waiters, until every store sharing `feed` is gone. Reconnects with a
-/// growing pause when Redis is away, resuming after the last entry read.
-async fn read_fill_feed(feed: Weak<FillFeed>, pool: RedisPool) {
-    let mut last_id: Option<String> = None;
-    let mut pause = Duration::from_millis(50);
-    loop {
-        let Some(stream) = feed.upgrade().map(|f| f.key.clone()) else {
-            return;
-        };
-        let mut conn = match pool.dedicated_connection().await {
-            Ok(conn) => conn,
-            Err(err) => {
-                tracing::debug!(error = %err, "tower-fence: fill feed reader cannot connect");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        conn.set_response_timeout(Duration::from_millis(FILL_FEED_BLOCK_MS * 3));
-        pause = Duration::from_millis(50);
-        if last_id.is_none() {
-            // Start after the newest entry: what was filled before this
-            // process waited is found by reading the entry itself.
-            let newest: redis::RedisResult<redis::streams::StreamRangeReply> =
-                redis::cmd("XREVRANGE")
-                    .arg(&stream)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1)
-                    .query_async(&mut conn)
-                    .await;
-            match newest {
-                Ok(reply) => {
-                    last_id = Some(
-                        reply
-                            .ids
-                            .first()
-                            .map_or_else(|| "0-0".to_owned(), |e| e.id.clone()),
-                    );
-                }
-                Err(_) => continue,
-            }
-        }
-        loop {
-            let from = last_id.clone().unwrap_or_else(|| "$".to_owned());
-            let reply: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
-                .arg("COUNT")
-                .arg(512)
-                .arg("BLOCK")
-                .arg(FILL_FEED_BLOCK_MS)
-                .arg("STREAMS")
-                .arg(&stream)
-                .arg(&from)
-                .query_async(&mut conn)
-                .await;
-            let Some(feed) = feed.upgrade() else {
-                return;
-            };
-            match reply {
-                Ok(Some(reply)) => {
-                    for key in reply.keys {
-                        for entry in key.ids {
-                            if let Some(filled) = entry.get::<String>("k") {
-                                feed.notify(&filled);
-                            }
-                            last_id = Some(entry.id);
-                        }
-                    }
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    tracing::debug!(error = %err, "tower-fence: fill feed read failed; reconnecting");
-                    break;
-                }
-            }
-            feed.sweep();
-        }
+        Some(self.feed.subscribe(key))
     }
 }
