@@ -1,6 +1,6 @@
-//! [`FenceBody`]: cached bytes, or the inner body passed through.
+//! [`FenceBody`]: cached bytes, or the inner body passed through (and
+//! recorded on the way), or streamed from a rebuild that records it.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -9,8 +9,111 @@ use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::sync::mpsc;
 
-use crate::fill::Recorder;
+/// A complete body, as recorded.
+#[derive(Debug, Default)]
+pub(crate) struct Recorded {
+    pub(crate) body: Bytes,
+    pub(crate) trailers: Option<HeaderMap>,
+}
+
+/// What to do with a recording once its body ended cleanly.
+type OnRecorded = Box<dyn FnOnce(Recorded) + Send>;
+
+/// Collects a body as it is read, up to a size cap. A body that fails, is
+/// dropped early or outgrows the cap is never handed on.
+pub(crate) struct Recorder {
+    max: usize,
+    chunks: Vec<Bytes>,
+    len: usize,
+    trailers: Option<HeaderMap>,
+    done: Option<OnRecorded>,
+}
+
+impl fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Recorder")
+            .field("max", &self.max)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Recorder {
+    /// A recorder of at most `max` bytes that calls `done` with the whole
+    /// body when it ended cleanly.
+    pub(crate) fn new(max: usize, done: impl FnOnce(Recorded) + Send + 'static) -> Self {
+        Recorder {
+            max,
+            chunks: Vec::new(),
+            len: 0,
+            trailers: None,
+            done: Some(Box::new(done)),
+        }
+    }
+
+    /// A recorder whose result is taken with [`into_recorded`](Self::into_recorded).
+    pub(crate) fn collecting(max: usize) -> Self {
+        Recorder {
+            max,
+            chunks: Vec::new(),
+            len: 0,
+            trailers: None,
+            done: None,
+        }
+    }
+
+    /// Adds a data frame; `false` when the body outgrew the cap (the
+    /// recording must then be dropped).
+    pub(crate) fn push_data(&mut self, data: &Bytes) -> bool {
+        self.len = self.len.saturating_add(data.len());
+        if self.len > self.max {
+            return false;
+        }
+        if !data.is_empty() {
+            self.chunks.push(data.clone());
+        }
+        true
+    }
+
+    /// Adds a trailers frame.
+    pub(crate) fn push_trailers(&mut self, trailers: &HeaderMap) {
+        match &mut self.trailers {
+            Some(existing) => existing.extend(trailers.clone()),
+            None => self.trailers = Some(trailers.clone()),
+        }
+    }
+
+    /// The body so far, as one value.
+    pub(crate) fn into_recorded(mut self) -> Recorded {
+        self.done = None;
+        Recorded {
+            body: crate::entry::concat(std::mem::take(&mut self.chunks), self.len),
+            trailers: self.trailers.take(),
+        }
+    }
+
+    /// The body ended cleanly: hand it on.
+    pub(crate) fn finish(mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.into_recorded());
+        }
+    }
+}
+
+/// What a rebuild sends its leader's client: frames as the origin sends
+/// them, then the end, or the rest of the origin's body once recording
+/// stopped (too large).
+pub(crate) enum Piece<B: Body> {
+    Frame(Frame<Bytes>),
+    Failed(B::Error),
+    Rest(Pin<Box<B>>),
+    End,
+}
+
+/// The sending side of a streamed body.
+pub(crate) type PieceSender<B> = mpsc::UnboundedSender<Piece<B>>;
 
 pin_project! {
     /// The response body of [`FenceService`](crate::FenceService): bytes
@@ -39,12 +142,12 @@ pin_project! {
             body: B,
             recorder: Option<Recorder>,
         },
-        // What was read of a body while trying to cache it, then the rest
-        // of it (or the error that stopped the reading).
-        Replay {
-            prefix: VecDeque<Bytes>,
-            error: Option<B::Error>,
+        // Frames a rebuild forwards while it records them.
+        Streamed {
+            rx: mpsc::UnboundedReceiver<Piece<B>>,
             rest: Option<Pin<Box<B>>>,
+            hint: SizeHint,
+            ended: bool,
         },
     }
 }
@@ -67,18 +170,15 @@ impl<B: Body> FenceBody<B> {
         }
     }
 
-    /// The chunks already read from a body, then the rest of it (`rest`),
-    /// or the error that stopped the reading (`error`).
-    pub(crate) fn replay(
-        prefix: Vec<Bytes>,
-        rest: Option<Pin<Box<B>>>,
-        error: Option<B::Error>,
-    ) -> Self {
+    /// A body streamed from a rebuild: the frames `rx` receives. `hint` is
+    /// the origin body's size hint.
+    pub(crate) fn streamed(rx: mpsc::UnboundedReceiver<Piece<B>>, hint: SizeHint) -> Self {
         FenceBody {
-            kind: Kind::Replay {
-                prefix: prefix.into(),
-                error,
-                rest,
+            kind: Kind::Streamed {
+                rx,
+                rest: None,
+                hint,
+                ended: false,
             },
         }
     }
@@ -105,7 +205,7 @@ impl<B: Body> fmt::Debug for FenceBody<B> {
             Kind::Cached { .. } => "Cached",
             Kind::Passthrough { .. } => "Passthrough",
             Kind::Recording { .. } => "Recording",
-            Kind::Replay { .. } => "Replay",
+            Kind::Streamed { .. } => "Streamed",
         };
         f.debug_struct("FenceBody").field("kind", &kind).finish()
     }
@@ -172,28 +272,40 @@ where
                     }
                 }
             }
-            KindProj::Replay {
-                prefix,
-                error,
+            KindProj::Streamed {
+                rx,
                 rest,
-            } => {
-                if let Some(chunk) = prefix.pop_front() {
-                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                hint,
+                ended,
+            } => loop {
+                if let Some(body) = rest {
+                    let frame = ready!(body.as_mut().poll_frame(cx));
+                    return Poll::Ready(frame.map(|r| r.map(|f| f.map_data(into_bytes))));
                 }
-                if let Some(err) = error.take() {
-                    return Poll::Ready(Some(Err(err)));
+                if *ended {
+                    return Poll::Ready(None);
                 }
-                match rest {
-                    Some(body) => {
-                        let frame = ready!(body.as_mut().poll_frame(cx));
-                        if frame.is_none() {
-                            *rest = None;
+                match ready!(rx.poll_recv(cx)) {
+                    Some(Piece::Frame(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            *hint = shrink(hint, data.len() as u64);
                         }
-                        Poll::Ready(frame.map(|r| r.map(|f| f.map_data(into_bytes))))
+                        return Poll::Ready(Some(Ok(frame)));
                     }
-                    None => Poll::Ready(None),
+                    Some(Piece::Failed(err)) => {
+                        *ended = true;
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                    Some(Piece::Rest(body)) => *rest = Some(body),
+                    // `None`: the rebuild task is gone without an end (the
+                    // runtime shuts down): end here; a known length makes
+                    // the server notice the short body.
+                    Some(Piece::End) | None => {
+                        *ended = true;
+                        return Poll::Ready(None);
+                    }
                 }
-            }
+            },
         }
     }
 
@@ -201,15 +313,10 @@ where
         match &self.kind {
             Kind::Cached { data, trailers } => data.is_none() && trailers.is_none(),
             Kind::Passthrough { body } | Kind::Recording { body, .. } => body.is_end_stream(),
-            Kind::Replay {
-                prefix,
-                error,
-                rest,
-            } => {
-                prefix.is_empty()
-                    && error.is_none()
-                    && rest.as_ref().is_none_or(|b| b.is_end_stream())
-            }
+            Kind::Streamed { rest, ended, .. } => match rest {
+                Some(body) => body.is_end_stream(),
+                None => *ended,
+            },
         }
     }
 
@@ -219,21 +326,23 @@ where
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Kind::Passthrough { body } | Kind::Recording { body, .. } => body.size_hint(),
-            Kind::Replay { prefix, rest, .. } => {
-                let buffered: u64 = prefix.iter().map(|c| c.len() as u64).sum();
-                let rest = rest
-                    .as_ref()
-                    .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint());
-                // Upper first: `SizeHint` asserts lower <= upper on each set.
-                let mut hint = SizeHint::new();
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper.saturating_add(buffered));
-                }
-                hint.set_lower(rest.lower().saturating_add(buffered));
-                hint
-            }
+            Kind::Streamed { rest, hint, .. } => match rest {
+                Some(body) => body.size_hint(),
+                None => *hint,
+            },
         }
     }
+}
+
+/// `hint` after `read` more bytes went by.
+fn shrink(hint: &SizeHint, read: u64) -> SizeHint {
+    let mut out = SizeHint::new();
+    if let Some(upper) = hint.upper() {
+        out.set_upper(upper.saturating_sub(read));
+    }
+    let lower = hint.lower().saturating_sub(read);
+    out.set_lower(out.upper().map_or(lower, |upper| lower.min(upper)));
+    out
 }
 
 #[cfg(test)]
@@ -252,46 +361,6 @@ mod tests {
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers(), Some(&trailers));
         assert_eq!(collected.to_bytes(), Bytes::from_static(b"abc"));
-    }
-
-    #[tokio::test]
-    async fn replay_yields_the_prefix_then_the_rest() {
-        let rest = Box::pin(http_body_util::Full::new(Bytes::from_static(b"cd")));
-        let body = FenceBody::replay(
-            vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
-            Some(rest),
-            None,
-        );
-        assert_eq!(body.size_hint().exact(), Some(4));
-        assert_eq!(
-            body.collect().await.unwrap().to_bytes(),
-            Bytes::from_static(b"abcd")
-        );
-    }
-
-    #[tokio::test]
-    async fn replay_ends_with_the_error_that_stopped_reading() {
-        let body: FenceBody<http_body_util::Full<Bytes>> =
-            FenceBody::replay(vec![Bytes::from_static(b"a")], None, None);
-        assert_eq!(
-            body.collect().await.unwrap().to_bytes(),
-            Bytes::from_static(b"a")
-        );
-        #[derive(Debug)]
-        struct Failing;
-        impl Body for Failing {
-            type Data = Bytes;
-            type Error = &'static str;
-            fn poll_frame(
-                self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-            ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
-                Poll::Ready(Some(Err("broken")))
-            }
-        }
-        let body =
-            FenceBody::<Failing>::replay(vec![Bytes::from_static(b"a")], None, Some("broken"));
-        assert_eq!(body.collect().await.unwrap_err(), "broken");
     }
 
     #[tokio::test]

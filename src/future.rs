@@ -1,37 +1,57 @@
-//! The response future of [`FenceService`](crate::FenceService).
+//! The response future of [`FenceService`](crate::FenceService): the only
+//! place that holds and advances a request's state. Each step asks a
+//! function of [`flow`](crate::flow) what to do next.
+//!
+//! ```text
+//! Lookup ─┬─ Serve ───────────────────────────────► Done
+//!         ├─ Lookup (the variant)
+//!         ├─ Waiting ─┬─ Serve / 502 ─────────────► Done
+//!         │           ├─ Waiting / Leading (join again, take over)
+//!         │           └─ Permit ─► Inner (alone)
+//!         ├─ Leading (the rebuild runs in a task) ─► Done
+//!         └─ Permit ─► Inner (alone, recorded) ────► Done
+//! Inner (pass) ───────────────────────────────────► Done
+//! Inner (write) ─► Invalidating ──────────────────► Done
+//! ```
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::SystemTime;
+use std::time::Instant;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, Method, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::task::JoinHandle;
 use tower_service::Service;
 
-use crate::body::FenceBody;
-use crate::entry::{flags, unix_ms, Entry};
-use crate::flight::{Joined, Landing};
+use crate::body::{FenceBody, Recorder};
+use crate::entry::Entry;
+use crate::flow::hit::{self, Miss, Verdict};
+use crate::flow::lead::{self, Job, Leading};
+use crate::flow::lookup::lookup;
+use crate::flow::plan::Write;
+use crate::flow::settle::{self, Fence};
+use crate::flow::wait::{self, AfterWait};
+use crate::flow::{refresh, Keyed};
 use crate::invalidate::{self, InvalidationMode};
-use crate::key;
-use crate::layer::Counters;
-use crate::policy::{self, Usability};
-use crate::rebuild::{self, Job, LeaderResult};
-use crate::service::{
-    entry_response, finish, lookup, vary_matches, Found, LookupFuture, Outcome, Pending,
-};
+use crate::policy;
+use crate::respond::{self, vary_values};
+use crate::shared::{Landing, Shared};
+use crate::singleflight::{Role, Wait, Waited};
 use crate::status::{CacheStatus, Fwd};
+use crate::store_client::Found;
 
-/// How often a request joins a flight whose leader vanished before it goes
-/// to the inner service itself.
-const MAX_JOINS: u8 = 3;
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-type WaitFuture = Pin<Box<dyn Future<Output = Option<Landing>> + Send>>;
+/// The readied inner service and the request, held while the cache is
+/// consulted.
+pub(crate) struct Pending<S, B> {
+    pub(crate) svc: S,
+    pub(crate) req: Request<B>,
+    pub(crate) keyed: Keyed,
+}
 
 pin_project! {
     /// Response future of [`FenceService`](crate::FenceService): a store
@@ -55,18 +75,23 @@ pin_project! {
         RB: Body,
     {
         Lookup {
-            lookup: LookupFuture,
+            lookup: BoxFuture<Found>,
             pending: Option<Pending<S, B>>,
         },
         Waiting {
-            wait: WaitFuture,
+            wait: BoxFuture<Waited<Landing>>,
             pending: Option<Pending<S, B>>,
             stale: Option<Arc<Entry>>,
             fwd: Fwd,
             joins: u8,
         },
         Leading {
-            handle: JoinHandle<LeaderResult<RB, S::Error>>,
+            leading: Leading<RB, S::Error>,
+        },
+        Permit {
+            permit: BoxFuture<(Fence, Instant)>,
+            pending: Option<Pending<S, B>>,
+            fwd: Fwd,
         },
         Inner {
             #[pin]
@@ -74,11 +99,32 @@ pin_project! {
             outcome: Option<Outcome>,
         },
         Invalidating {
-            work: Pin<Box<dyn Future<Output = ()> + Send>>,
+            work: BoxFuture<()>,
+            shared: Arc<Shared>,
             response: Option<Response<FenceBody<RB>>>,
         },
         Done,
     }
+}
+
+/// What to do with the inner service's response.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Outcome {
+    /// Pass it through, saying this in `Cache-Status`.
+    Pass(Arc<Shared>, CacheStatus),
+    /// A write: pass it through, then invalidate what it touched.
+    Write(Arc<Shared>, Write),
+    /// A request that went to the origin without the flight: record and
+    /// store the response if it may be, fenced by its permit.
+    Alone {
+        keyed: Keyed,
+        fwd: Fwd,
+        fence: Fence,
+        request_headers: HeaderMap,
+        path: String,
+        started: Instant,
+    },
 }
 
 impl<S, B, RB> ResponseFuture<S, B, RB>
@@ -86,7 +132,12 @@ where
     S: Service<Request<B>>,
     RB: Body,
 {
-    pub(crate) fn lookup(lookup: LookupFuture, pending: Pending<S, B>) -> Self {
+    pub(crate) fn lookup(pending: Pending<S, B>) -> Self {
+        let lookup = Box::pin(lookup(
+            pending.keyed.shared.clone(),
+            pending.keyed.key.clone(),
+            pending.keyed.epoch,
+        ));
         ResponseFuture {
             state: State::Lookup {
                 lookup,
@@ -96,16 +147,9 @@ where
     }
 
     /// A request that waits on a rebuild already running in this process.
-    pub(crate) fn waiting(wait: crate::flight::Wait, pending: Pending<S, B>) -> Self {
-        let timeout = pending.miss.shared.wait_timeout;
+    pub(crate) fn waiting(wait: Wait<Landing>, pending: Pending<S, B>) -> Self {
         ResponseFuture {
-            state: State::Waiting {
-                wait: Box::pin(wait.landing(timeout)),
-                pending: Some(pending),
-                stale: None,
-                fwd: Fwd::UriMiss,
-                joins: 1,
-            },
+            state: waiting(wait, pending, None, Fwd::UriMiss, 1),
         }
     }
 
@@ -119,6 +163,27 @@ where
     }
 }
 
+fn waiting<S, B, RB>(
+    wait: Wait<Landing>,
+    pending: Pending<S, B>,
+    stale: Option<Arc<Entry>>,
+    fwd: Fwd,
+    joins: u8,
+) -> State<S, B, RB>
+where
+    S: Service<Request<B>>,
+    RB: Body,
+{
+    let timeout = Some(pending.keyed.shared.wait_timeout);
+    State::Waiting {
+        wait: Box::pin(wait.landing(timeout)),
+        pending: Some(pending),
+        stale,
+        fwd,
+        joins,
+    }
+}
+
 impl<S, B, RB> fmt::Debug for ResponseFuture<S, B, RB>
 where
     S: Service<Request<B>>,
@@ -129,6 +194,7 @@ where
             State::Lookup { .. } => "Lookup",
             State::Waiting { .. } => "Waiting",
             State::Leading { .. } => "Leading",
+            State::Permit { .. } => "Permit",
             State::Inner { .. } => "Inner",
             State::Invalidating { .. } => "Invalidating",
             State::Done => "Done",
@@ -139,7 +205,9 @@ where
     }
 }
 
-/// The next state, or a response to return now.
+/// The next state, or a response to return now. Moved once per step, so
+/// the size difference between variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Step<S, B, RB>
 where
     S: Service<Request<B>>,
@@ -180,90 +248,82 @@ where
                     fwd,
                     joins,
                 } => {
-                    let landing = ready!(wait.as_mut().poll(cx));
+                    let waited = ready!(wait.as_mut().poll(cx));
                     match pending.take() {
                         Some(pending) => {
-                            Step::after_wait(landing, pending, stale.take(), *fwd, *joins)
+                            Step::after_wait(waited, pending, stale.take(), *fwd, *joins)
                         }
                         None => Step::Go(State::Done),
                     }
                 }
-                StateProj::Leading { handle } => {
-                    let joined = ready!(Pin::new(handle).poll(cx));
-                    state.set(State::Done);
-                    return Poll::Ready(match joined {
+                StateProj::Leading { leading } => {
+                    let result = match ready!(Pin::new(&mut leading.reply).poll(cx)) {
                         Ok(result) => result,
-                        // The inner service panicked in the rebuild task:
-                        // panic here as it would have without the cache.
-                        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-                        Err(_) => Ok(unavailable()),
-                    });
+                        Err(_) => match ready!(Pin::new(&mut leading.task).poll(cx)) {
+                            // The inner service panicked in the rebuild
+                            // task: panic here as it would have without
+                            // the cache.
+                            Err(err) if err.is_panic() => {
+                                std::panic::resume_unwind(err.into_panic())
+                            }
+                            _ => Ok(respond::unavailable()),
+                        },
+                    };
+                    state.set(State::Done);
+                    return Poll::Ready(result);
+                }
+                StateProj::Permit {
+                    permit,
+                    pending,
+                    fwd,
+                } => {
+                    let (fence, started) = ready!(permit.as_mut().poll(cx));
+                    match pending.take() {
+                        Some(Pending {
+                            mut svc,
+                            req,
+                            keyed,
+                        }) => {
+                            let outcome = Outcome::Alone {
+                                fwd: *fwd,
+                                fence,
+                                request_headers: req.headers().clone(),
+                                path: req.uri().path().to_owned(),
+                                started,
+                                keyed,
+                            };
+                            let fut = svc.call(req);
+                            Step::Go(State::Inner {
+                                fut,
+                                outcome: Some(outcome),
+                            })
+                        }
+                        None => Step::Go(State::Done),
+                    }
                 }
                 StateProj::Inner { fut, outcome } => {
-                    let result = ready!(fut.poll(cx));
-                    let outcome = outcome.take();
-                    let response = match result {
+                    let response = match ready!(fut.poll(cx)) {
                         Ok(response) => response,
                         Err(err) => {
                             state.set(State::Done);
                             return Poll::Ready(Err(err));
                         }
                     };
-                    let invalidation = match &outcome {
-                        Some(Outcome::Write {
-                            shared,
-                            uri,
-                            host,
-                            also,
-                        }) => {
-                            let mut targets = invalidate::targets_of_write(
-                                uri,
-                                host.as_deref(),
-                                response.status(),
-                                response.headers(),
-                            );
-                            if !targets.is_empty() {
-                                for path in also {
-                                    let target = invalidate::Target::Prefix(path.clone());
-                                    if !targets.contains(&target) {
-                                        targets.push(target);
-                                    }
-                                }
-                            }
-                            Some((shared.clone(), targets))
-                        }
-                        _ => None,
-                    };
-                    let response = match outcome {
-                        Some(outcome) => finish(response, outcome),
-                        None => {
-                            let (parts, body) = response.into_parts();
-                            Response::from_parts(parts, FenceBody::passthrough(body))
-                        }
-                    };
-                    match invalidation {
-                        Some((shared, targets)) if !targets.is_empty() => {
-                            match shared.invalidation.mode {
-                                InvalidationMode::Background => {
-                                    for target in targets {
-                                        invalidate::enqueue(&shared, target, 0);
-                                    }
-                                    Step::Respond(response)
-                                }
-                                _ => {
-                                    // Read-your-writes: the response waits.
-                                    Step::Go(State::Invalidating {
-                                        work: Box::pin(invalidate::inline(shared, targets)),
-                                        response: Some(response),
-                                    })
-                                }
-                            }
-                        }
-                        _ => Step::Respond(response),
+                    match outcome.take() {
+                        Some(Outcome::Write(shared, write)) => after_write(shared, write, response),
+                        Some(outcome) => Step::Respond(finish(response, outcome)),
+                        None => Step::Go(State::Done),
                     }
                 }
-                StateProj::Invalidating { work, response } => {
+                StateProj::Invalidating {
+                    work,
+                    shared,
+                    response,
+                } => {
                     ready!(work.as_mut().poll(cx));
+                    // From now on no request joins a flight or read that
+                    // may have seen data from before this write.
+                    shared.write_done();
                     match response.take() {
                         Some(response) => Step::Respond(response),
                         None => Step::Go(State::Done),
@@ -284,6 +344,54 @@ where
     }
 }
 
+/// A write's response: invalidate what it touched, inline (the response
+/// waits, within the invalidation budget) or in the background.
+fn after_write<S, B, RB>(
+    shared: Arc<Shared>,
+    write: Write,
+    response: Response<RB>,
+) -> Step<S, B, RB>
+where
+    S: Service<Request<B>>,
+    RB: Body,
+{
+    let mut targets = invalidate::targets_of_write(
+        &write.uri,
+        write.host.as_deref(),
+        response.status(),
+        response.headers(),
+    );
+    if !targets.is_empty() {
+        for path in write.also {
+            let target = invalidate::Target::Prefix(path);
+            if !targets.contains(&target) {
+                targets.push(target);
+            }
+        }
+    }
+    let response = finish(
+        response,
+        Outcome::Pass(shared.clone(), CacheStatus::bypass("method")),
+    );
+    if targets.is_empty() {
+        return Step::Respond(response);
+    }
+    match shared.invalidation.mode {
+        InvalidationMode::Background => {
+            for target in targets {
+                invalidate::enqueue(&shared, target, 0);
+            }
+            shared.write_done();
+            Step::Respond(response)
+        }
+        _ => Step::Go(State::Invalidating {
+            work: Box::pin(invalidate::inline(shared.clone(), targets)),
+            shared,
+            response: Some(response),
+        }),
+    }
+}
+
 /// The steps after a lookup or a wait. One `impl` so that the bounds a
 /// detached rebuild needs are written once.
 impl<S, B, RB> Step<S, B, RB>
@@ -300,293 +408,293 @@ where
         let Pending {
             mut svc,
             req,
-            mut miss,
+            mut keyed,
         } = pending;
-        let shared = miss.shared.clone();
-        let now_ms = unix_ms(SystemTime::now());
+        let shared = keyed.shared.clone();
+        let now_ms = shared.clock.now_ms();
         let head = req.method() == Method::HEAD;
-        let mut store_failure = None;
-        let is_variant = miss.key != miss.base;
-        let (fwd, stale) = match found {
-            Found::Vary(names) if !is_variant => {
-                // The URL's responses vary: look the request's variant up.
-                miss.key = key::variant(&miss.base, &names, req.headers());
-                let lookup = Box::pin(lookup(shared, miss.key.clone()));
-                return Step::Go(State::Lookup {
-                    lookup,
-                    pending: Some(Pending { svc, req, miss }),
-                });
-            }
-            Found::Vary(_) => (Fwd::VaryMiss, None),
-            Found::Nothing if is_variant => (Fwd::VaryMiss, None),
-            Found::Failed(err) => {
-                // Fail open, but still one request per key in this process: a
-                // store outage must not become an origin stampede.
-                Counters::bump(&shared.counters.bypasses);
-                store_failure = Some(err.detail());
-                if head
-                    || !miss.facts.may_store
-                    || (miss.facts.authorized && !miss.overrides.keyed_by_credential)
-                {
-                    let fut = svc.call(req);
-                    return Step::Go(State::Inner {
-                        fut,
-                        outcome: Some(Outcome::Pass(shared, CacheStatus::bypass(err.detail()))),
-                    });
+        match hit::after_lookup(found, &keyed, req.headers(), now_ms) {
+            Verdict::Serve {
+                entry,
+                status,
+                refresh,
+            } => {
+                let response = respond::entry_response(
+                    Entry::clone(&entry),
+                    now_ms,
+                    head,
+                    status,
+                    true,
+                    Some(req.headers()),
+                );
+                if refresh {
+                    refresh::spawn(svc, req, keyed, entry);
                 }
-                (Fwd::Bypass, None)
+                Step::Respond(response)
             }
-            Found::Nothing => (Fwd::UriMiss, None),
-            Found::Entry(entry) if !vary_matches(&entry, req.headers()) => (Fwd::VaryMiss, None),
-            Found::Entry(entry) => {
-                let keyed = miss.overrides.keyed_by_credential;
-                match policy::usability(&entry, &miss.facts, keyed, now_ms) {
-                    Usability::Fresh => {
-                        Counters::bump(&shared.counters.hits);
-                        let beta = shared.xfetch_beta;
-                        let due =
-                            beta > 0.0 && entry.xfetch_due(now_ms, beta, 1.0 - fastrand::f64());
-                        let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
-                        let response = entry_response(
-                            entry,
-                            head,
-                            CacheStatus::hit(ttl),
-                            true,
-                            Some(req.headers()),
-                        );
-                        if due {
-                            Counters::bump(&shared.counters.early_refreshes);
-                            Self::spawn_refresh(svc, req, miss, None);
-                        }
-                        return Step::Respond(response);
-                    }
-                    Usability::StaleAccepted => {
-                        Counters::bump(&shared.counters.stale_hits);
-                        let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
-                        let status = CacheStatus::stale(ttl, "max-stale");
-                        return Step::Respond(entry_response(
-                            entry,
-                            head,
-                            status,
-                            true,
-                            Some(req.headers()),
-                        ));
-                    }
-                    Usability::NotShared => (Fwd::Request, None),
-                    Usability::Validate => {
-                        let expired = !entry.is_fresh(now_ms);
-                        let grace = expired
-                            && entry.in_grace(now_ms)
-                            && !entry.has(flags::REVALIDATE)
-                            && !miss.facts.no_cache
-                            && miss.facts.max_age.is_none()
-                            && miss.facts.min_fresh.is_none();
-                        if grace {
-                            // Stale-while-revalidate: serve what is here, refresh
-                            // (revalidate) behind.
-                            Counters::bump(&shared.counters.stale_hits);
-                            let ttl = entry.ttl_ms(now_ms).div_euclid(1000);
-                            let entry = Arc::new(entry);
-                            let status = CacheStatus::stale(ttl, "stale-while-revalidate");
-                            let response = entry_response(
-                                Entry::clone(&entry),
-                                head,
-                                status,
-                                true,
-                                Some(req.headers()),
-                            );
-                            Self::spawn_refresh(svc, req, miss, Some(entry));
-                            return Step::Respond(response);
-                        }
-                        let fwd = if expired { Fwd::Stale } else { Fwd::Request };
-                        (fwd, Some(Arc::new(entry)))
-                    }
+            Verdict::Variant(key) => {
+                keyed.key = key;
+                Step::Go(ResponseFuture::lookup(Pending { svc, req, keyed }).state)
+            }
+            Verdict::OnlyIfCached => Step::Respond(respond::only_if_cached_miss()),
+            Verdict::Pass(status) => {
+                let fut = svc.call(req);
+                Step::Go(State::Inner {
+                    fut,
+                    outcome: Some(Outcome::Pass(shared, status)),
+                })
+            }
+            Verdict::Miss(miss) => {
+                let alone = head
+                    || !keyed.may_share()
+                    || shared.hit_for_miss.contains_key(keyed.key.as_str());
+                let pending = Pending { svc, req, keyed };
+                if alone {
+                    // HEAD gets no body to store; a personal request is not
+                    // coalesced with others; keys that were recently
+                    // uncacheable skip the flight (hit-for-miss).
+                    return Self::alone(pending, miss.fwd, miss.store_failure.is_none());
                 }
+                Self::join_flight(pending, miss, 1)
             }
+        }
+    }
+
+    fn after_wait(
+        waited: Waited<Landing>,
+        pending: Pending<S, B>,
+        stale: Option<Arc<Entry>>,
+        fwd: Fwd,
+        joins: u8,
+    ) -> Self {
+        let shared = pending.keyed.shared.clone();
+        let now_ms = shared.clock.now_ms();
+        let headers = pending.req.headers();
+        let miss = |stale| Miss {
+            fwd,
+            stale,
+            store_failure: None,
         };
-        if miss.facts.only_if_cached {
-            // RFC 9111 §5.2.1.7: nothing usable is stored, and the client does
-            // not want the origin asked.
-            return Step::Respond(only_if_cached_miss());
+        match wait::after_wait(&shared, waited, headers, stale.as_ref(), fwd, joins, now_ms) {
+            AfterWait::Serve { entry, status } => Step::Respond(respond::shared_entry_response(
+                entry,
+                now_ms,
+                false,
+                status,
+                true,
+                Some(headers),
+            )),
+            AfterWait::Failed(status) => Step::Respond(respond::origin_failed(status)),
+            AfterWait::Rejoin => Self::join_flight(pending, miss(stale), joins + 1),
+            AfterWait::TakeOver(gave_up) => {
+                let key = pending.keyed.key.shared();
+                let role = shared
+                    .flights
+                    .take_over(&key, pending.keyed.epoch, &gave_up);
+                Self::take_role(role, pending, miss(stale), joins + 1, true)
+            }
+            AfterWait::Alone => Self::alone(pending, fwd, true),
         }
-        if store_failure.is_none() {
-            Counters::bump(&shared.counters.misses);
+    }
+
+    /// Joins the key's flight: leads it (the rebuild runs in a task of its
+    /// own) or waits for it.
+    fn join_flight(pending: Pending<S, B>, miss: Miss, joins: u8) -> Self {
+        let shared = pending.keyed.shared.clone();
+        let role = shared
+            .flights
+            .join(&pending.keyed.key.shared(), pending.keyed.epoch);
+        Self::take_role(role, pending, miss, joins, false)
+    }
+
+    fn take_role(
+        role: Role<Landing>,
+        pending: Pending<S, B>,
+        miss: Miss,
+        joins: u8,
+        relief: bool,
+    ) -> Self {
+        match role {
+            Role::Waiter(wait) => Step::Go(waiting(wait, pending, miss.stale, miss.fwd, joins)),
+            Role::Full => Self::alone(pending, miss.fwd, miss.store_failure.is_none()),
+            Role::Leader(lead) => {
+                let Pending { svc, req, keyed } = pending;
+                let job = Job {
+                    keyed,
+                    lead,
+                    svc,
+                    req,
+                    stale: miss.stale,
+                    fwd: miss.fwd,
+                    store_failure: miss.store_failure,
+                    relief,
+                };
+                match lead::spawn(job) {
+                    Ok(leading) => Step::Go(State::Leading { leading }),
+                    // No runtime to run a detached rebuild on: go alone.
+                    Err(job) => {
+                        drop(job.lead);
+                        let pending = Pending {
+                            svc: job.svc,
+                            req: job.req,
+                            keyed: job.keyed,
+                        };
+                        Self::alone(pending, job.fwd, false)
+                    }
+                }
+            }
         }
-        if head
-            || !miss.facts.may_store
-            || (miss.facts.authorized && !miss.overrides.keyed_by_credential)
-            || shared.hit_for_miss.contains_key(miss.key.as_str())
-        {
-            // HEAD gets no body to store; `no-store` requests store nothing;
-            // a request with credentials is not coalesced with others; keys
-            // that were recently uncacheable skip the flight (hit-for-miss).
-            let outcome = Outcome::fill(miss, fwd, &req);
+    }
+
+    /// Sends the request to the inner service without the flight; its
+    /// response is stored only under a permit taken first (`store`).
+    fn alone(pending: Pending<S, B>, fwd: Fwd, store: bool) -> Self {
+        let may_store = store
+            && pending.req.method() == Method::GET
+            && pending.keyed.facts.may_store
+            && tokio::runtime::Handle::try_current().is_ok();
+        if !may_store {
+            let Pending {
+                mut svc,
+                req,
+                keyed,
+            } = pending;
+            let outcome = Outcome::Alone {
+                fwd,
+                fence: Fence::None,
+                request_headers: HeaderMap::new(),
+                path: String::new(),
+                started: Instant::now(),
+                keyed,
+            };
             let fut = svc.call(req);
             return Step::Go(State::Inner {
                 fut,
                 outcome: Some(outcome),
             });
         }
-        Self::join_flight(Pending { svc, req, miss }, stale, fwd, 1, store_failure)
-    }
-
-    fn after_wait(
-        landing: Option<Landing>,
-        pending: Pending<S, B>,
-        stale: Option<Arc<Entry>>,
-        fwd: Fwd,
-        joins: u8,
-    ) -> Self {
-        let shared = pending.miss.shared.clone();
-        match landing {
-            Some(Landing::Response(entry)) if vary_matches(&entry, pending.req.headers()) => {
-                Counters::bump(&shared.counters.collapsed);
-                let status = CacheStatus::collapsed(fwd, entry.status.as_u16());
-                let entry = Arc::try_unwrap(entry).unwrap_or_else(|shared| Entry::clone(&shared));
-                Step::Respond(entry_response(
-                    entry,
-                    false,
-                    status,
-                    true,
-                    Some(pending.req.headers()),
-                ))
-            }
-            Some(Landing::Retry) if joins < MAX_JOINS => {
-                Self::join_flight(pending, stale, fwd, joins + 1, None)
-            }
-            None => {
-                let now_ms = unix_ms(SystemTime::now());
-                Counters::bump(&shared.counters.wait_timeouts);
-                match stale.filter(|s| s.in_grace(now_ms) || s.usable_on_error(now_ms)) {
-                    Some(stale) => {
-                        let ttl = stale.ttl_ms(now_ms).div_euclid(1000);
-                        let entry =
-                            Arc::try_unwrap(stale).unwrap_or_else(|shared| Entry::clone(&shared));
-                        Step::Respond(entry_response(
-                            entry,
-                            false,
-                            CacheStatus::stale(ttl, "wait-timeout"),
-                            true,
-                            Some(pending.req.headers()),
-                        ))
-                    }
-                    None => Self::go_alone(pending, fwd),
-                }
-            }
-            // The leader's answer is not for us (uncacheable, another variant),
-            // or its leaders kept vanishing: ask the inner service ourselves.
-            Some(_) => Self::go_alone(pending, fwd),
-        }
-    }
-
-    /// Joins the key's flight: leads it (the rebuild runs in a task of its
-    /// own) or waits for it.
-    fn join_flight(
-        pending: Pending<S, B>,
-        stale: Option<Arc<Entry>>,
-        fwd: Fwd,
-        joins: u8,
-        store_failure: Option<&'static str>,
-    ) -> Self {
-        let shared = pending.miss.shared.clone();
-        match shared.flights.join(pending.miss.key.as_str()) {
-            Joined::Waiter(wait) => Step::Go(State::Waiting {
-                wait: Box::pin(wait.landing(shared.wait_timeout)),
-                pending: Some(pending),
-                stale,
-                fwd,
-                joins,
-            }),
-            Joined::Leader(lead) => {
-                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                    // No runtime to run a detached rebuild on: do it inline.
-                    drop(lead);
-                    return Self::go_alone(pending, fwd);
-                };
-                let Pending { svc, req, miss } = pending;
-                let job = Job {
-                    shared: miss.shared,
-                    key: miss.key,
-                    base: miss.base,
-                    lead,
-                    svc,
-                    req,
-                    stale,
-                    fwd,
-                    store_failure,
-                    overrides: miss.overrides,
-                    authorized: miss.facts.authorized,
-                };
-                Step::Go(State::Leading {
-                    handle: runtime.spawn(rebuild::lead_miss(job)),
-                })
-            }
-        }
-    }
-
-    /// Sends the request to the inner service without the flight.
-    fn go_alone(pending: Pending<S, B>, fwd: Fwd) -> Self {
-        let Pending { mut svc, req, miss } = pending;
-        let outcome = Outcome::fill(miss, fwd, &req);
-        let fut = svc.call(req);
-        Step::Go(State::Inner {
-            fut,
-            outcome: Some(outcome),
+        let shared = pending.keyed.shared.clone();
+        let key = pending.keyed.key.clone();
+        let lease_sets = invalidate::lease_sets(&shared, pending.req.uri().path());
+        let permit = Box::pin(async move {
+            let fence = settle::take_permit(&shared, &key, &lease_sets).await;
+            (fence, Instant::now())
+        });
+        Step::Go(State::Permit {
+            permit,
+            pending: Some(pending),
+            fwd,
         })
     }
-
-    /// Starts a background refresh of the key, unless one runs in this process.
-    fn spawn_refresh(
-        svc: S,
-        req: Request<B>,
-        miss: crate::service::Miss,
-        current: Option<Arc<Entry>>,
-    ) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let Some(lead) = miss.shared.flights.try_lead(miss.key.as_str()) else {
-            return;
-        };
-        let job = Job {
-            shared: miss.shared,
-            key: miss.key,
-            base: miss.base,
-            lead,
-            svc,
-            req,
-            stale: current,
-            fwd: Fwd::Stale,
-            store_failure: None,
-            overrides: miss.overrides,
-            authorized: miss.facts.authorized,
-        };
-        runtime.spawn(rebuild::refresh(job));
-    }
 }
 
-/// The answer to `only-if-cached` when nothing usable is stored.
-fn only_if_cached_miss<RB: Body>() -> Response<FenceBody<RB>> {
-    let mut response = Response::new(FenceBody::cached(Bytes::new(), None));
-    *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
-    CacheStatus {
-        detail: Some("only-if-cached"),
-        ..CacheStatus::default()
-    }
-    .append_to(response.headers_mut());
-    response
+/// Wraps the inner service's response: records it for the store when it may
+/// be stored, and says what happened in `Cache-Status`.
+pub(crate) fn finish<B>(response: Response<B>, outcome: Outcome) -> Response<FenceBody<B>>
+where
+    B: Body,
+{
+    let (mut parts, body) = response.into_parts();
+    let (status, body) = match outcome {
+        Outcome::Pass(shared, status) => {
+            invalidate::strip_tags(&shared, &mut parts.headers);
+            (status, FenceBody::passthrough(body))
+        }
+        Outcome::Write(shared, _) => {
+            invalidate::strip_tags(&shared, &mut parts.headers);
+            (CacheStatus::bypass("method"), FenceBody::passthrough(body))
+        }
+        Outcome::Alone {
+            keyed,
+            fwd,
+            fence,
+            request_headers,
+            path,
+            started,
+        } => {
+            let shared = keyed.shared.clone();
+            let tags = invalidate::tags(&shared, &parts.headers);
+            invalidate::strip_tags(&shared, &mut parts.headers);
+            let mut status = CacheStatus {
+                fwd_status: Some(parts.status.as_u16()),
+                ..CacheStatus::forward(fwd)
+            };
+            if keyed.overrides.strip_set_cookie {
+                parts.headers.remove(header::SET_COOKIE);
+            }
+            let verdict = policy::storability(
+                &shared.policy,
+                &keyed.overrides,
+                parts.status,
+                &parts.headers,
+                keyed.facts.authorized,
+                shared.clock.now(),
+            );
+            let body = match verdict {
+                _ if !fence.allows_store() => {
+                    if !keyed.facts.may_store {
+                        status.detail = Some("request-no-store");
+                    }
+                    FenceBody::passthrough(body)
+                }
+                Err(reason) => {
+                    status.detail = Some(reason);
+                    settle_release(&shared, &keyed, fence);
+                    FenceBody::passthrough(body)
+                }
+                Ok(_) if body.size_hint().lower() > shared.max_body_size as u64 => {
+                    status.detail = Some("too-large");
+                    settle_release(&shared, &keyed, fence);
+                    FenceBody::passthrough(body)
+                }
+                Ok(freshness) => {
+                    let names = policy::vary_names(&parts.headers).unwrap_or_default();
+                    status.stored = body
+                        .size_hint()
+                        .upper()
+                        .is_some_and(|upper| upper <= shared.max_body_size as u64);
+                    let sets = invalidate::fill_sets(&shared, &path, &tags, &keyed.overrides.tags);
+                    let vary = vary_values(&names, &request_headers);
+                    let head_status = parts.status;
+                    let headers = policy::storable_headers(&parts.headers);
+                    let recorder = Recorder::new(shared.max_body_size, move |recorded| {
+                        let entry = Entry::new(
+                            head_status,
+                            headers,
+                            recorded.body,
+                            recorded.trailers,
+                            &freshness,
+                            started,
+                            vary,
+                        );
+                        settle::fill_behind(
+                            shared,
+                            keyed.base,
+                            keyed.key,
+                            entry,
+                            fence,
+                            sets,
+                            keyed.overrides.declared_vary,
+                        );
+                    });
+                    FenceBody::recording(body, recorder)
+                }
+            };
+            (status, body)
+        }
+    };
+    status.append_to(&mut parts.headers);
+    Response::from_parts(parts, body)
 }
 
-/// The answer when a rebuild task was cancelled (the runtime shuts down).
-fn unavailable<RB: Body>() -> Response<FenceBody<RB>> {
-    let mut response = Response::new(FenceBody::cached(
-        Bytes::from_static(b"rebuild cancelled\n"),
-        None,
-    ));
-    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    CacheStatus::bypass("rebuild-cancelled").append_to(response.headers_mut());
-    response
+/// Gives a permit back in the background (its request stores nothing).
+fn settle_release(shared: &Arc<Shared>, keyed: &Keyed, fence: Fence) {
+    if !fence.allows_store() {
+        return;
+    }
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        let shared = shared.clone();
+        let key = keyed.key.clone();
+        handle.spawn(async move { settle::release(&shared, &key, &fence).await });
+    }
 }

@@ -54,7 +54,7 @@ use tokio::sync::mpsc;
 
 use crate::error::StoreError;
 use crate::key;
-use crate::layer::{Counters, Shared};
+use crate::shared::{Counters, Shared};
 
 /// How a path prefix is invalidated. See the [module docs](self).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

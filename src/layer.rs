@@ -1,7 +1,7 @@
 //! [`FenceLayer`] and its builder.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use http::{HeaderName, Request, StatusCode};
 use tower_layer::Layer;
 
 use crate::error::ConfigError;
-use crate::flight::{Flights, Lookups};
+use crate::flow::plan;
 use crate::invalidate::{
     InvalidationConfig, InvalidationMode, Invalidator, PrefixStrategy, WriteMethods,
 };
@@ -17,7 +17,10 @@ use crate::key::{self, KeyConfig};
 use crate::policy::rules::{Rule, Rules};
 use crate::policy::{ClientCacheControl, PolicyConfig, DEFAULT_CACHEABLE_STATUSES};
 use crate::service::FenceService;
+use crate::shared::{Clock, Counters, Shared, Stats};
+use crate::singleflight::SingleFlight;
 use crate::store::{MemoryStore, Store};
+use crate::store_client::StoreClient;
 
 /// Default key namespace: `tf:`.
 pub const DEFAULT_NAMESPACE: &str = "tf:";
@@ -47,8 +50,14 @@ pub const DEFAULT_INVALIDATION_ATTEMPTS: u32 = 8;
 pub const DEFAULT_TAG_HEADER: &str = "surrogate-key";
 /// Default time a stale entry with a validator is kept for revalidation: 60 s.
 pub const DEFAULT_KEEP: Duration = Duration::from_secs(60);
+/// Default longest rebuild: 30 s. Past it the lease is no longer extended
+/// and a rebuild still reading its body hands the rest to its client.
+pub const DEFAULT_REBUILD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most keys remembered as hit-for-miss at once.
 const HIT_FOR_MISS_CAPACITY: u64 = 100_000;
+/// Most rebuilds (and, apart, store reads) in flight at once; past it a
+/// request for a new key goes to the origin on its own.
+const FLIGHT_CAPACITY: usize = 100_000;
 
 /// Adds HTTP response caching to a service. See the [crate docs](crate).
 ///
@@ -59,48 +68,6 @@ const HIT_FOR_MISS_CAPACITY: u64 = 100_000;
 #[must_use]
 pub struct FenceLayer {
     shared: Arc<Shared>,
-}
-
-/// What every service made by one layer shares.
-pub(crate) struct Shared {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) key: KeyConfig,
-    pub(crate) policy: PolicyConfig,
-    pub(crate) max_body_size: usize,
-    pub(crate) store_timeout: Option<Duration>,
-    pub(crate) wait_timeout: Duration,
-    pub(crate) lease_ttl: Duration,
-    pub(crate) fill_poll_interval: Duration,
-    pub(crate) xfetch_beta: f64,
-    pub(crate) keep: Duration,
-    pub(crate) flights: Arc<Flights>,
-    pub(crate) lookups: Arc<Lookups>,
-    /// Keys whose last rebuild could not be shared: requests for them skip
-    /// the flight for a while (Varnish's hit-for-miss).
-    pub(crate) hit_for_miss: moka::sync::Cache<String, ()>,
-    pub(crate) invalidation: InvalidationConfig,
-    pub(crate) client_cache_control: ClientCacheControl,
-    pub(crate) rules: Rules,
-    pub(crate) counters: Counters,
-}
-
-impl fmt::Debug for Shared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared")
-            .field("store", &self.store)
-            .field("namespace", &self.key.namespace)
-            .field("default_ttl", &self.policy.default_ttl)
-            .field("max_body_size", &self.max_body_size)
-            .field("store_timeout", &self.store_timeout)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Shared {
-    /// The keep window in milliseconds.
-    pub(crate) fn keep_ms(&self) -> u64 {
-        u64::try_from(self.keep.as_millis()).unwrap_or(u64::MAX)
-    }
 }
 
 impl FenceLayer {
@@ -166,7 +133,7 @@ impl FenceLayer {
 
     /// What the layer's services have done so far, summed over all of them.
     pub fn stats(&self) -> Stats {
-        self.shared.counters.snapshot()
+        self.shared.stats()
     }
 
     /// A handle that invalidates entries from application code.
@@ -176,11 +143,13 @@ impl FenceLayer {
 
     /// The store the layer caches in.
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.shared.store
+        self.shared.store.store()
     }
 
     /// The store key `request` is cached under (see the crate docs for its
-    /// shape). `HEAD` and `GET` share a key.
+    /// shape), with its route rule's key parts. `HEAD` and `GET` share a
+    /// key. A request whose rule turns caching off, or lacks a key part
+    /// the rule needs, still gets the key it would have without the rule.
     ///
     /// ```
     /// use tower_fence::FenceLayer;
@@ -190,14 +159,16 @@ impl FenceLayer {
     /// assert!(key.starts_with("tf:/users/42#{"));
     /// ```
     pub fn cache_key<B>(&self, request: &Request<B>) -> String {
-        key::derive_from(
-            &self.shared.key,
-            request.method(),
-            request.uri(),
-            request.headers(),
-        )
-        .as_str()
-        .to_owned()
+        let mut parts = Request::new(()).into_parts().0;
+        parts.method = request.method().clone();
+        parts.uri = request.uri().clone();
+        parts.headers = request.headers().clone();
+        match plan::key_of(&self.shared, &parts) {
+            Some(key) => key.as_str().to_owned(),
+            None => key::derive_from(&self.shared.key, &parts.method, &parts.uri, &parts.headers)
+                .as_str()
+                .to_owned(),
+        }
     }
 }
 
@@ -244,6 +215,8 @@ pub struct FenceLayerBuilder {
     tag_header: Option<String>,
     client_cache_control: ClientCacheControl,
     rules: Rules,
+    rebuild_timeout: Duration,
+    clock: Clock,
 }
 
 impl Default for FenceLayerBuilder {
@@ -273,6 +246,8 @@ impl Default for FenceLayerBuilder {
             tag_header: Some(DEFAULT_TAG_HEADER.to_owned()),
             client_cache_control: ClientCacheControl::default(),
             rules: Rules::new(),
+            rebuild_timeout: DEFAULT_REBUILD_TIMEOUT,
+            clock: Clock::system(),
         }
     }
 }
@@ -304,6 +279,8 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("tag_header", &self.tag_header)
             .field("client_cache_control", &self.client_cache_control)
             .field("rules", &self.rules)
+            .field("rebuild_timeout", &self.rebuild_timeout)
+            .field("clock", &self.clock)
             .finish()
     }
 }
@@ -535,6 +512,24 @@ impl FenceLayerBuilder {
         self
     }
 
+    /// Longest a rebuild holds its key: its lease is extended while the
+    /// inner service works, up to this long, then left to expire (so a
+    /// hanging origin holds no key for ever), and a rebuild still reading
+    /// its body then hands the rest to its own client and shares nothing.
+    /// The leader's own request is not cut: it gets the origin's answer
+    /// whenever it comes. Defaults to 30 s.
+    pub fn rebuild_timeout(mut self, timeout: Duration) -> Self {
+        self.rebuild_timeout = timeout;
+        self
+    }
+
+    /// Where the time of day comes from. Defaults to [`Clock::system`];
+    /// tests that pause Tokio's time use [`Clock::tokio`].
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Adds a request header whose values become part of the key, such as a
     /// tenant id or a language: requests that differ in it are cached apart.
     pub fn key_header(mut self, name: impl Into<String>) -> Self {
@@ -594,7 +589,7 @@ impl FenceLayerBuilder {
             .build();
         Ok(FenceLayer {
             shared: Arc::new(Shared {
-                store,
+                store: Arc::new(StoreClient::new(store, self.store_timeout)),
                 key: KeyConfig {
                     namespace: self.namespace,
                     headers,
@@ -606,14 +601,14 @@ impl FenceLayerBuilder {
                     cacheable_statuses: self.cacheable_statuses,
                 },
                 max_body_size: self.max_body_size,
-                store_timeout: self.store_timeout,
                 wait_timeout: self.wait_timeout,
+                rebuild_timeout: self.rebuild_timeout.max(Duration::from_millis(1)),
                 lease_ttl: self.lease_ttl,
                 fill_poll_interval: self.fill_poll_interval,
                 xfetch_beta: self.xfetch_beta,
                 keep: self.keep,
-                flights: Arc::new(Flights::default()),
-                lookups: Arc::new(Lookups::default()),
+                flights: Arc::new(SingleFlight::new(FLIGHT_CAPACITY)),
+                lookups: Arc::new(SingleFlight::new(FLIGHT_CAPACITY)),
                 hit_for_miss,
                 invalidation: InvalidationConfig {
                     strategy: self.prefix_strategy,
@@ -629,101 +624,10 @@ impl FenceLayerBuilder {
                 client_cache_control: self.client_cache_control,
                 rules: self.rules,
                 counters: Counters::default(),
+                clock: self.clock,
+                write_epoch: AtomicU64::new(0),
             }),
         })
-    }
-}
-
-/// What the services of one layer have done, summed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Requests answered from the cache.
-    pub hits: u64,
-    /// Cacheable requests that found no usable entry and went to the inner
-    /// service.
-    pub misses: u64,
-    /// Requests that did not consult the cache (method, `Authorization`,
-    /// store failure, ...).
-    pub bypasses: u64,
-    /// Responses written to the store.
-    pub stores: u64,
-    /// Store calls that failed or timed out.
-    pub store_errors: u64,
-    /// Stored records that did not decode (deleted, treated as misses).
-    pub decode_errors: u64,
-    /// Requests answered with the response another request fetched
-    /// (in-process single flight).
-    pub collapsed: u64,
-    /// Stale entries served while one request refreshed them (grace).
-    pub stale_hits: u64,
-    /// Hits that started an early (XFetch) refresh.
-    pub early_refreshes: u64,
-    /// Background refreshes that ran (they held the lease).
-    pub refreshes: u64,
-    /// Rebuilds that waited for another process's fill.
-    pub remote_waits: u64,
-    /// Waits for another request's rebuild that gave up.
-    pub wait_timeouts: u64,
-    /// Rebuilt responses not stored because their lease was lost (taken
-    /// by an invalidation, or expired).
-    pub fenced_out: u64,
-    /// Invalidations carried out (prefixes, tags, keys).
-    pub invalidations: u64,
-    /// Invalidation attempts that failed (retried in the background).
-    pub invalidation_errors: u64,
-    /// Invalidations given up: dead letters.
-    pub invalidations_dead: u64,
-    /// Stale entries the origin confirmed with `304 Not Modified`.
-    pub revalidated: u64,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) hits: AtomicU64,
-    pub(crate) misses: AtomicU64,
-    pub(crate) bypasses: AtomicU64,
-    pub(crate) stores: AtomicU64,
-    pub(crate) store_errors: AtomicU64,
-    pub(crate) decode_errors: AtomicU64,
-    pub(crate) collapsed: AtomicU64,
-    pub(crate) stale_hits: AtomicU64,
-    pub(crate) early_refreshes: AtomicU64,
-    pub(crate) refreshes: AtomicU64,
-    pub(crate) remote_waits: AtomicU64,
-    pub(crate) wait_timeouts: AtomicU64,
-    pub(crate) fenced_out: AtomicU64,
-    pub(crate) invalidations: AtomicU64,
-    pub(crate) invalidation_errors: AtomicU64,
-    pub(crate) invalidations_dead: AtomicU64,
-    pub(crate) revalidated: AtomicU64,
-}
-
-impl Counters {
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> Stats {
-        Stats {
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
-            bypasses: self.bypasses.load(Ordering::Relaxed),
-            stores: self.stores.load(Ordering::Relaxed),
-            store_errors: self.store_errors.load(Ordering::Relaxed),
-            decode_errors: self.decode_errors.load(Ordering::Relaxed),
-            collapsed: self.collapsed.load(Ordering::Relaxed),
-            stale_hits: self.stale_hits.load(Ordering::Relaxed),
-            early_refreshes: self.early_refreshes.load(Ordering::Relaxed),
-            refreshes: self.refreshes.load(Ordering::Relaxed),
-            remote_waits: self.remote_waits.load(Ordering::Relaxed),
-            wait_timeouts: self.wait_timeouts.load(Ordering::Relaxed),
-            fenced_out: self.fenced_out.load(Ordering::Relaxed),
-            invalidations: self.invalidations.load(Ordering::Relaxed),
-            invalidation_errors: self.invalidation_errors.load(Ordering::Relaxed),
-            invalidations_dead: self.invalidations_dead.load(Ordering::Relaxed),
-            revalidated: self.revalidated.load(Ordering::Relaxed),
-        }
     }
 }
 

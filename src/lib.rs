@@ -5,17 +5,19 @@
 mod body;
 mod entry;
 mod error;
-mod fill;
-mod flight;
+mod flow;
 mod future;
 pub mod invalidate;
 mod key;
 mod layer;
 pub mod policy;
-mod rebuild;
+mod respond;
 mod service;
+mod shared;
+mod singleflight;
 mod status;
 pub mod store;
+mod store_client;
 mod validation;
 
 #[doc(inline)]
@@ -28,13 +30,15 @@ pub use future::ResponseFuture;
 pub use invalidate::Invalidator;
 #[doc(inline)]
 pub use layer::{
-    FenceLayer, FenceLayerBuilder, Stats, DEFAULT_FILL_POLL_INTERVAL, DEFAULT_HIT_FOR_MISS_TTL,
+    FenceLayer, FenceLayerBuilder, DEFAULT_FILL_POLL_INTERVAL, DEFAULT_HIT_FOR_MISS_TTL,
     DEFAULT_INVALIDATION_ATTEMPTS, DEFAULT_INVALIDATION_QUEUE, DEFAULT_INVALIDATION_TIMEOUT,
     DEFAULT_KEEP, DEFAULT_LEASE_TTL, DEFAULT_MAX_BODY_SIZE, DEFAULT_NAMESPACE,
-    DEFAULT_STORE_TIMEOUT, DEFAULT_TAG_HEADER, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT,
-    DEFAULT_XFETCH_BETA,
+    DEFAULT_REBUILD_TIMEOUT, DEFAULT_STORE_TIMEOUT, DEFAULT_TAG_HEADER, DEFAULT_TTL,
+    DEFAULT_WAIT_TIMEOUT, DEFAULT_XFETCH_BETA,
 };
 #[doc(inline)]
 pub use service::FenceService;
+#[doc(inline)]
+pub use shared::{Clock, Stats};
 #[doc(inline)]
 pub use status::{CACHE_NAME, CACHE_STATUS};

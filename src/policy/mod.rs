@@ -83,6 +83,14 @@ pub(crate) struct RequestFacts {
     pub(crate) only_if_cached: bool,
 }
 
+impl RequestFacts {
+    /// Whether the request's answer may be given to other requests only
+    /// when the response says it is shareable.
+    pub(crate) fn personal(&self, overrides: &Overrides) -> bool {
+        self.authorized && !overrides.keyed_by_credential
+    }
+}
+
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum RequestPlan {

@@ -506,7 +506,7 @@ impl Store for RedisClusterStore {
             let mut conn = self.connection().await?;
             let stored: i64 = FENCED_STORE
                 .key(fill.key)
-                .key(lease_key(fill.key))
+                .key(lease_key(fill.fence_key()))
                 .arg(fill.token.unwrap_or(""))
                 .arg(fill.record.as_ref())
                 .arg(ttl)

@@ -252,10 +252,10 @@ impl Store for MemoryStore {
             Some(token) => {
                 let held = meta
                     .leases
-                    .get(fill.key)
+                    .get(fill.fence_key())
                     .is_some_and(|lease| lease.held_by(token, now));
                 if held {
-                    meta.leases.remove(fill.key);
+                    meta.leases.remove(fill.fence_key());
                 }
                 held
             }

@@ -175,6 +175,11 @@ pub struct Fill<'a> {
     pub ttl: Duration,
     /// The lease token the rebuild holds; `None` stores unconditionally.
     pub token: Option<&'a str>,
+    /// The key whose lease fences the fill: `key` itself, or the key of a
+    /// *permit* (a lease of its own that a request which rebuilt the entry
+    /// without leading its flight took before calling the origin). Use
+    /// [`fence_key`](Self::fence_key) to read it.
+    pub lease_of: Option<&'a str>,
     /// Sets the key joins: its tags' sets and, with the indexed prefix
     /// strategy, the index sets of its path and the path's ancestors. Each
     /// set is kept at least as long as the entry.
@@ -189,8 +194,22 @@ impl<'a> Fill<'a> {
             record,
             ttl,
             token: None,
+            lease_of: None,
             sets: &[],
         }
+    }
+
+    /// The key whose lease fences this fill.
+    pub fn fence_key(&self) -> &'a str {
+        self.lease_of.unwrap_or(self.key)
+    }
+
+    /// Fences the fill by the lease of another key (a permit) that `token`
+    /// holds.
+    pub fn fenced_by_lease_of(mut self, key: &'a str, token: &'a str) -> Self {
+        self.lease_of = Some(key);
+        self.token = Some(token);
+        self
     }
 
     /// Fences the fill by the lease `token` holds.

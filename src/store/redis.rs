@@ -314,7 +314,9 @@ impl Store for RedisStore {
         Box::pin(async move {
             let mut conn = self.connection().await?;
             let mut invocation = FILL.key(fill.key);
-            invocation.key(lease_key(fill.key)).key(&self.feed.key);
+            invocation
+                .key(lease_key(fill.fence_key()))
+                .key(&self.feed.key);
             for set in fill.sets {
                 invocation.key(set);
             }

@@ -1,0 +1,32 @@
+//! Reading a key, one store read per key at a time: a burst for a hot (or
+//! cold) key costs the store one `GET`, not one per request. A request
+//! joins only a read that started in its write epoch or later.
+
+use std::sync::Arc;
+
+use crate::key::CacheKey;
+use crate::shared::Shared;
+use crate::singleflight::{Role, Waited};
+use crate::store_client::Found;
+
+/// Looks `key` up for a request that arrived in write epoch `epoch`.
+pub(crate) async fn lookup(shared: Arc<Shared>, key: CacheKey, epoch: u64) -> Found {
+    let name = key.shared();
+    match shared.lookups.join(&name, epoch) {
+        Role::Leader(lead) => {
+            let found = shared.store.read(key.as_str()).await;
+            // Copy the result only for requests that followed (usually
+            // none, on a hit); one that joins after this check reads for
+            // itself.
+            if lead.has_waiters() {
+                lead.land(Arc::new(found.share()));
+            }
+            found
+        }
+        Role::Waiter(wait) => match wait.landing(None).await {
+            Waited::Landed(found) => found.share(),
+            Waited::Retry | Waited::TimedOut(_) => shared.store.read(key.as_str()).await,
+        },
+        Role::Full => shared.store.read(key.as_str()).await,
+    }
+}

@@ -1,0 +1,58 @@
+//! The decisions of a request's way through the cache. Each function here
+//! returns what to do next; none names the response future's state, which
+//! only the response future holds and advances.
+//!
+//! - [`plan`]: classify the request (pass, write, look up), derive its key;
+//! - [`lookup`]: one store read per key at a time;
+//! - [`hit`]: what a lookup found means (serve, refresh, miss);
+//! - [`wait`]: what a wait for another request's rebuild came to;
+//! - [`lead`]: the rebuild a flight's leader runs in a task of its own
+//!   (acquire the lease, re-check, call the origin, settle);
+//! - [`origin`]: the request a rebuild sends and what its response allows;
+//! - [`settle`]: storing an entry, fenced by the lease that allowed it;
+//! - [`refresh`]: background refreshes (XFetch, grace).
+
+use std::sync::Arc;
+
+use crate::key::CacheKey;
+use crate::policy::{Overrides, RequestFacts};
+use crate::shared::Shared;
+
+pub(crate) mod hit;
+pub(crate) mod lead;
+pub(crate) mod lookup;
+pub(crate) mod origin;
+pub(crate) mod plan;
+pub(crate) mod refresh;
+pub(crate) mod settle;
+pub(crate) mod wait;
+
+/// A request the cache may answer: its key and what it asks.
+#[derive(Debug)]
+pub(crate) struct Keyed {
+    pub(crate) shared: Arc<Shared>,
+    /// The key looked up, led and filled: the URL's, or its variant's.
+    pub(crate) key: CacheKey,
+    /// The URL's key (which holds the vary stub when responses vary).
+    pub(crate) base: CacheKey,
+    /// What the request asks of the cache.
+    pub(crate) facts: RequestFacts,
+    /// The route's settings.
+    pub(crate) overrides: Overrides,
+    /// The write epoch when the request arrived: it joins no flight or
+    /// read that started before.
+    pub(crate) epoch: u64,
+}
+
+impl Keyed {
+    /// Whether the request may share a rebuild with others (lead or wait
+    /// in the key's flight): it may store, and its answer is not personal.
+    pub(crate) fn may_share(&self) -> bool {
+        self.facts.may_store && !self.facts.personal(&self.overrides)
+    }
+}
+
+/// A fresh random token for a lease or a permit.
+pub(crate) fn new_token() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}

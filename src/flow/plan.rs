@@ -1,0 +1,157 @@
+//! Classifying a request: passed through, a write that invalidates, or a
+//! lookup under a key.
+
+use std::sync::Arc;
+
+use http::header;
+use http::request::Parts;
+use http::Uri;
+
+use crate::flow::Keyed;
+use crate::invalidate;
+use crate::key::{self, CacheKey};
+use crate::policy::rules::Matched;
+use crate::policy::{self, Overrides, RequestPlan};
+use crate::shared::Shared;
+use crate::status::CacheStatus;
+
+/// What to do with a request.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Plan {
+    /// Send it to the inner service untouched, saying so in `Cache-Status`.
+    Pass(CacheStatus),
+    /// A write: send it on, then invalidate what it touched.
+    Write(Write),
+    /// Look it up.
+    Lookup(Keyed),
+}
+
+/// A write's request, kept to work out what its success invalidates.
+#[derive(Debug)]
+pub(crate) struct Write {
+    pub(crate) uri: Uri,
+    pub(crate) host: Option<String>,
+    /// More prefixes the route's rule invalidates.
+    pub(crate) also: Vec<String>,
+}
+
+/// Plans the request whose head is `parts`.
+pub(crate) fn plan(shared: &Arc<Shared>, parts: &Parts) -> Plan {
+    let matched = matched_rule(shared, parts);
+    let route_bypass = matched.as_ref().and_then(|m| m.rule.bypass_reason(parts));
+    let request_plan = match route_bypass {
+        Some(detail) => RequestPlan::Bypass(detail),
+        // A GET that declares a body is keyed without it, and its body may
+        // never come: never share its answer nor let it lead a flight.
+        None if is_read(&parts.method) && declares_body(parts) => {
+            RequestPlan::Bypass("request-body")
+        }
+        None => policy::plan_request(&parts.method, &parts.headers, shared.client_cache_control),
+    };
+    let facts = match request_plan {
+        RequestPlan::Bypass(detail) => {
+            shared.bump(|c| &c.bypasses);
+            let write = invalidate::is_write(shared, &parts.method, &parts.headers)
+                && !matched
+                    .as_ref()
+                    .is_some_and(|m| m.rule.invalidates_nothing());
+            if !write {
+                return Plan::Pass(CacheStatus::bypass(detail));
+            }
+            return Plan::Write(Write {
+                uri: parts.uri.clone(),
+                host: parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned),
+                also: matched
+                    .as_ref()
+                    .map(|m| m.invalidations())
+                    .unwrap_or_default(),
+            });
+        }
+        RequestPlan::Lookup(facts) => facts,
+    };
+    let (key, overrides) = key_and_overrides(shared, parts, matched.as_ref());
+    Plan::Lookup(Keyed {
+        shared: shared.clone(),
+        base: key.clone(),
+        key,
+        facts,
+        overrides,
+        epoch: shared.epoch(),
+    })
+}
+
+/// The key a request is cached under, with its route's key parts: what
+/// [`FenceLayer::cache_key`](crate::FenceLayer::cache_key) and
+/// [`Invalidator::invalidate_request`](crate::Invalidator::invalidate_request)
+/// use. `None` when the request is never cached by key (its route is off,
+/// or a key part it needs is missing).
+pub(crate) fn key_of(shared: &Shared, parts: &Parts) -> Option<CacheKey> {
+    let matched = matched_rule(shared, parts);
+    if matched
+        .as_ref()
+        .is_some_and(|m| m.rule.bypass_reason(parts).is_some())
+    {
+        return None;
+    }
+    Some(key_and_overrides(shared, parts, matched.as_ref()).0)
+}
+
+fn matched_rule<'a>(shared: &'a Shared, parts: &Parts) -> Option<Matched<'a>> {
+    if shared.rules.is_empty() {
+        return None;
+    }
+    shared.rules.find(&parts.method, parts.uri.path())
+}
+
+fn key_and_overrides(
+    shared: &Shared,
+    parts: &Parts,
+    matched: Option<&Matched<'_>>,
+) -> (CacheKey, Overrides) {
+    let Some(m) = matched else {
+        let key = key::derive_from(&shared.key, &parts.method, &parts.uri, &parts.headers);
+        return (key, Overrides::default());
+    };
+    let rule = m.rule;
+    let extra = rule.key_parts(parts);
+    let key = key::derive_with(
+        &shared.key,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        &extra,
+    );
+    let overrides = Overrides {
+        tags: m.tags(),
+        declared_vary: rule.vary_headers().to_vec(),
+        ttl: rule.ttl_setting(),
+        override_ttl: rule.override_ttl_setting(),
+        grace: rule.grace_setting(),
+        stale_if_error: rule.stale_if_error_setting(),
+        strip_set_cookie: rule.strips_set_cookie(),
+        keyed_by_credential: rule.authorization_keyed(),
+    };
+    (key, overrides)
+}
+
+fn is_read(method: &http::Method) -> bool {
+    method == http::Method::GET || method == http::Method::HEAD
+}
+
+/// Whether the request declares a body (`Content-Length` above zero, or
+/// `Transfer-Encoding`).
+fn declares_body(parts: &Parts) -> bool {
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        return true;
+    }
+    parts
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .any(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(0))
+}

@@ -1,0 +1,175 @@
+//! Turning entries and outcomes into responses.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body::Body;
+
+use crate::body::FenceBody;
+use crate::entry::Entry;
+use crate::status::CacheStatus;
+use crate::validation;
+
+/// A response built from an entry, `now_ms` being the time now. `with_age`
+/// adds `Age` (RFC 9111 §5.1) for responses served from the cache; `head`
+/// leaves the body out; `conditional` holds the request's headers when its
+/// validators are to be evaluated: a match gives `304 Not Modified`
+/// (RFC 9110 §13.2).
+pub(crate) fn entry_response<B: Body>(
+    entry: Entry,
+    now_ms: u64,
+    head: bool,
+    status: CacheStatus,
+    with_age: bool,
+    conditional: Option<&HeaderMap>,
+) -> Response<FenceBody<B>> {
+    let age = entry.age_secs(now_ms);
+    if conditional.is_some_and(|request| validation::not_modified(&entry, request)) {
+        let mut response = Response::new(FenceBody::cached(Bytes::new(), None));
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        *response.headers_mut() = validation::not_modified_headers(&entry.headers);
+        if with_age {
+            response
+                .headers_mut()
+                .insert(header::AGE, HeaderValue::from(age));
+        }
+        status.append_to(response.headers_mut());
+        return response;
+    }
+    let body_len = entry.body.len();
+    let body = if head {
+        FenceBody::cached(Bytes::new(), None)
+    } else {
+        FenceBody::cached(entry.body, entry.trailers)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = entry.status;
+    *response.headers_mut() = entry.headers;
+    let headers = response.headers_mut();
+    if may_have_content_length(entry.status) && !headers.contains_key(header::CONTENT_LENGTH) {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    }
+    if with_age {
+        headers.insert(header::AGE, HeaderValue::from(age));
+    }
+    status.append_to(headers);
+    response
+}
+
+/// [`entry_response`] for an entry others may hold too.
+pub(crate) fn shared_entry_response<B: Body>(
+    entry: Arc<Entry>,
+    now_ms: u64,
+    head: bool,
+    status: CacheStatus,
+    with_age: bool,
+    conditional: Option<&HeaderMap>,
+) -> Response<FenceBody<B>> {
+    let entry = Arc::try_unwrap(entry).unwrap_or_else(|shared| Entry::clone(&shared));
+    entry_response(entry, now_ms, head, status, with_age, conditional)
+}
+
+/// A stale entry served instead of a fresh one, saying why in `detail`.
+pub(crate) fn stale_response<B: Body>(
+    stale: &Arc<Entry>,
+    now_ms: u64,
+    head: bool,
+    mut status: CacheStatus,
+    detail: &'static str,
+    conditional: Option<&HeaderMap>,
+) -> Response<FenceBody<B>> {
+    status.hit = status.fwd.is_none();
+    status.ttl = Some(stale.ttl_ms(now_ms).div_euclid(1000));
+    status.detail = Some(detail);
+    entry_response(Entry::clone(stale), now_ms, head, status, true, conditional)
+}
+
+fn may_have_content_length(status: StatusCode) -> bool {
+    !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
+}
+
+/// A small response the cache makes itself.
+fn own<B: Body>(
+    code: StatusCode,
+    text: &'static str,
+    status: CacheStatus,
+) -> Response<FenceBody<B>> {
+    let mut response = Response::new(FenceBody::cached(Bytes::from_static(text.as_bytes()), None));
+    *response.status_mut() = code;
+    let headers = response.headers_mut();
+    if !text.is_empty() {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+    status.append_to(headers);
+    response
+}
+
+/// The answer to `only-if-cached` when nothing usable is stored
+/// (RFC 9111 §5.2.1.7).
+pub(crate) fn only_if_cached_miss<B: Body>() -> Response<FenceBody<B>> {
+    own(
+        StatusCode::GATEWAY_TIMEOUT,
+        "",
+        CacheStatus {
+            detail: Some("only-if-cached"),
+            ..CacheStatus::default()
+        },
+    )
+}
+
+/// The answer when a rebuild task was cancelled (the runtime shuts down).
+pub(crate) fn unavailable<B: Body>() -> Response<FenceBody<B>> {
+    own(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "rebuild cancelled\n",
+        CacheStatus::bypass("rebuild-cancelled"),
+    )
+}
+
+/// The answer of a request that waited for a rebuild whose call to the
+/// inner service failed: the error itself cannot be copied, and calling
+/// the inner service again for each waiter is the stampede the flight
+/// exists to prevent.
+pub(crate) fn origin_failed<B: Body>(status: CacheStatus) -> Response<FenceBody<B>> {
+    own(StatusCode::BAD_GATEWAY, "origin error\n", status)
+}
+
+/// The request's values for the headers a stored response varies on: all
+/// field lines joined by `, `; `None` for an absent header.
+pub(crate) fn vary_values(
+    names: &[HeaderName],
+    request: &HeaderMap,
+) -> Vec<(HeaderName, Option<HeaderValue>)> {
+    names
+        .iter()
+        .map(|name| (name.clone(), joined(request, name)))
+        .collect()
+}
+
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let mut rest = values.peekable();
+    if rest.peek().is_none() {
+        return Some(first.clone());
+    }
+    let mut out = first.as_bytes().to_vec();
+    for value in rest {
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(value.as_bytes());
+    }
+    HeaderValue::from_bytes(&out).ok()
+}
+
+/// Whether the request has the values of the headers the entry varies on.
+pub(crate) fn vary_matches(entry: &Entry, request: &HeaderMap) -> bool {
+    entry
+        .vary
+        .iter()
+        .all(|(name, stored)| joined(request, name).as_ref() == stored.as_ref())
+}

@@ -1,0 +1,253 @@
+//! The runtime state every service of one layer shares: settings, the
+//! store client, the in-process flights, counters and the clock.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::entry::Entry;
+use crate::invalidate::InvalidationConfig;
+use crate::key::KeyConfig;
+use crate::policy::rules::Rules;
+use crate::policy::{ClientCacheControl, PolicyConfig};
+use crate::singleflight::SingleFlight;
+use crate::store_client::StoreClient;
+
+/// What a rebuild flight ends with, as its waiters see it.
+#[derive(Debug, Clone)]
+pub(crate) enum Landing {
+    /// A response every waiter may be given: a stored entry, or a shared
+    /// error response that was not stored.
+    Response(Arc<Entry>),
+    /// The leader's response may not be shared (`private`, `Set-Cookie`,
+    /// too large, streaming): each waiter goes to the origin itself.
+    Uncacheable,
+    /// The inner service returned an error: the waiters of this flight get
+    /// a `502` rather than calling it again each (no stampede on a failing
+    /// origin); later requests start a new flight.
+    Failed,
+}
+
+/// What every service made by one layer shares.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<StoreClient>,
+    pub(crate) key: KeyConfig,
+    pub(crate) policy: PolicyConfig,
+    pub(crate) max_body_size: usize,
+    pub(crate) wait_timeout: Duration,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) rebuild_timeout: Duration,
+    pub(crate) fill_poll_interval: Duration,
+    pub(crate) xfetch_beta: f64,
+    pub(crate) keep: Duration,
+    /// Rebuilds running in this process, one per key.
+    pub(crate) flights: Arc<SingleFlight<Landing>>,
+    /// Store reads running in this process, one per key.
+    pub(crate) lookups: Arc<SingleFlight<Arc<crate::store_client::Found>>>,
+    /// Keys whose last rebuild could not be shared: requests for them skip
+    /// the flight for a while (Varnish's hit-for-miss).
+    pub(crate) hit_for_miss: moka::sync::Cache<String, ()>,
+    pub(crate) invalidation: InvalidationConfig,
+    pub(crate) client_cache_control: ClientCacheControl,
+    pub(crate) rules: Rules,
+    pub(crate) counters: Counters,
+    pub(crate) clock: Clock,
+    /// Bumped when a write of this process has finished invalidating: a
+    /// flight or a lookup that started before may not be joined after it.
+    pub(crate) write_epoch: AtomicU64,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("store", &self.store)
+            .field("namespace", &self.key.namespace)
+            .field("default_ttl", &self.policy.default_ttl)
+            .field("max_body_size", &self.max_body_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The keep window in milliseconds.
+    pub(crate) fn keep_ms(&self) -> u64 {
+        u64::try_from(self.keep.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The write epoch now: what a request that arrives now may join.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.write_epoch.load(Ordering::Acquire)
+    }
+
+    /// A write finished invalidating: flights and lookups that started
+    /// before it are no longer joined.
+    pub(crate) fn write_done(&self) {
+        self.write_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Bumps one counter.
+    pub(crate) fn bump(&self, counter: fn(&Counters) -> &AtomicU64) {
+        counter(&self.counters).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What the layer's services have done so far.
+    pub(crate) fn stats(&self) -> Stats {
+        let mut stats = self.counters.snapshot();
+        stats.store_errors = self.store.errors();
+        stats.decode_errors = self.store.decode_errors();
+        stats
+    }
+}
+
+/// Where the layer reads the time of day from.
+///
+/// Entries carry wall-clock times (they are shared between processes), so
+/// the default is the system clock. [`Clock::tokio`] follows Tokio's clock
+/// instead, from the wall-clock time at which it was made: under
+/// `tokio::time::pause()` a test moves it with `tokio::time::advance`, so
+/// TTL and grace tests need no sleeping.
+///
+/// ```
+/// use tower_fence::{Clock, FenceLayer};
+///
+/// let layer = FenceLayer::builder().clock(Clock::tokio()).build().unwrap();
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Clock {
+    tokio: Option<(u64, tokio::time::Instant)>,
+}
+
+impl Clock {
+    /// The system's wall clock (the default).
+    pub fn system() -> Clock {
+        Clock { tokio: None }
+    }
+
+    /// Tokio's clock, started at the current wall-clock time. Must be made
+    /// inside a Tokio runtime when time is paused (it reads
+    /// `tokio::time::Instant::now()`).
+    pub fn tokio() -> Clock {
+        Clock {
+            tokio: Some((system_ms(SystemTime::now()), tokio::time::Instant::now())),
+        }
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub(crate) fn now_ms(&self) -> u64 {
+        match self.tokio {
+            None => system_ms(SystemTime::now()),
+            Some((base_ms, base)) => {
+                let elapsed = tokio::time::Instant::now().saturating_duration_since(base);
+                base_ms.saturating_add(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+            }
+        }
+    }
+
+    /// The time now, as a `SystemTime`.
+    pub(crate) fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.now_ms())
+    }
+}
+
+fn system_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What the services of one layer have done, summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Requests answered from the cache.
+    pub hits: u64,
+    /// Cacheable requests that found no usable entry and went to the inner
+    /// service.
+    pub misses: u64,
+    /// Requests that did not consult the cache (method, `Authorization`,
+    /// store failure, ...).
+    pub bypasses: u64,
+    /// Responses written to the store.
+    pub stores: u64,
+    /// Store calls that failed or timed out.
+    pub store_errors: u64,
+    /// Stored records that did not decode (deleted, treated as misses).
+    pub decode_errors: u64,
+    /// Requests answered with the response another request fetched
+    /// (in-process single flight).
+    pub collapsed: u64,
+    /// Stale entries served while one request refreshed them (grace).
+    pub stale_hits: u64,
+    /// Hits that started an early (XFetch) refresh.
+    pub early_refreshes: u64,
+    /// Background refreshes that ran (they held the lease).
+    pub refreshes: u64,
+    /// Rebuilds that waited for another process's fill.
+    pub remote_waits: u64,
+    /// Waits for another request's rebuild that gave up.
+    pub wait_timeouts: u64,
+    /// Rebuilt responses not stored because their lease was lost (taken
+    /// by an invalidation, or expired).
+    pub fenced_out: u64,
+    /// Invalidations carried out (prefixes, tags, keys).
+    pub invalidations: u64,
+    /// Invalidation attempts that failed (retried in the background).
+    pub invalidation_errors: u64,
+    /// Invalidations given up: dead letters.
+    pub invalidations_dead: u64,
+    /// Stale entries the origin confirmed with `304 Not Modified`.
+    pub revalidated: u64,
+    /// Waiters given the error of the rebuild they waited for (as a `502`).
+    pub shared_errors: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) bypasses: AtomicU64,
+    pub(crate) stores: AtomicU64,
+    pub(crate) collapsed: AtomicU64,
+    pub(crate) stale_hits: AtomicU64,
+    pub(crate) early_refreshes: AtomicU64,
+    pub(crate) refreshes: AtomicU64,
+    pub(crate) remote_waits: AtomicU64,
+    pub(crate) wait_timeouts: AtomicU64,
+    pub(crate) fenced_out: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) invalidation_errors: AtomicU64,
+    pub(crate) invalidations_dead: AtomicU64,
+    pub(crate) revalidated: AtomicU64,
+    pub(crate) shared_errors: AtomicU64,
+}
+
+impl Counters {
+    /// Bumps `counter` (for code that holds the counters, not the state).
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            hits: get(&self.hits),
+            misses: get(&self.misses),
+            bypasses: get(&self.bypasses),
+            stores: get(&self.stores),
+            store_errors: 0,
+            decode_errors: 0,
+            collapsed: get(&self.collapsed),
+            stale_hits: get(&self.stale_hits),
+            early_refreshes: get(&self.early_refreshes),
+            refreshes: get(&self.refreshes),
+            remote_waits: get(&self.remote_waits),
+            wait_timeouts: get(&self.wait_timeouts),
+            fenced_out: get(&self.fenced_out),
+            invalidations: get(&self.invalidations),
+            invalidation_errors: get(&self.invalidation_errors),
+            invalidations_dead: get(&self.invalidations_dead),
+            revalidated: get(&self.revalidated),
+            shared_errors: get(&self.shared_errors),
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Every store call of the layer goes through [`StoreClient`]: it bounds the
+//! call by the store timeout, counts failures and decodes records. This is
+//! the one place where a sick store is noticed.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderName;
+
+use crate::entry::{Entry, Record};
+use crate::error::StoreError;
+use crate::store::{Fill, FillSubscription, KeyPattern, Store};
+
+/// What a read of one key found.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Found {
+    Entry(Entry),
+    /// A vary stub: the variant is under a key of its own.
+    Vary(Vec<HeaderName>),
+    Nothing,
+    Failed(StoreError),
+}
+
+impl Found {
+    /// A copy for a request that shared this read.
+    pub(crate) fn share(&self) -> Found {
+        match self {
+            Found::Entry(entry) => Found::Entry(entry.clone()),
+            Found::Vary(names) => Found::Vary(names.clone()),
+            Found::Nothing => Found::Nothing,
+            Found::Failed(err) => Found::Failed(err.copy_kind()),
+        }
+    }
+}
+
+/// The layer's handle on its store.
+pub(crate) struct StoreClient {
+    store: Arc<dyn Store>,
+    timeout: Option<Duration>,
+    errors: AtomicU64,
+    decode_errors: AtomicU64,
+}
+
+impl fmt::Debug for StoreClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreClient")
+            .field("store", &self.store)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreClient {
+    pub(crate) fn new(store: Arc<dyn Store>, timeout: Option<Duration>) -> Self {
+        StoreClient {
+            store,
+            timeout,
+            errors: AtomicU64::new(0),
+            decode_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// The store itself.
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Store calls that failed or timed out so far.
+    pub(crate) fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Records that did not decode so far.
+    pub(crate) fn decode_errors(&self) -> u64 {
+        self.decode_errors.load(Ordering::Relaxed)
+    }
+
+    /// Runs `call` under the store timeout; a failure is counted and
+    /// logged with `doing` and `key`.
+    async fn bounded<T>(
+        &self,
+        doing: &'static str,
+        key: &str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let result = match self.timeout {
+            None => call.await,
+            Some(limit) => tokio::time::timeout(limit, call)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::timeout())),
+        };
+        if let Err(err) = &result {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(key, error = %err, "tower-fence: {doing} failed");
+        }
+        result
+    }
+
+    /// Reads and decodes the record under `key`. A record that does not
+    /// decode is a miss (and is deleted in the background).
+    pub(crate) async fn read(self: &Arc<Self>, key: &str) -> Found {
+        let record = match self.bounded("a lookup", key, self.store.get(key)).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return Found::Nothing,
+            Err(err) => return Found::Failed(err),
+        };
+        match Record::decode(&record) {
+            Ok(Record::Entry(entry)) => Found::Entry(entry),
+            Ok(Record::Vary(names)) => Found::Vary(names),
+            Err(err) => {
+                self.decode_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(key, error = %err, "tower-fence: deleting a record that does not decode");
+                self.spawn_delete(key.to_owned());
+                Found::Nothing
+            }
+        }
+    }
+
+    fn spawn_delete(self: &Arc<Self>, key: String) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let client = self.clone();
+            handle.spawn(async move {
+                let _ = client.delete(&key).await;
+            });
+        }
+    }
+
+    /// Takes the lease of `key` for `ttl` unless someone holds it.
+    pub(crate) async fn try_lease(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+        sets: &[String],
+    ) -> Result<bool, StoreError> {
+        let call = self.store.try_lease(key, token, ttl, sets);
+        self.bounded("taking a lease", key, call).await
+    }
+
+    /// Extends the lease of `key` if `token` holds it.
+    pub(crate) async fn extend_lease(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let call = self.store.extend_lease(key, token, ttl);
+        self.bounded("extending a lease", key, call).await
+    }
+
+    /// Releases the lease of `key` if `token` holds it.
+    pub(crate) async fn release_lease(&self, key: &str, token: &str) {
+        let call = self.store.release_lease(key, token);
+        let _ = self.bounded("releasing a lease", key, call).await;
+    }
+
+    /// Stores a record (see [`Store::fill`]): `Ok(false)` when its lease
+    /// was lost.
+    pub(crate) async fn fill(&self, fill: Fill<'_>) -> Result<bool, StoreError> {
+        let key = fill.key;
+        let call = self.store.fill(fill.clone());
+        self.bounded("storing a response", key, call).await
+    }
+
+    /// Deletes `key` (and its lease).
+    pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.bounded("deleting a key", key, self.store.delete(key))
+            .await
+    }
+
+    /// A subscription to fills of `key` by other processes.
+    pub(crate) fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
+        self.store.subscribe_fill(key)
+    }
+
+    /// Deletes what `pattern` selects (no store timeout: invalidations have
+    /// their own budget).
+    pub(crate) async fn delete_matching(&self, pattern: &KeyPattern) -> Result<u64, StoreError> {
+        self.store.delete_matching(pattern).await
+    }
+
+    /// Deletes the members of `set` (no store timeout, as above).
+    pub(crate) async fn delete_members(&self, set: &str) -> Result<u64, StoreError> {
+        self.store.delete_members(set).await
+    }
+
+    /// A raw read (for tests and tools).
+    #[allow(dead_code)]
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        self.bounded("a read", key, self.store.get(key)).await
+    }
+}
