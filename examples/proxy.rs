@@ -25,13 +25,18 @@
 //! The request keeps the client's `Host` header, so entries are keyed by the
 //! public host name; hop-by-hop headers are dropped both ways, bodies are
 //! streamed, and an upstream that cannot be reached gives `502 Bad Gateway`.
+//! A request whose host is ambiguous gets `400 Bad Request` and reaches
+//! neither the cache nor the upstream (RFC 9112 §3.2): two `Host` lines, a
+//! `Host` that is not `host[:port]`, an HTTP/1.1 request without `Host`, or
+//! an absolute-form target (`GET http://a.example/ HTTP/1.1`) that names
+//! another host than `Host`.
 //! Logs go to stderr; set `RUST_LOG` (e.g. `RUST_LOG=debug`) for more.
 
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -39,7 +44,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -308,7 +313,9 @@ impl Service<Request<Incoming>> for Forward {
                 Ok(req) => req,
                 Err(err) => {
                     tracing::warn!(%method, %path, error = %err, "cannot build the upstream request");
-                    return Ok(text_response(StatusCode::BAD_REQUEST, "bad request\n"));
+                    return Ok(
+                        text_response(StatusCode::BAD_REQUEST, "bad request\n").map(Either::Right)
+                    );
                 }
             };
             match client.request(upstream_req).await {
@@ -322,10 +329,172 @@ impl Service<Request<Incoming>> for Forward {
                     Ok(text_response(
                         StatusCode::BAD_GATEWAY,
                         "502 Bad Gateway: the upstream could not be reached\n",
-                    ))
+                    )
+                    .map(Either::Right))
                 }
             }
         })
+    }
+}
+
+/// Why a request's host is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BadHost {
+    /// More than one `Host` header line.
+    Repeated,
+    /// A `Host` or target authority that is not `host[:port]`.
+    Invalid,
+    /// An HTTP/1.1 request without `Host`.
+    Missing,
+    /// A target authority with user info (`user@host`).
+    UserInfo,
+    /// An absolute-form target whose authority is not the `Host`.
+    Mismatch,
+}
+
+impl BadHost {
+    /// The body of the `400` answer.
+    fn message(self) -> &'static str {
+        match self {
+            BadHost::Repeated => "400 Bad Request: more than one Host header\n",
+            BadHost::Invalid => "400 Bad Request: the host is not host[:port]\n",
+            BadHost::Missing => "400 Bad Request: no Host header\n",
+            BadHost::UserInfo => "400 Bad Request: user info in the request target\n",
+            BadHost::Mismatch => {
+                "400 Bad Request: the request target names another host than Host\n"
+            }
+        }
+    }
+}
+
+/// The host a request is for, checked as RFC 9112 §3.2 asks: the authority
+/// of an absolute-form (or HTTP/2) target, which must then agree with
+/// `Host` if there is one; else the one `Host` header; `None` for an
+/// HTTP/1.0 (or HTTP/2) request that names neither. Two `Host` lines, a
+/// host that is not `host[:port]`, or an HTTP/1.1 request without `Host`
+/// are refused.
+///
+/// The cache keys entries by this host, so a request that could name two
+/// hosts must never reach it: one host would pick the entry, the other the
+/// response stored in it.
+pub(crate) fn request_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, BadHost> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(BadHost::Repeated);
+    }
+    let host = match host {
+        Some(value) => Some(split_host_port(value.as_bytes()).ok_or(BadHost::Invalid)?),
+        None if req.version() == Version::HTTP_11 => return Err(BadHost::Missing),
+        None => None,
+    };
+    match (req.uri().authority(), host) {
+        (Some(authority), host) => {
+            if authority.as_str().contains('@') {
+                return Err(BadHost::UserInfo);
+            }
+            let target = split_host_port(authority.as_str().as_bytes()).ok_or(BadHost::Invalid)?;
+            if let Some(host) = host {
+                let default_port = match req.uri().scheme_str() {
+                    Some(scheme) if scheme.eq_ignore_ascii_case("http") => Some(80),
+                    Some(scheme) if scheme.eq_ignore_ascii_case("https") => Some(443),
+                    _ => None,
+                };
+                let port = |port: Option<u16>| port.or(default_port);
+                if !target.0.eq_ignore_ascii_case(host.0) || port(target.1) != port(host.1) {
+                    return Err(BadHost::Mismatch);
+                }
+            }
+            HeaderValue::from_str(authority.as_str())
+                .map(Some)
+                .map_err(|_| BadHost::Invalid)
+        }
+        (None, Some(_)) => Ok(req.headers().get(header::HOST).cloned()),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Splits `host[:port]` (RFC 9110 §7.2) into the host and the port, or
+/// `None` when `value` is not that. The host is an IPv6 literal in
+/// brackets, or a name of letters, digits, `-`, `.`, `_` and `~` (IPv4
+/// addresses included): stricter than RFC 3986's reg-name, which also
+/// allows sub-delimiters such as `,` and `;` and percent-encoding that no
+/// DNS name holds and that origins split in ways of their own. The port is
+/// 1 to 5 digits, at most 65535.
+fn split_host_port(value: &[u8]) -> Option<(&[u8], Option<u16>)> {
+    let (host, rest) = if value.first() == Some(&b'[') {
+        let end = value.iter().position(|&b| b == b']')?;
+        let (literal, rest) = value.split_at(end + 1);
+        let inside = std::str::from_utf8(literal.get(1..end)?).ok()?;
+        inside.parse::<Ipv6Addr>().ok()?;
+        (literal, rest)
+    } else {
+        let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        let (name, rest) = value.split_at(end);
+        let name_byte =
+            |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+        if name.is_empty() || !name.iter().all(name_byte) {
+            return None;
+        }
+        (name, rest)
+    };
+    let port = match rest {
+        [] => None,
+        [b':', digits @ ..]
+            if (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) =>
+        {
+            Some(std::str::from_utf8(digits).ok()?.parse::<u16>().ok()?)
+        }
+        _ => return None,
+    };
+    Some((host, port))
+}
+
+/// The outermost service of a connection, in front of the cache: refuses
+/// with `400 Bad Request` a request whose host is ambiguous or malformed
+/// (see [`request_host`]), so that it reaches neither the cache nor the
+/// upstream.
+#[derive(Clone, Debug)]
+pub(crate) struct Guard<S> {
+    inner: S,
+    /// The client's address, for the logs.
+    peer: SocketAddr,
+}
+
+impl<S> Guard<S> {
+    /// Guards `inner` for requests from `peer`.
+    pub(crate) fn new(inner: S, peer: SocketAddr) -> Self {
+        Guard { inner, peer }
+    }
+}
+
+impl<S, B> Service<Request<Incoming>> for Guard<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Either<B, Full<Bytes>>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        if let Err(bad) = request_host(&req) {
+            tracing::debug!(peer = %self.peer, method = %req.method(), uri = %req.uri(), reason = ?bad, "refused: bad host");
+            let mut response = text_response(StatusCode::BAD_REQUEST, bad.message());
+            // Whatever else the client meant to say on this connection is
+            // suspect too.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Box::pin(std::future::ready(Ok(response.map(Either::Right))));
+        }
+        let response = self.inner.call(req);
+        Box::pin(async move { response.await.map(|response| response.map(Either::Left)) })
     }
 }
 
@@ -338,10 +507,8 @@ fn host_of(authority: &Authority) -> String {
 }
 
 /// A short plain-text response that no cache keeps.
-fn text_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
-        text.as_bytes(),
-    ))));
+fn text_response(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
@@ -494,7 +661,8 @@ pub(crate) async fn run_until(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service: FenceService<Forward> = layer.layer(forward.for_peer(peer));
+        let service: Guard<FenceService<Forward>> =
+            Guard::new(layer.layer(forward.for_peer(peer)), peer);
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
         connections.spawn(async move {

@@ -674,6 +674,205 @@ async fn shutdown_stops_accepting_and_returns() {
 }
 
 // ---------------------------------------------------------------------------
+// The request's host (RFC 9112 §3.2)
+// ---------------------------------------------------------------------------
+
+/// Writes `request` as it is on a connection of its own and reads the
+/// answer until the proxy closes it. `request` should say
+/// `Connection: close`.
+async fn raw_exchange(proxy: &Proxy, request: &str) -> String {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        // A reset after the answer still leaves the answer in `raw`.
+        let _ = stream.read_to_end(&mut raw).await;
+        String::from_utf8_lossy(&raw).into_owned()
+    };
+    tokio::time::timeout(WAIT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no answer within {WAIT:?} to {request:?}"))
+}
+
+/// The status code of a raw answer, `0` if there is none.
+fn raw_status(raw: &str) -> u16 {
+    raw.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn two_host_lines_get_400_and_touch_neither_upstream_nor_cache() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--default-ttl", "30"]).await;
+
+    for hosts in [
+        "Host: evil.example\r\nHost: good.example\r\n",
+        "Host: good.example\r\nHost: good.example\r\n",
+        "Host: good.example\r\nX-Other: 1\r\nHost: evil.example\r\n",
+    ] {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET /max-age HTTP/1.1\r\n{hosts}Connection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(raw_status(&raw), 400, "{hosts:?}:\n{raw}");
+        assert!(!raw.contains("call "), "{hosts:?}: forwarded:\n{raw}");
+    }
+    assert_eq!(
+        upstream.calls(),
+        0,
+        "a request with two Host lines went upstream"
+    );
+
+    // Nothing was stored under either host: both are misses now.
+    for (n, host) in [(1, "good.example"), (2, "evil.example")] {
+        let reply = send(
+            Request::get(proxy.url("/max-age"))
+                .header(header::HOST, host)
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(reply.text(), format!("call {n}"), "{host}");
+        assert!(!reply.is_hit(), "{host}: {}", reply.cache_status());
+    }
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_host_that_is_not_host_and_port_gets_400() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    for host in [
+        "",
+        "evil.example/max-age",
+        "evil.example/../x",
+        "good.example evil.example",
+        "good.example,evil.example",
+        "good.example, evil.example",
+        "user@good.example",
+        "good.example:",
+        "good.example:http",
+        "good.example:99999",
+        "good.example:80:80",
+        ":80",
+        "[::1",
+        "[::1]x",
+        "[not-ipv6]:80",
+        "::1",
+        "good.example?q",
+        "good.example#x",
+        "good\"example",
+        "g\u{e9}.example",
+    ] {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET /headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(raw_status(&raw), 400, "Host: {host:?}:\n{raw}");
+    }
+    // HTTP/1.1 requires a Host (HTTP/1.0 does not: see
+    // a_request_without_host_gets_the_upstream_authority).
+    for target in ["/headers", "http://good.example/headers"] {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET {target} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(
+            raw_status(&raw),
+            400,
+            "HTTP/1.1 {target} without Host:\n{raw}"
+        );
+    }
+    assert_eq!(
+        upstream.calls(),
+        0,
+        "a request with a bad Host went upstream"
+    );
+}
+
+#[tokio::test]
+async fn valid_hosts_are_forwarded() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let hosts = [
+        "good.example",
+        "Good.Example:8080",
+        "127.0.0.1",
+        "127.0.0.1:3000",
+        "[::1]",
+        "[::1]:8443",
+        "xn--bcher-kva.example",
+        "under_score.example",
+    ];
+    for host in hosts {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET /headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(raw_status(&raw), 200, "Host: {host:?}:\n{raw}");
+        assert!(
+            raw.lines().any(|line| line == format!("host: {host}")),
+            "Host: {host:?}:\n{raw}"
+        );
+    }
+    assert_eq!(upstream.calls(), hosts.len());
+}
+
+#[tokio::test]
+async fn an_absolute_target_must_name_the_host_it_is_sent_with() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--default-ttl", "30"]).await;
+
+    for (target, host) in [
+        ("http://evil.example/max-age", "good.example"),
+        ("http://good.example/max-age", "evil.example"),
+        ("http://good.example:8080/max-age", "good.example"),
+        ("http://good.example/max-age", "good.example:8080"),
+        ("http://user@good.example/max-age", "good.example"),
+    ] {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(raw_status(&raw), 400, "{target} with Host {host}:\n{raw}");
+    }
+    assert_eq!(upstream.calls(), 0, "a mismatched target went upstream");
+
+    // The same authority, up to case and the scheme's default port, is fine.
+    for (target, host) in [
+        ("http://good.example/max-age", "good.example"),
+        ("http://GOOD.example/max-age", "good.EXAMPLE"),
+        ("http://good.example:80/max-age", "good.example"),
+    ] {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(raw_status(&raw), 200, "{target} with Host {host}:\n{raw}");
+    }
+    assert!(upstream.calls() >= 1);
+    // Nothing evil.example asked for was stored: it is a miss.
+    let evil = send(
+        Request::get(proxy.url("/max-age"))
+            .header(header::HOST, "evil.example")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(!evil.is_hit(), "{}", evil.cache_status());
+}
+
+// ---------------------------------------------------------------------------
 // Arguments
 // ---------------------------------------------------------------------------
 
