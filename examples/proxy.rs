@@ -30,6 +30,14 @@
 //! `Host` that is not `host[:port]`, an HTTP/1.1 request without `Host`, or
 //! an absolute-form target (`GET http://a.example/ HTTP/1.1`) that names
 //! another host than `Host`.
+//!
+//! The forwarding headers (`X-Forwarded-For`, `X-Forwarded-Host`,
+//! `X-Forwarded-Proto`, `X-Forwarded-Port`, `Forwarded`) are the proxy's
+//! own: whatever the client sent under those names is dropped, and the
+//! upstream gets the client's address (`X-Forwarded-For`, `Forwarded:
+//! for=`), `http`, the request's host (`X-Forwarded-Host`, `Forwarded:
+//! host=`) and its port.
+//!
 //! Logs go to stderr; set `RUST_LOG` (e.g. `RUST_LOG=debug`) for more.
 
 use std::convert::Infallible;
@@ -219,8 +227,6 @@ pub(crate) struct Forward {
     client: Client<HttpConnector, Incoming>,
     scheme: Scheme,
     authority: Authority,
-    /// The client's address, for `X-Forwarded-For`.
-    peer: Option<SocketAddr>,
 }
 
 impl fmt::Debug for Forward {
@@ -230,7 +236,6 @@ impl fmt::Debug for Forward {
                 "upstream",
                 &format_args!("{}://{}", self.scheme, self.authority),
             )
-            .field("peer", &self.peer)
             .finish_non_exhaustive()
     }
 }
@@ -246,15 +251,6 @@ impl Forward {
             client,
             scheme,
             authority,
-            peer: None,
-        }
-    }
-
-    /// The same forwarder, for requests from `peer`.
-    fn for_peer(&self, peer: SocketAddr) -> Self {
-        Forward {
-            peer: Some(peer),
-            ..self.clone()
         }
     }
 
@@ -285,9 +281,6 @@ impl Forward {
             .build()?;
         strip_hop_by_hop(&mut parts.headers);
         strip_named_header(&mut parts.headers, "proxy-connection");
-        if let Some(peer) = self.peer {
-            append_forwarded_for(&mut parts.headers, peer);
-        }
         // The request goes out as HTTP/1.1 whatever the client spoke.
         parts.version = http::Version::HTTP_11;
         Ok(Request::from_parts(parts, body))
@@ -453,11 +446,12 @@ fn split_host_port(value: &[u8]) -> Option<(&[u8], Option<u16>)> {
 /// The outermost service of a connection, in front of the cache: refuses
 /// with `400 Bad Request` a request whose host is ambiguous or malformed
 /// (see [`request_host`]), so that it reaches neither the cache nor the
-/// upstream.
+/// upstream, and sets the forwarding headers (see [`set_forwarding`])
+/// before the cache derives the key.
 #[derive(Clone, Debug)]
 pub(crate) struct Guard<S> {
     inner: S,
-    /// The client's address, for the logs.
+    /// The client's address.
     peer: SocketAddr,
 }
 
@@ -482,20 +476,137 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        if let Err(bad) = request_host(&req) {
-            tracing::debug!(peer = %self.peer, method = %req.method(), uri = %req.uri(), reason = ?bad, "refused: bad host");
-            let mut response = text_response(StatusCode::BAD_REQUEST, bad.message());
-            // Whatever else the client meant to say on this connection is
-            // suspect too.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return Box::pin(std::future::ready(Ok(response.map(Either::Right))));
-        }
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let host = match request_host(&req) {
+            Ok(host) => host,
+            Err(bad) => {
+                tracing::debug!(peer = %self.peer, method = %req.method(), uri = %req.uri(), reason = ?bad, "refused: bad host");
+                let mut response = text_response(StatusCode::BAD_REQUEST, bad.message());
+                // Whatever else the client meant to say on this connection
+                // is suspect too.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Box::pin(std::future::ready(Ok(response.map(Either::Right))));
+            }
+        };
+        // Hop-by-hop first, so that `Connection` cannot name the proxy's
+        // own forwarding headers away after they are set.
+        strip_hop_by_hop(req.headers_mut());
+        strip_named_header(req.headers_mut(), "proxy-connection");
+        set_forwarding(req.headers_mut(), self.peer, host.as_ref());
         let response = self.inner.call(req);
         Box::pin(async move { response.await.map(|response| response.map(Either::Left)) })
     }
+}
+
+/// `X-Forwarded-For`: the client addresses a request passed through.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Host`: the host the client asked for.
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Forwarded-Proto`: the scheme the client spoke.
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Port`: the port the client connected to.
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+
+/// The headers by which a proxy tells the origin about the client: the
+/// de-facto `X-Forwarded-*` and RFC 7239's `Forwarded`. An origin that
+/// builds absolute links or redirects from them makes its responses depend
+/// on them, so they are the proxy's own.
+pub(crate) const FORWARDING_HEADERS: [HeaderName; 5] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_HOST,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_PORT,
+    header::FORWARDED,
+];
+
+/// Sets the forwarding headers of a request from `peer` for `host` (the
+/// checked [`request_host`]).
+///
+/// The client's own are removed first, so the origin only sees what the
+/// proxy knows: `X-Forwarded-For` and `Forwarded: for=` the peer's
+/// address, `X-Forwarded-Proto` and `proto=` `http`, `X-Forwarded-Host`
+/// and `host=` the request's host, `X-Forwarded-Port` its port (80 when it
+/// names none).
+pub(crate) fn set_forwarding(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    host: Option<&HeaderValue>,
+) {
+    for name in &FORWARDING_HEADERS {
+        headers.remove(name);
+    }
+    let ip = peer.ip().to_canonical();
+    // RFC 7239 §6: an IPv6 node is bracketed and quoted.
+    let mut element = match ip {
+        std::net::IpAddr::V4(v4) => format!("for={v4}"),
+        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    };
+    if let Some(host) = host {
+        element.push_str(";host=");
+        push_token_or_quoted(&mut element, host.as_bytes());
+    }
+    element.push_str(";proto=http");
+    append_to_list(headers, X_FORWARDED_FOR, ip.to_string().as_bytes());
+    append_to_list(headers, header::FORWARDED, element.as_bytes());
+
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if let Some(host) = host {
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+        }
+        if !headers.contains_key(&X_FORWARDED_PORT) {
+            if let Some((_, port)) = split_host_port(host.as_bytes()) {
+                headers.insert(X_FORWARDED_PORT, HeaderValue::from(port.unwrap_or(80)));
+            }
+        }
+    }
+}
+
+/// Appends `item` to the comma-separated list `name`, joining the lines the
+/// list already has into one.
+fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &[u8]) {
+    let mut joined = Vec::new();
+    for value in headers.get_all(&name) {
+        let value = value.as_bytes().trim_ascii();
+        if !value.is_empty() {
+            joined.extend_from_slice(value);
+            joined.extend_from_slice(b", ");
+        }
+    }
+    joined.extend_from_slice(item);
+    // The parts are header values and ", ": the whole is one too. Should it
+    // not be, this hop alone is better than nothing.
+    let value = HeaderValue::from_bytes(&joined).or_else(|_| HeaderValue::from_bytes(item));
+    match value {
+        Ok(value) => {
+            headers.insert(name, value);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Pushes `value` as an RFC 9110 token if it is one, else as a quoted
+/// string.
+fn push_token_or_quoted(out: &mut String, value: &[u8]) {
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    if !value.is_empty() && value.iter().all(tchar) {
+        out.push_str(&String::from_utf8_lossy(value));
+        return;
+    }
+    out.push('"');
+    for ch in String::from_utf8_lossy(value).chars() {
+        if ch == '"' || ch == '\\' {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out.push('"');
 }
 
 /// `host[:port]` of an authority, without user info.
@@ -559,19 +670,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 fn strip_named_header(headers: &mut HeaderMap, name: &'static str) {
     headers.remove(HeaderName::from_static(name));
-}
-
-/// Adds the client's IP to `X-Forwarded-For`.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let name = HeaderName::from_static("x-forwarded-for");
-    let ip = peer.ip().to_string();
-    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
-        _ => ip,
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(name, value);
-    }
 }
 
 /// The cache layer the arguments ask for.
@@ -661,8 +759,7 @@ pub(crate) async fn run_until(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service: Guard<FenceService<Forward>> =
-            Guard::new(layer.layer(forward.for_peer(peer)), peer);
+        let service: Guard<FenceService<Forward>> = Guard::new(layer.layer(forward.clone()), peer);
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
         connections.spawn(async move {

@@ -57,6 +57,7 @@ impl Upstream {
             .route("/big", get(big))
             .route("/echo", post(echo))
             .route("/headers", get(headers))
+            .route("/links", get(links))
             .route("/slow", get(slow))
             .with_state(calls.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -142,6 +143,20 @@ async fn big(State(calls): Calls) -> impl IntoResponse {
 async fn echo(State(calls): Calls, body: Bytes) -> Bytes {
     count(&calls);
     body
+}
+
+/// A page whose links name the `X-Forwarded-Host` the upstream got, as apps
+/// that build absolute URLs behind a proxy do; fresh for 60 s.
+async fn links(State(calls): Calls, headers: HeaderMap) -> impl IntoResponse {
+    let n = count(&calls);
+    let host = headers
+        .get("x-forwarded-host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    (
+        [(header::CACHE_CONTROL, "max-age=60")],
+        format!("<a href=\"http://{host}/next\">next</a> call {n}"),
+    )
 }
 
 /// The request line's target and the headers as the upstream got them, one
@@ -870,6 +885,113 @@ async fn an_absolute_target_must_name_the_host_it_is_sent_with() {
     )
     .await;
     assert!(!evil.is_hit(), "{}", evil.cache_status());
+}
+
+// ---------------------------------------------------------------------------
+// Forwarding headers (X-Forwarded-*, Forwarded)
+// ---------------------------------------------------------------------------
+
+/// The forwarding headers a client might send, with the values an attacker
+/// would pick.
+const CLIENT_FORWARDING: [(&str, &str); 5] = [
+    ("x-forwarded-for", "6.6.6.6"),
+    ("x-forwarded-proto", "https"),
+    ("x-forwarded-host", "evil.example"),
+    ("x-forwarded-port", "443"),
+    ("forwarded", "for=6.6.6.6;host=evil.example;proto=https"),
+];
+
+/// `GET /links` with `headers`.
+fn get_links(proxy: &Proxy, headers: &[(&str, &str)]) -> Request<ClientBody> {
+    let mut req = Request::get(proxy.url("/links"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(empty()).unwrap()
+}
+
+/// How many lines of an `/headers` echo name `name`.
+fn echoed_lines(reply: &Reply, name: &str) -> usize {
+    let prefix = format!("{name}: ");
+    reply
+        .text()
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .count()
+}
+
+#[tokio::test]
+async fn a_client_x_forwarded_host_cannot_poison_the_cache() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let first = send(get_links(&proxy, &[("x-forwarded-host", "evil.example")])).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let second = send(get_links(&proxy, &[])).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert!(
+        !second.text().contains("evil.example"),
+        "the cache served a poisoned entry: {}",
+        second.text()
+    );
+    // The attacker's value did not reach the upstream either.
+    assert!(!first.text().contains("evil.example"), "{}", first.text());
+    // The links name the host the clients asked for.
+    let public = format!("href=\"http://{}/next\"", proxy.addr);
+    assert!(second.text().contains(&public), "{}", second.text());
+}
+
+#[tokio::test]
+async fn the_proxy_replaces_the_clients_forwarding_headers() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let mut req = Request::get(proxy.url("/headers")).header(header::HOST, "public.example:8443");
+    for (name, value) in CLIENT_FORWARDING {
+        req = req.header(name, value);
+    }
+    // A second line of each, too.
+    for (name, value) in CLIENT_FORWARDING {
+        req = req.header(name, value);
+    }
+    let reply = send(req.body(empty()).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(!reply.text().contains("6.6.6.6"), "{}", reply.text());
+    assert!(!reply.text().contains("evil.example"), "{}", reply.text());
+    let expected = [
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "public.example:8443"),
+        ("x-forwarded-port", "8443"),
+        (
+            "forwarded",
+            "for=127.0.0.1;host=\"public.example:8443\";proto=http",
+        ),
+    ];
+    for (name, value) in expected {
+        assert_eq!(
+            reply.echoed(name).as_deref(),
+            Some(value),
+            "{}",
+            reply.text()
+        );
+        assert_eq!(echoed_lines(&reply, name), 1, "{name}:\n{}", reply.text());
+    }
+
+    // Without a port in Host, the port is http's.
+    let reply = send(
+        Request::get(proxy.url("/headers"))
+            .header(header::HOST, "public.example")
+            .header("x-forwarded-port", "443")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.echoed("x-forwarded-port").as_deref(), Some("80"));
+    assert_eq!(
+        reply.echoed("forwarded").as_deref(),
+        Some("for=127.0.0.1;host=public.example;proto=http")
+    );
 }
 
 // ---------------------------------------------------------------------------
