@@ -21,6 +21,9 @@
 //! - `--default-ttl SECS` (default 0): how long a response that states no
 //!   freshness of its own is kept; 0 keeps only what the upstream's headers
 //!   make cacheable.
+//! - `--trust-forwarded`: keep the client's forwarding headers (see below),
+//!   for a proxy that only another, trusted proxy talks to; the cache then
+//!   keys on them.
 //!
 //! The request keeps the client's `Host` header, so entries are keyed by the
 //! public host name; hop-by-hop headers are dropped both ways, bodies are
@@ -36,7 +39,12 @@
 //! own: whatever the client sent under those names is dropped, and the
 //! upstream gets the client's address (`X-Forwarded-For`, `Forwarded:
 //! for=`), `http`, the request's host (`X-Forwarded-Host`, `Forwarded:
-//! host=`) and its port.
+//! host=`) and its port. With `--trust-forwarded` the client's values are
+//! kept (this hop is appended to `X-Forwarded-For` and `Forwarded`; what is
+//! missing is filled in) and all five become part of the cache key, so
+//! requests that differ in them are cached apart. That splits the cache
+//! per client address (`X-Forwarded-For`, `for=`): trust them only where
+//! the origin needs them.
 //!
 //! Logs go to stderr; set `RUST_LOG` (e.g. `RUST_LOG=debug`) for more.
 
@@ -78,12 +86,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The usage message printed for bad arguments.
 pub(crate) const USAGE: &str = "\
 usage: proxy --upstream http://HOST:PORT [--listen ADDR] [--redis redis://...] [--default-ttl SECS]
+             [--trust-forwarded]
 
   --upstream URL      where requests are forwarded (http only, no path), required
   --listen ADDR       address to listen on (default 127.0.0.1:8080; port 0 picks one)
   --redis URL         cache in this Redis instead of process memory
   --default-ttl SECS  how long a response without Cache-Control/Expires freshness
-                      is kept (default 0: only what the upstream makes cacheable)";
+                      is kept (default 0: only what the upstream makes cacheable)
+  --trust-forwarded   keep the client's X-Forwarded-* and Forwarded headers (behind
+                      a trusted proxy) and key the cache on them; by default the
+                      proxy replaces them with its own";
 
 /// The proxy's settings, from the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +111,9 @@ pub(crate) struct Args {
     /// TTL of responses that state no freshness; zero stores only those
     /// that do.
     pub(crate) default_ttl: Duration,
+    /// Whether the client's `X-Forwarded-*` and `Forwarded` headers are kept
+    /// (and keyed) instead of replaced.
+    pub(crate) trust_forwarded: bool,
 }
 
 /// Parses the command line, without the program name (`std::env::args()
@@ -113,6 +128,7 @@ where
     let mut listen: Option<String> = None;
     let mut redis: Option<String> = None;
     let mut default_ttl: Option<String> = None;
+    let mut trust_forwarded = false;
 
     let mut args = args.into_iter().map(Into::into);
     while let Some(arg) = args.next() {
@@ -122,6 +138,16 @@ where
             }
             _ => (arg.clone(), None),
         };
+        if flag == "--trust-forwarded" {
+            if inline.is_some() {
+                return Err(format!("{flag} takes no value"));
+            }
+            if trust_forwarded {
+                return Err(format!("{flag} given twice"));
+            }
+            trust_forwarded = true;
+            continue;
+        }
         let slot = match flag.as_str() {
             "--upstream" => &mut upstream,
             "--listen" => &mut listen,
@@ -168,6 +194,7 @@ where
         listen,
         redis,
         default_ttl,
+        trust_forwarded,
     })
 }
 
@@ -453,12 +480,18 @@ pub(crate) struct Guard<S> {
     inner: S,
     /// The client's address.
     peer: SocketAddr,
+    /// Whether the client's forwarding headers are kept (`--trust-forwarded`).
+    trust_forwarded: bool,
 }
 
 impl<S> Guard<S> {
     /// Guards `inner` for requests from `peer`.
-    pub(crate) fn new(inner: S, peer: SocketAddr) -> Self {
-        Guard { inner, peer }
+    pub(crate) fn new(inner: S, peer: SocketAddr, trust_forwarded: bool) -> Self {
+        Guard {
+            inner,
+            peer,
+            trust_forwarded,
+        }
     }
 }
 
@@ -494,7 +527,12 @@ where
         // own forwarding headers away after they are set.
         strip_hop_by_hop(req.headers_mut());
         strip_named_header(req.headers_mut(), "proxy-connection");
-        set_forwarding(req.headers_mut(), self.peer, host.as_ref());
+        set_forwarding(
+            req.headers_mut(),
+            self.peer,
+            host.as_ref(),
+            self.trust_forwarded,
+        );
         let response = self.inner.call(req);
         Box::pin(async move { response.await.map(|response| response.map(Either::Left)) })
     }
@@ -512,7 +550,7 @@ const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port")
 /// The headers by which a proxy tells the origin about the client: the
 /// de-facto `X-Forwarded-*` and RFC 7239's `Forwarded`. An origin that
 /// builds absolute links or redirects from them makes its responses depend
-/// on them, so they are the proxy's own.
+/// on them, so they are either the proxy's own or part of the cache key.
 pub(crate) const FORWARDING_HEADERS: [HeaderName; 5] = [
     X_FORWARDED_FOR,
     X_FORWARDED_HOST,
@@ -524,18 +562,25 @@ pub(crate) const FORWARDING_HEADERS: [HeaderName; 5] = [
 /// Sets the forwarding headers of a request from `peer` for `host` (the
 /// checked [`request_host`]).
 ///
-/// The client's own are removed first, so the origin only sees what the
-/// proxy knows: `X-Forwarded-For` and `Forwarded: for=` the peer's
-/// address, `X-Forwarded-Proto` and `proto=` `http`, `X-Forwarded-Host`
-/// and `host=` the request's host, `X-Forwarded-Port` its port (80 when it
-/// names none).
+/// By default the client's own are removed first, so the origin only sees
+/// what the proxy knows: `X-Forwarded-For` and `Forwarded: for=` the
+/// peer's address, `X-Forwarded-Proto` and `proto=` `http`,
+/// `X-Forwarded-Host` and `host=` the request's host, `X-Forwarded-Port`
+/// its port (80 when it names none). With `trust` (a proxy behind another,
+/// trusted one) the client's are kept: this hop is appended to the lists
+/// (`X-Forwarded-For`, `Forwarded`) and the others are set only when the
+/// client sent none; the cache then keys on all five (see
+/// [`fence_layer`]).
 pub(crate) fn set_forwarding(
     headers: &mut HeaderMap,
     peer: SocketAddr,
     host: Option<&HeaderValue>,
+    trust: bool,
 ) {
-    for name in &FORWARDING_HEADERS {
-        headers.remove(name);
+    if !trust {
+        for name in &FORWARDING_HEADERS {
+            headers.remove(name);
+        }
     }
     let ip = peer.ip().to_canonical();
     // RFC 7239 §6: an IPv6 node is bracketed and quoted.
@@ -672,9 +717,18 @@ fn strip_named_header(headers: &mut HeaderMap, name: &'static str) {
     headers.remove(HeaderName::from_static(name));
 }
 
-/// The cache layer the arguments ask for.
+/// The cache layer the arguments ask for. With `--trust-forwarded` the
+/// client's forwarding headers reach the upstream, so they are part of the
+/// key: an origin's response may depend on any of them (absolute links
+/// built from `X-Forwarded-Host` are the usual case), and an unkeyed one
+/// would let one request poison the entry for everyone.
 async fn fence_layer(args: &Args) -> Result<FenceLayer, BoxError> {
-    let builder = FenceLayer::builder().default_ttl(args.default_ttl);
+    let mut builder = FenceLayer::builder().default_ttl(args.default_ttl);
+    if args.trust_forwarded {
+        for name in &FORWARDING_HEADERS {
+            builder = builder.key_header(name.as_str());
+        }
+    }
     let builder = match &args.redis {
         None => builder,
         Some(url) => with_redis(builder, url).await?,
@@ -735,6 +789,7 @@ pub(crate) async fn run_until(
         upstream = %format_args!("{}://{}", args.upstream_scheme, args.upstream_authority),
         store = if args.redis.is_some() { "redis" } else { "memory" },
         default_ttl_secs = args.default_ttl.as_secs(),
+        trust_forwarded = args.trust_forwarded,
         "proxy started"
     );
     ready(addr);
@@ -759,7 +814,8 @@ pub(crate) async fn run_until(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service: Guard<FenceService<Forward>> = Guard::new(layer.layer(forward.clone()), peer);
+        let service: Guard<FenceService<Forward>> =
+            Guard::new(layer.layer(forward.clone()), peer, args.trust_forwarded);
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
         connections.spawn(async move {

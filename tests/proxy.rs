@@ -994,6 +994,118 @@ async fn the_proxy_replaces_the_clients_forwarding_headers() {
     );
 }
 
+#[tokio::test]
+async fn with_trust_forwarded_the_clients_headers_are_kept() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--trust-forwarded"]).await;
+
+    let mut req = Request::get(proxy.url("/headers")).header(header::HOST, "public.example:8443");
+    for (name, value) in CLIENT_FORWARDING {
+        req = req.header(name, value);
+    }
+    let reply = send(req.body(empty()).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let expected = [
+        // The lists get this hop appended.
+        ("x-forwarded-for", "6.6.6.6, 127.0.0.1"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-port", "443"),
+        (
+            "forwarded",
+            "for=6.6.6.6;host=evil.example;proto=https, \
+             for=127.0.0.1;host=\"public.example:8443\";proto=http",
+        ),
+    ];
+    for (name, value) in expected {
+        assert_eq!(
+            reply.echoed(name).as_deref(),
+            Some(value),
+            "{}",
+            reply.text()
+        );
+    }
+
+    // What the client did not send, the proxy sets as it would by default.
+    let reply = send(
+        Request::get(proxy.url("/headers"))
+            .header(header::HOST, "public.example:8443")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let expected = [
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "public.example:8443"),
+        ("x-forwarded-port", "8443"),
+        (
+            "forwarded",
+            "for=127.0.0.1;host=\"public.example:8443\";proto=http",
+        ),
+    ];
+    for (name, value) in expected {
+        assert_eq!(
+            reply.echoed(name).as_deref(),
+            Some(value),
+            "{}",
+            reply.text()
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_trust_forwarded_x_forwarded_host_is_keyed() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--trust-forwarded"]).await;
+    let evil = [("x-forwarded-host", "evil.example")];
+
+    let first = send(get_links(&proxy, &evil)).await;
+    assert!(first.text().contains("evil.example"), "{}", first.text());
+    assert!(first.text().contains("call 1"), "{}", first.text());
+
+    let second = send(get_links(&proxy, &[])).await;
+    assert!(
+        !second.text().contains("evil.example"),
+        "the cache served a poisoned entry: {}",
+        second.text()
+    );
+    assert!(second.text().contains("call 2"), "{}", second.text());
+    assert_eq!(upstream.calls(), 2, "the two were not cached apart");
+
+    // Each is a hit of its own entry.
+    let again = send(get_links(&proxy, &evil)).await;
+    assert!(again.is_hit(), "{}", again.cache_status());
+    assert!(again.text().contains("call 1"), "{}", again.text());
+    let again = send(get_links(&proxy, &[])).await;
+    assert!(again.is_hit(), "{}", again.cache_status());
+    assert!(again.text().contains("call 2"), "{}", again.text());
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn with_trust_forwarded_every_forwarding_header_is_keyed() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--trust-forwarded"]).await;
+
+    let baseline = send(get_links(&proxy, &[])).await;
+    assert!(baseline.text().contains("call 1"), "{}", baseline.text());
+    for (n, header) in CLIENT_FORWARDING.iter().enumerate() {
+        let reply = send(get_links(&proxy, &[*header])).await;
+        assert!(!reply.is_hit(), "{header:?}: {}", reply.cache_status());
+        assert!(
+            reply.text().contains(&format!("call {}", n + 2)),
+            "{header:?}: {}",
+            reply.text()
+        );
+    }
+    for header in CLIENT_FORWARDING {
+        let reply = send(get_links(&proxy, &[header])).await;
+        assert!(reply.is_hit(), "{header:?}: {}", reply.cache_status());
+    }
+    assert_eq!(upstream.calls(), 1 + CLIENT_FORWARDING.len());
+}
+
 // ---------------------------------------------------------------------------
 // Arguments
 // ---------------------------------------------------------------------------
@@ -1034,6 +1146,31 @@ fn parse_args_defaults() {
     assert_eq!(args.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
     assert_eq!(args.redis, None);
     assert_eq!(args.default_ttl, Duration::ZERO);
+    assert!(!args.trust_forwarded);
+}
+
+#[test]
+fn parse_args_reads_trust_forwarded() {
+    let args = proxy::parse_args(["--trust-forwarded", "--upstream", "http://a:1"]).unwrap();
+    assert!(args.trust_forwarded);
+    assert_eq!(args.upstream_authority.as_str(), "a:1");
+    let args = proxy::parse_args(["--upstream", "http://a:1", "--trust-forwarded"]).unwrap();
+    assert!(args.trust_forwarded);
+
+    for argv in [
+        &["--upstream", "http://a:1", "--trust-forwarded=yes"][..],
+        &["--upstream", "http://a:1", "--trust-forwarded="][..],
+        &[
+            "--upstream",
+            "http://a:1",
+            "--trust-forwarded",
+            "--trust-forwarded",
+        ][..],
+        &["--upstream", "http://a:1", "--trust-forwarded", "yes"][..],
+    ] {
+        let result = proxy::parse_args(argv.iter().copied());
+        assert!(result.is_err(), "{argv:?} was accepted: {result:?}");
+    }
 }
 
 #[test]
