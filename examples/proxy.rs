@@ -46,6 +46,14 @@
 //! per client address (`X-Forwarded-For`, `for=`): trust them only where
 //! the origin needs them.
 //!
+//! The same holds for any app behind tower-fence: every request header its
+//! response depends on must be in the key
+//! ([`FenceLayerBuilder::key_header`](tower_fence::FenceLayerBuilder::key_header))
+//! or in the response's `Vary`, else one request can poison the entry for
+//! everyone. `X-Forwarded-Host` is the usual culprit (absolute links,
+//! redirects): have the proxy in front set it, as this one does, or key on
+//! it.
+//!
 //! Logs go to stderr; set `RUST_LOG` (e.g. `RUST_LOG=debug`) for more.
 
 use std::convert::Infallible;
