@@ -21,17 +21,46 @@
 //! - `--default-ttl SECS` (default 0): how long a response that states no
 //!   freshness of its own is kept; 0 keeps only what the upstream's headers
 //!   make cacheable.
+//! - `--trust-forwarded`: keep the client's forwarding headers (see below),
+//!   for a proxy that only another, trusted proxy talks to; the cache then
+//!   keys on them.
 //!
 //! The request keeps the client's `Host` header, so entries are keyed by the
 //! public host name; hop-by-hop headers are dropped both ways, bodies are
 //! streamed, and an upstream that cannot be reached gives `502 Bad Gateway`.
+//! A request whose host is ambiguous gets `400 Bad Request` and reaches
+//! neither the cache nor the upstream (RFC 9112 §3.2): two `Host` lines, a
+//! `Host` that is not `host[:port]`, an HTTP/1.1 request without `Host`, or
+//! an absolute-form target (`GET http://a.example/ HTTP/1.1`) that names
+//! another host than `Host`.
+//!
+//! The forwarding headers (`X-Forwarded-For`, `X-Forwarded-Host`,
+//! `X-Forwarded-Proto`, `X-Forwarded-Port`, `Forwarded`) are the proxy's
+//! own: whatever the client sent under those names is dropped, and the
+//! upstream gets the client's address (`X-Forwarded-For`, `Forwarded:
+//! for=`), `http`, the request's host (`X-Forwarded-Host`, `Forwarded:
+//! host=`) and its port. With `--trust-forwarded` the client's values are
+//! kept (this hop is appended to `X-Forwarded-For` and `Forwarded`; what is
+//! missing is filled in) and all five become part of the cache key, so
+//! requests that differ in them are cached apart. That splits the cache
+//! per client address (`X-Forwarded-For`, `for=`): trust them only where
+//! the origin needs them.
+//!
+//! The same holds for any app behind tower-fence: every request header its
+//! response depends on must be in the key
+//! ([`FenceLayerBuilder::key_header`](tower_fence::FenceLayerBuilder::key_header))
+//! or in the response's `Vary`, else one request can poison the entry for
+//! everyone. `X-Forwarded-Host` is the usual culprit (absolute links,
+//! redirects): have the proxy in front set it, as this one does, or key on
+//! it.
+//!
 //! Logs go to stderr; set `RUST_LOG` (e.g. `RUST_LOG=debug`) for more.
 
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -39,7 +68,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -65,12 +94,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The usage message printed for bad arguments.
 pub(crate) const USAGE: &str = "\
 usage: proxy --upstream http://HOST:PORT [--listen ADDR] [--redis redis://...] [--default-ttl SECS]
+             [--trust-forwarded]
 
   --upstream URL      where requests are forwarded (http only, no path), required
   --listen ADDR       address to listen on (default 127.0.0.1:8080; port 0 picks one)
   --redis URL         cache in this Redis instead of process memory
   --default-ttl SECS  how long a response without Cache-Control/Expires freshness
-                      is kept (default 0: only what the upstream makes cacheable)";
+                      is kept (default 0: only what the upstream makes cacheable)
+  --trust-forwarded   keep the client's X-Forwarded-* and Forwarded headers (behind
+                      a trusted proxy) and key the cache on them; by default the
+                      proxy replaces them with its own";
 
 /// The proxy's settings, from the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +119,9 @@ pub(crate) struct Args {
     /// TTL of responses that state no freshness; zero stores only those
     /// that do.
     pub(crate) default_ttl: Duration,
+    /// Whether the client's `X-Forwarded-*` and `Forwarded` headers are kept
+    /// (and keyed) instead of replaced.
+    pub(crate) trust_forwarded: bool,
 }
 
 /// Parses the command line, without the program name (`std::env::args()
@@ -100,6 +136,7 @@ where
     let mut listen: Option<String> = None;
     let mut redis: Option<String> = None;
     let mut default_ttl: Option<String> = None;
+    let mut trust_forwarded = false;
 
     let mut args = args.into_iter().map(Into::into);
     while let Some(arg) = args.next() {
@@ -109,6 +146,16 @@ where
             }
             _ => (arg.clone(), None),
         };
+        if flag == "--trust-forwarded" {
+            if inline.is_some() {
+                return Err(format!("{flag} takes no value"));
+            }
+            if trust_forwarded {
+                return Err(format!("{flag} given twice"));
+            }
+            trust_forwarded = true;
+            continue;
+        }
         let slot = match flag.as_str() {
             "--upstream" => &mut upstream,
             "--listen" => &mut listen,
@@ -155,6 +202,7 @@ where
         listen,
         redis,
         default_ttl,
+        trust_forwarded,
     })
 }
 
@@ -214,8 +262,6 @@ pub(crate) struct Forward {
     client: Client<HttpConnector, Incoming>,
     scheme: Scheme,
     authority: Authority,
-    /// The client's address, for `X-Forwarded-For`.
-    peer: Option<SocketAddr>,
 }
 
 impl fmt::Debug for Forward {
@@ -225,7 +271,6 @@ impl fmt::Debug for Forward {
                 "upstream",
                 &format_args!("{}://{}", self.scheme, self.authority),
             )
-            .field("peer", &self.peer)
             .finish_non_exhaustive()
     }
 }
@@ -241,15 +286,6 @@ impl Forward {
             client,
             scheme,
             authority,
-            peer: None,
-        }
-    }
-
-    /// The same forwarder, for requests from `peer`.
-    fn for_peer(&self, peer: SocketAddr) -> Self {
-        Forward {
-            peer: Some(peer),
-            ..self.clone()
         }
     }
 
@@ -280,9 +316,6 @@ impl Forward {
             .build()?;
         strip_hop_by_hop(&mut parts.headers);
         strip_named_header(&mut parts.headers, "proxy-connection");
-        if let Some(peer) = self.peer {
-            append_forwarded_for(&mut parts.headers, peer);
-        }
         // The request goes out as HTTP/1.1 whatever the client spoke.
         parts.version = http::Version::HTTP_11;
         Ok(Request::from_parts(parts, body))
@@ -308,7 +341,9 @@ impl Service<Request<Incoming>> for Forward {
                 Ok(req) => req,
                 Err(err) => {
                     tracing::warn!(%method, %path, error = %err, "cannot build the upstream request");
-                    return Ok(text_response(StatusCode::BAD_REQUEST, "bad request\n"));
+                    return Ok(
+                        text_response(StatusCode::BAD_REQUEST, "bad request\n").map(Either::Right)
+                    );
                 }
             };
             match client.request(upstream_req).await {
@@ -322,11 +357,309 @@ impl Service<Request<Incoming>> for Forward {
                     Ok(text_response(
                         StatusCode::BAD_GATEWAY,
                         "502 Bad Gateway: the upstream could not be reached\n",
-                    ))
+                    )
+                    .map(Either::Right))
                 }
             }
         })
     }
+}
+
+/// Why a request's host is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BadHost {
+    /// More than one `Host` header line.
+    Repeated,
+    /// A `Host` or target authority that is not `host[:port]`.
+    Invalid,
+    /// An HTTP/1.1 request without `Host`.
+    Missing,
+    /// A target authority with user info (`user@host`).
+    UserInfo,
+    /// An absolute-form target whose authority is not the `Host`.
+    Mismatch,
+}
+
+impl BadHost {
+    /// The body of the `400` answer.
+    fn message(self) -> &'static str {
+        match self {
+            BadHost::Repeated => "400 Bad Request: more than one Host header\n",
+            BadHost::Invalid => "400 Bad Request: the host is not host[:port]\n",
+            BadHost::Missing => "400 Bad Request: no Host header\n",
+            BadHost::UserInfo => "400 Bad Request: user info in the request target\n",
+            BadHost::Mismatch => {
+                "400 Bad Request: the request target names another host than Host\n"
+            }
+        }
+    }
+}
+
+/// The host a request is for, checked as RFC 9112 §3.2 asks: the authority
+/// of an absolute-form (or HTTP/2) target, which must then agree with
+/// `Host` if there is one; else the one `Host` header; `None` for an
+/// HTTP/1.0 (or HTTP/2) request that names neither. Two `Host` lines, a
+/// host that is not `host[:port]`, or an HTTP/1.1 request without `Host`
+/// are refused.
+///
+/// The cache keys entries by this host, so a request that could name two
+/// hosts must never reach it: one host would pick the entry, the other the
+/// response stored in it.
+pub(crate) fn request_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, BadHost> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(BadHost::Repeated);
+    }
+    let host = match host {
+        Some(value) => Some(split_host_port(value.as_bytes()).ok_or(BadHost::Invalid)?),
+        None if req.version() == Version::HTTP_11 => return Err(BadHost::Missing),
+        None => None,
+    };
+    match (req.uri().authority(), host) {
+        (Some(authority), host) => {
+            if authority.as_str().contains('@') {
+                return Err(BadHost::UserInfo);
+            }
+            let target = split_host_port(authority.as_str().as_bytes()).ok_or(BadHost::Invalid)?;
+            if let Some(host) = host {
+                let default_port = match req.uri().scheme_str() {
+                    Some(scheme) if scheme.eq_ignore_ascii_case("http") => Some(80),
+                    Some(scheme) if scheme.eq_ignore_ascii_case("https") => Some(443),
+                    _ => None,
+                };
+                let port = |port: Option<u16>| port.or(default_port);
+                if !target.0.eq_ignore_ascii_case(host.0) || port(target.1) != port(host.1) {
+                    return Err(BadHost::Mismatch);
+                }
+            }
+            HeaderValue::from_str(authority.as_str())
+                .map(Some)
+                .map_err(|_| BadHost::Invalid)
+        }
+        (None, Some(_)) => Ok(req.headers().get(header::HOST).cloned()),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Splits `host[:port]` (RFC 9110 §7.2) into the host and the port, or
+/// `None` when `value` is not that. The host is an IPv6 literal in
+/// brackets, or a name of letters, digits, `-`, `.`, `_` and `~` (IPv4
+/// addresses included): stricter than RFC 3986's reg-name, which also
+/// allows sub-delimiters such as `,` and `;` and percent-encoding that no
+/// DNS name holds and that origins split in ways of their own. The port is
+/// 1 to 5 digits, at most 65535.
+fn split_host_port(value: &[u8]) -> Option<(&[u8], Option<u16>)> {
+    let (host, rest) = if value.first() == Some(&b'[') {
+        let end = value.iter().position(|&b| b == b']')?;
+        let (literal, rest) = value.split_at(end + 1);
+        let inside = std::str::from_utf8(literal.get(1..end)?).ok()?;
+        inside.parse::<Ipv6Addr>().ok()?;
+        (literal, rest)
+    } else {
+        let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        let (name, rest) = value.split_at(end);
+        let name_byte =
+            |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+        if name.is_empty() || !name.iter().all(name_byte) {
+            return None;
+        }
+        (name, rest)
+    };
+    let port = match rest {
+        [] => None,
+        [b':', digits @ ..]
+            if (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) =>
+        {
+            Some(std::str::from_utf8(digits).ok()?.parse::<u16>().ok()?)
+        }
+        _ => return None,
+    };
+    Some((host, port))
+}
+
+/// The outermost service of a connection, in front of the cache: refuses
+/// with `400 Bad Request` a request whose host is ambiguous or malformed
+/// (see [`request_host`]), so that it reaches neither the cache nor the
+/// upstream, and sets the forwarding headers (see [`set_forwarding`])
+/// before the cache derives the key.
+#[derive(Clone, Debug)]
+pub(crate) struct Guard<S> {
+    inner: S,
+    /// The client's address.
+    peer: SocketAddr,
+    /// Whether the client's forwarding headers are kept (`--trust-forwarded`).
+    trust_forwarded: bool,
+}
+
+impl<S> Guard<S> {
+    /// Guards `inner` for requests from `peer`.
+    pub(crate) fn new(inner: S, peer: SocketAddr, trust_forwarded: bool) -> Self {
+        Guard {
+            inner,
+            peer,
+            trust_forwarded,
+        }
+    }
+}
+
+impl<S, B> Service<Request<Incoming>> for Guard<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Either<B, Full<Bytes>>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let host = match request_host(&req) {
+            Ok(host) => host,
+            Err(bad) => {
+                tracing::debug!(peer = %self.peer, method = %req.method(), uri = %req.uri(), reason = ?bad, "refused: bad host");
+                let mut response = text_response(StatusCode::BAD_REQUEST, bad.message());
+                // Whatever else the client meant to say on this connection
+                // is suspect too.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Box::pin(std::future::ready(Ok(response.map(Either::Right))));
+            }
+        };
+        // Hop-by-hop first, so that `Connection` cannot name the proxy's
+        // own forwarding headers away after they are set.
+        strip_hop_by_hop(req.headers_mut());
+        strip_named_header(req.headers_mut(), "proxy-connection");
+        set_forwarding(
+            req.headers_mut(),
+            self.peer,
+            host.as_ref(),
+            self.trust_forwarded,
+        );
+        let response = self.inner.call(req);
+        Box::pin(async move { response.await.map(|response| response.map(Either::Left)) })
+    }
+}
+
+/// `X-Forwarded-For`: the client addresses a request passed through.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Host`: the host the client asked for.
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Forwarded-Proto`: the scheme the client spoke.
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Port`: the port the client connected to.
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+
+/// The headers by which a proxy tells the origin about the client: the
+/// de-facto `X-Forwarded-*` and RFC 7239's `Forwarded`. An origin that
+/// builds absolute links or redirects from them makes its responses depend
+/// on them, so they are either the proxy's own or part of the cache key.
+pub(crate) const FORWARDING_HEADERS: [HeaderName; 5] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_HOST,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_PORT,
+    header::FORWARDED,
+];
+
+/// Sets the forwarding headers of a request from `peer` for `host` (the
+/// checked [`request_host`]).
+///
+/// By default the client's own are removed first, so the origin only sees
+/// what the proxy knows: `X-Forwarded-For` and `Forwarded: for=` the
+/// peer's address, `X-Forwarded-Proto` and `proto=` `http`,
+/// `X-Forwarded-Host` and `host=` the request's host, `X-Forwarded-Port`
+/// its port (80 when it names none). With `trust` (a proxy behind another,
+/// trusted one) the client's are kept: this hop is appended to the lists
+/// (`X-Forwarded-For`, `Forwarded`) and the others are set only when the
+/// client sent none; the cache then keys on all five (see
+/// [`fence_layer`]).
+pub(crate) fn set_forwarding(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    host: Option<&HeaderValue>,
+    trust: bool,
+) {
+    if !trust {
+        for name in &FORWARDING_HEADERS {
+            headers.remove(name);
+        }
+    }
+    let ip = peer.ip().to_canonical();
+    // RFC 7239 §6: an IPv6 node is bracketed and quoted.
+    let mut element = match ip {
+        std::net::IpAddr::V4(v4) => format!("for={v4}"),
+        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    };
+    if let Some(host) = host {
+        element.push_str(";host=");
+        push_token_or_quoted(&mut element, host.as_bytes());
+    }
+    element.push_str(";proto=http");
+    append_to_list(headers, X_FORWARDED_FOR, ip.to_string().as_bytes());
+    append_to_list(headers, header::FORWARDED, element.as_bytes());
+
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if let Some(host) = host {
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+        }
+        if !headers.contains_key(&X_FORWARDED_PORT) {
+            if let Some((_, port)) = split_host_port(host.as_bytes()) {
+                headers.insert(X_FORWARDED_PORT, HeaderValue::from(port.unwrap_or(80)));
+            }
+        }
+    }
+}
+
+/// Appends `item` to the comma-separated list `name`, joining the lines the
+/// list already has into one.
+fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &[u8]) {
+    let mut joined = Vec::new();
+    for value in headers.get_all(&name) {
+        let value = value.as_bytes().trim_ascii();
+        if !value.is_empty() {
+            joined.extend_from_slice(value);
+            joined.extend_from_slice(b", ");
+        }
+    }
+    joined.extend_from_slice(item);
+    // The parts are header values and ", ": the whole is one too. Should it
+    // not be, this hop alone is better than nothing.
+    let value = HeaderValue::from_bytes(&joined).or_else(|_| HeaderValue::from_bytes(item));
+    match value {
+        Ok(value) => {
+            headers.insert(name, value);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Pushes `value` as an RFC 9110 token if it is one, else as a quoted
+/// string.
+fn push_token_or_quoted(out: &mut String, value: &[u8]) {
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    if !value.is_empty() && value.iter().all(tchar) {
+        out.push_str(&String::from_utf8_lossy(value));
+        return;
+    }
+    out.push('"');
+    for ch in String::from_utf8_lossy(value).chars() {
+        if ch == '"' || ch == '\\' {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out.push('"');
 }
 
 /// `host[:port]` of an authority, without user info.
@@ -338,10 +671,8 @@ fn host_of(authority: &Authority) -> String {
 }
 
 /// A short plain-text response that no cache keeps.
-fn text_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
-        text.as_bytes(),
-    ))));
+fn text_response(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
@@ -394,22 +725,18 @@ fn strip_named_header(headers: &mut HeaderMap, name: &'static str) {
     headers.remove(HeaderName::from_static(name));
 }
 
-/// Adds the client's IP to `X-Forwarded-For`.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let name = HeaderName::from_static("x-forwarded-for");
-    let ip = peer.ip().to_string();
-    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
-        _ => ip,
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(name, value);
-    }
-}
-
-/// The cache layer the arguments ask for.
+/// The cache layer the arguments ask for. With `--trust-forwarded` the
+/// client's forwarding headers reach the upstream, so they are part of the
+/// key: an origin's response may depend on any of them (absolute links
+/// built from `X-Forwarded-Host` are the usual case), and an unkeyed one
+/// would let one request poison the entry for everyone.
 async fn fence_layer(args: &Args) -> Result<FenceLayer, BoxError> {
-    let builder = FenceLayer::builder().default_ttl(args.default_ttl);
+    let mut builder = FenceLayer::builder().default_ttl(args.default_ttl);
+    if args.trust_forwarded {
+        for name in &FORWARDING_HEADERS {
+            builder = builder.key_header(name.as_str());
+        }
+    }
     let builder = match &args.redis {
         None => builder,
         Some(url) => with_redis(builder, url).await?,
@@ -470,6 +797,7 @@ pub(crate) async fn run_until(
         upstream = %format_args!("{}://{}", args.upstream_scheme, args.upstream_authority),
         store = if args.redis.is_some() { "redis" } else { "memory" },
         default_ttl_secs = args.default_ttl.as_secs(),
+        trust_forwarded = args.trust_forwarded,
         "proxy started"
     );
     ready(addr);
@@ -494,7 +822,8 @@ pub(crate) async fn run_until(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service: FenceService<Forward> = layer.layer(forward.for_peer(peer));
+        let service: Guard<FenceService<Forward>> =
+            Guard::new(layer.layer(forward.clone()), peer, args.trust_forwarded);
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
         connections.spawn(async move {

@@ -532,6 +532,44 @@ impl FenceLayerBuilder {
 
     /// Adds a request header whose values become part of the key, such as a
     /// tenant id or a language: requests that differ in it are cached apart.
+    ///
+    /// # Key every header the response depends on
+    ///
+    /// Of the request, the key holds only the method class, the host
+    /// (`Host`, or the target's authority), the path, the query and the key
+    /// headers. So every request header the inner service's response
+    /// depends on must be either a key header (this method for every route,
+    /// [`Rule::key_header`](crate::policy::rules::Rule::key_header) for
+    /// some) or named in the response's `Vary` (the layer then keeps the
+    /// variants side by side). Otherwise the first request that sends the
+    /// header fills the entry, and every later request, with the header or
+    /// without, is served that response: one request poisons the entry for
+    /// everyone. `Vary` works only where the app remembers to send it; a key
+    /// header also covers the responses that forget.
+    ///
+    /// `X-Forwarded-Host` is the usual culprit: behind a proxy, frameworks
+    /// build absolute links, redirects and canonical URLs from it (and from
+    /// `X-Forwarded-Proto`, `X-Forwarded-Port`, `Forwarded`). Either make
+    /// sure the proxy in front drops what clients send under those names
+    /// and sets them itself (then `X-Forwarded-Host` is the host, which is
+    /// in the key), or key on them:
+    ///
+    /// ```
+    /// use tower_fence::FenceLayer;
+    ///
+    /// let layer = FenceLayer::builder()
+    ///     .key_header("x-forwarded-host")
+    ///     .key_header("x-forwarded-proto")
+    ///     .key_header("x-forwarded-port")
+    ///     .build()
+    ///     .unwrap();
+    /// ```
+    ///
+    /// Each distinct value is an entry of its own: keying on a header whose
+    /// value differs per client, such as `X-Forwarded-For` or `Forwarded`
+    /// (its `for=`), caches per client. The `proxy` example does both: by
+    /// default it sets the forwarding headers itself, and with
+    /// `--trust-forwarded` it keeps the client's and keys on them.
     pub fn key_header(mut self, name: impl Into<String>) -> Self {
         self.key_headers.push(name.into());
         self

@@ -57,6 +57,7 @@ impl Upstream {
             .route("/big", get(big))
             .route("/echo", post(echo))
             .route("/headers", get(headers))
+            .route("/links", get(links))
             .route("/slow", get(slow))
             .with_state(calls.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -142,6 +143,20 @@ async fn big(State(calls): Calls) -> impl IntoResponse {
 async fn echo(State(calls): Calls, body: Bytes) -> Bytes {
     count(&calls);
     body
+}
+
+/// A page whose links name the `X-Forwarded-Host` the upstream got, as apps
+/// that build absolute URLs behind a proxy do; fresh for 60 s.
+async fn links(State(calls): Calls, headers: HeaderMap) -> impl IntoResponse {
+    let n = count(&calls);
+    let host = headers
+        .get("x-forwarded-host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    (
+        [(header::CACHE_CONTROL, "max-age=60")],
+        format!("<a href=\"http://{host}/next\">next</a> call {n}"),
+    )
 }
 
 /// The request line's target and the headers as the upstream got them, one
@@ -674,6 +689,424 @@ async fn shutdown_stops_accepting_and_returns() {
 }
 
 // ---------------------------------------------------------------------------
+// The request's host (RFC 9112 §3.2)
+// ---------------------------------------------------------------------------
+
+/// Writes `request` as it is on a connection of its own and reads the
+/// answer until the proxy closes it. `request` should say
+/// `Connection: close`.
+async fn raw_exchange(proxy: &Proxy, request: &str) -> String {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        // A reset after the answer still leaves the answer in `raw`.
+        let _ = stream.read_to_end(&mut raw).await;
+        String::from_utf8_lossy(&raw).into_owned()
+    };
+    tokio::time::timeout(WAIT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no answer within {WAIT:?} to {request:?}"))
+}
+
+/// The status code of a raw answer, `0` if there is none.
+fn raw_status(raw: &str) -> u16 {
+    raw.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn two_host_lines_get_400_and_touch_neither_upstream_nor_cache() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--default-ttl", "30"]).await;
+
+    for hosts in [
+        "Host: evil.example\r\nHost: good.example\r\n",
+        "Host: good.example\r\nHost: good.example\r\n",
+        "Host: good.example\r\nX-Other: 1\r\nHost: evil.example\r\n",
+    ] {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET /max-age HTTP/1.1\r\n{hosts}Connection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(raw_status(&raw), 400, "{hosts:?}:\n{raw}");
+        assert!(!raw.contains("call "), "{hosts:?}: forwarded:\n{raw}");
+    }
+    assert_eq!(
+        upstream.calls(),
+        0,
+        "a request with two Host lines went upstream"
+    );
+
+    // Nothing was stored under either host: both are misses now.
+    for (n, host) in [(1, "good.example"), (2, "evil.example")] {
+        let reply = send(
+            Request::get(proxy.url("/max-age"))
+                .header(header::HOST, host)
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(reply.text(), format!("call {n}"), "{host}");
+        assert!(!reply.is_hit(), "{host}: {}", reply.cache_status());
+    }
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_host_that_is_not_host_and_port_gets_400() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    for host in [
+        "",
+        "evil.example/max-age",
+        "evil.example/../x",
+        "good.example evil.example",
+        "good.example,evil.example",
+        "good.example, evil.example",
+        "user@good.example",
+        "good.example:",
+        "good.example:http",
+        "good.example:99999",
+        "good.example:80:80",
+        ":80",
+        "[::1",
+        "[::1]x",
+        "[not-ipv6]:80",
+        "::1",
+        "good.example?q",
+        "good.example#x",
+        "good\"example",
+        "g\u{e9}.example",
+    ] {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET /headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(raw_status(&raw), 400, "Host: {host:?}:\n{raw}");
+    }
+    // HTTP/1.1 requires a Host (HTTP/1.0 does not: see
+    // a_request_without_host_gets_the_upstream_authority).
+    for target in ["/headers", "http://good.example/headers"] {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET {target} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(
+            raw_status(&raw),
+            400,
+            "HTTP/1.1 {target} without Host:\n{raw}"
+        );
+    }
+    assert_eq!(
+        upstream.calls(),
+        0,
+        "a request with a bad Host went upstream"
+    );
+}
+
+#[tokio::test]
+async fn valid_hosts_are_forwarded() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let hosts = [
+        "good.example",
+        "Good.Example:8080",
+        "127.0.0.1",
+        "127.0.0.1:3000",
+        "[::1]",
+        "[::1]:8443",
+        "xn--bcher-kva.example",
+        "under_score.example",
+    ];
+    for host in hosts {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET /headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(raw_status(&raw), 200, "Host: {host:?}:\n{raw}");
+        assert!(
+            raw.lines().any(|line| line == format!("host: {host}")),
+            "Host: {host:?}:\n{raw}"
+        );
+    }
+    assert_eq!(upstream.calls(), hosts.len());
+}
+
+#[tokio::test]
+async fn an_absolute_target_must_name_the_host_it_is_sent_with() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--default-ttl", "30"]).await;
+
+    for (target, host) in [
+        ("http://evil.example/max-age", "good.example"),
+        ("http://good.example/max-age", "evil.example"),
+        ("http://good.example:8080/max-age", "good.example"),
+        ("http://good.example/max-age", "good.example:8080"),
+        ("http://user@good.example/max-age", "good.example"),
+    ] {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(raw_status(&raw), 400, "{target} with Host {host}:\n{raw}");
+    }
+    assert_eq!(upstream.calls(), 0, "a mismatched target went upstream");
+
+    // The same authority, up to case and the scheme's default port, is fine.
+    for (target, host) in [
+        ("http://good.example/max-age", "good.example"),
+        ("http://GOOD.example/max-age", "good.EXAMPLE"),
+        ("http://good.example:80/max-age", "good.example"),
+    ] {
+        let raw = raw_exchange(
+            &proxy,
+            &format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(raw_status(&raw), 200, "{target} with Host {host}:\n{raw}");
+    }
+    assert!(upstream.calls() >= 1);
+    // Nothing evil.example asked for was stored: it is a miss.
+    let evil = send(
+        Request::get(proxy.url("/max-age"))
+            .header(header::HOST, "evil.example")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(!evil.is_hit(), "{}", evil.cache_status());
+}
+
+// ---------------------------------------------------------------------------
+// Forwarding headers (X-Forwarded-*, Forwarded)
+// ---------------------------------------------------------------------------
+
+/// The forwarding headers a client might send, with the values an attacker
+/// would pick.
+const CLIENT_FORWARDING: [(&str, &str); 5] = [
+    ("x-forwarded-for", "6.6.6.6"),
+    ("x-forwarded-proto", "https"),
+    ("x-forwarded-host", "evil.example"),
+    ("x-forwarded-port", "443"),
+    ("forwarded", "for=6.6.6.6;host=evil.example;proto=https"),
+];
+
+/// `GET /links` with `headers`.
+fn get_links(proxy: &Proxy, headers: &[(&str, &str)]) -> Request<ClientBody> {
+    let mut req = Request::get(proxy.url("/links"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(empty()).unwrap()
+}
+
+/// How many lines of an `/headers` echo name `name`.
+fn echoed_lines(reply: &Reply, name: &str) -> usize {
+    let prefix = format!("{name}: ");
+    reply
+        .text()
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .count()
+}
+
+#[tokio::test]
+async fn a_client_x_forwarded_host_cannot_poison_the_cache() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let first = send(get_links(&proxy, &[("x-forwarded-host", "evil.example")])).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let second = send(get_links(&proxy, &[])).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert!(
+        !second.text().contains("evil.example"),
+        "the cache served a poisoned entry: {}",
+        second.text()
+    );
+    // The attacker's value did not reach the upstream either.
+    assert!(!first.text().contains("evil.example"), "{}", first.text());
+    // The links name the host the clients asked for.
+    let public = format!("href=\"http://{}/next\"", proxy.addr);
+    assert!(second.text().contains(&public), "{}", second.text());
+}
+
+#[tokio::test]
+async fn the_proxy_replaces_the_clients_forwarding_headers() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+
+    let mut req = Request::get(proxy.url("/headers")).header(header::HOST, "public.example:8443");
+    for (name, value) in CLIENT_FORWARDING {
+        req = req.header(name, value);
+    }
+    // A second line of each, too.
+    for (name, value) in CLIENT_FORWARDING {
+        req = req.header(name, value);
+    }
+    let reply = send(req.body(empty()).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(!reply.text().contains("6.6.6.6"), "{}", reply.text());
+    assert!(!reply.text().contains("evil.example"), "{}", reply.text());
+    let expected = [
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "public.example:8443"),
+        ("x-forwarded-port", "8443"),
+        (
+            "forwarded",
+            "for=127.0.0.1;host=\"public.example:8443\";proto=http",
+        ),
+    ];
+    for (name, value) in expected {
+        assert_eq!(
+            reply.echoed(name).as_deref(),
+            Some(value),
+            "{}",
+            reply.text()
+        );
+        assert_eq!(echoed_lines(&reply, name), 1, "{name}:\n{}", reply.text());
+    }
+
+    // Without a port in Host, the port is http's.
+    let reply = send(
+        Request::get(proxy.url("/headers"))
+            .header(header::HOST, "public.example")
+            .header("x-forwarded-port", "443")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.echoed("x-forwarded-port").as_deref(), Some("80"));
+    assert_eq!(
+        reply.echoed("forwarded").as_deref(),
+        Some("for=127.0.0.1;host=public.example;proto=http")
+    );
+}
+
+#[tokio::test]
+async fn with_trust_forwarded_the_clients_headers_are_kept() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--trust-forwarded"]).await;
+
+    let mut req = Request::get(proxy.url("/headers")).header(header::HOST, "public.example:8443");
+    for (name, value) in CLIENT_FORWARDING {
+        req = req.header(name, value);
+    }
+    let reply = send(req.body(empty()).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let expected = [
+        // The lists get this hop appended.
+        ("x-forwarded-for", "6.6.6.6, 127.0.0.1"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-port", "443"),
+        (
+            "forwarded",
+            "for=6.6.6.6;host=evil.example;proto=https, \
+             for=127.0.0.1;host=\"public.example:8443\";proto=http",
+        ),
+    ];
+    for (name, value) in expected {
+        assert_eq!(
+            reply.echoed(name).as_deref(),
+            Some(value),
+            "{}",
+            reply.text()
+        );
+    }
+
+    // What the client did not send, the proxy sets as it would by default.
+    let reply = send(
+        Request::get(proxy.url("/headers"))
+            .header(header::HOST, "public.example:8443")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let expected = [
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "public.example:8443"),
+        ("x-forwarded-port", "8443"),
+        (
+            "forwarded",
+            "for=127.0.0.1;host=\"public.example:8443\";proto=http",
+        ),
+    ];
+    for (name, value) in expected {
+        assert_eq!(
+            reply.echoed(name).as_deref(),
+            Some(value),
+            "{}",
+            reply.text()
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_trust_forwarded_x_forwarded_host_is_keyed() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--trust-forwarded"]).await;
+    let evil = [("x-forwarded-host", "evil.example")];
+
+    let first = send(get_links(&proxy, &evil)).await;
+    assert!(first.text().contains("evil.example"), "{}", first.text());
+    assert!(first.text().contains("call 1"), "{}", first.text());
+
+    let second = send(get_links(&proxy, &[])).await;
+    assert!(
+        !second.text().contains("evil.example"),
+        "the cache served a poisoned entry: {}",
+        second.text()
+    );
+    assert!(second.text().contains("call 2"), "{}", second.text());
+    assert_eq!(upstream.calls(), 2, "the two were not cached apart");
+
+    // Each is a hit of its own entry.
+    let again = send(get_links(&proxy, &evil)).await;
+    assert!(again.is_hit(), "{}", again.cache_status());
+    assert!(again.text().contains("call 1"), "{}", again.text());
+    let again = send(get_links(&proxy, &[])).await;
+    assert!(again.is_hit(), "{}", again.cache_status());
+    assert!(again.text().contains("call 2"), "{}", again.text());
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn with_trust_forwarded_every_forwarding_header_is_keyed() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--trust-forwarded"]).await;
+
+    let baseline = send(get_links(&proxy, &[])).await;
+    assert!(baseline.text().contains("call 1"), "{}", baseline.text());
+    for (n, header) in CLIENT_FORWARDING.iter().enumerate() {
+        let reply = send(get_links(&proxy, &[*header])).await;
+        assert!(!reply.is_hit(), "{header:?}: {}", reply.cache_status());
+        assert!(
+            reply.text().contains(&format!("call {}", n + 2)),
+            "{header:?}: {}",
+            reply.text()
+        );
+    }
+    for header in CLIENT_FORWARDING {
+        let reply = send(get_links(&proxy, &[header])).await;
+        assert!(reply.is_hit(), "{header:?}: {}", reply.cache_status());
+    }
+    assert_eq!(upstream.calls(), 1 + CLIENT_FORWARDING.len());
+}
+
+// ---------------------------------------------------------------------------
 // Arguments
 // ---------------------------------------------------------------------------
 
@@ -713,6 +1146,31 @@ fn parse_args_defaults() {
     assert_eq!(args.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
     assert_eq!(args.redis, None);
     assert_eq!(args.default_ttl, Duration::ZERO);
+    assert!(!args.trust_forwarded);
+}
+
+#[test]
+fn parse_args_reads_trust_forwarded() {
+    let args = proxy::parse_args(["--trust-forwarded", "--upstream", "http://a:1"]).unwrap();
+    assert!(args.trust_forwarded);
+    assert_eq!(args.upstream_authority.as_str(), "a:1");
+    let args = proxy::parse_args(["--upstream", "http://a:1", "--trust-forwarded"]).unwrap();
+    assert!(args.trust_forwarded);
+
+    for argv in [
+        &["--upstream", "http://a:1", "--trust-forwarded=yes"][..],
+        &["--upstream", "http://a:1", "--trust-forwarded="][..],
+        &[
+            "--upstream",
+            "http://a:1",
+            "--trust-forwarded",
+            "--trust-forwarded",
+        ][..],
+        &["--upstream", "http://a:1", "--trust-forwarded", "yes"][..],
+    ] {
+        let result = proxy::parse_args(argv.iter().copied());
+        assert!(result.is_err(), "{argv:?} was accepted: {result:?}");
+    }
 }
 
 #[test]
