@@ -12,6 +12,10 @@
 //! rebuild that started before the write cannot store its (old) result
 //! afterwards.
 //!
+//! Paths whose escaped form is longer than a key keeps readable (512 bytes)
+//! share their keys' cut form: invalidating one also invalidates the others
+//! that share the cut (more than asked, never less).
+//!
 //! # Prefix strategies
 //!
 //! - [`PrefixStrategy::Scan`] (default): `SCAN MATCH {ns}{path}[#/]* COUNT

@@ -192,6 +192,7 @@ everywhere!(
     tags_invalidate_their_entries,
     the_invalidator_clears_prefixes_and_requests,
     a_rebuild_that_started_before_a_write_is_not_stored,
+    writes_to_long_paths_invalidate_their_entries,
 );
 
 async fn a_write_clears_its_path_and_below_only(backend: Backend) {
@@ -273,6 +274,52 @@ async fn location_and_content_location_are_invalidated(backend: Backend) {
     )
     .await;
     assert!(get(&app, "/elsewhere/1").await.is_hit());
+}
+
+/// A long path, shortened for a message.
+fn short(uri: &str) -> String {
+    match uri.get(..24) {
+        Some(start) if uri.len() > 40 => format!("{start}…({} bytes)", uri.len()),
+        _ => uri.to_owned(),
+    }
+}
+
+async fn writes_to_long_paths_invalidate_their_entries(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    // Past the readable length of a key (512 bytes escaped): cut.
+    let long = format!("/long/{}", "a".repeat(600));
+    let long_query = format!("{long}?x=1");
+    let long_child = format!("{long}/child");
+    // Exactly 512 bytes: the path is whole, its children are cut right
+    // after it.
+    let edge = format!("/edge/{}bb", "*".repeat(168));
+    assert_eq!(edge.len() + 2 * 168, 512, "each `*` is escaped as `%2A`");
+    let edge_child = format!("{edge}/c");
+    let kept = ["/long/b", "/long", "/edge"];
+    warm(&app, &[&long, &long_query, &long_child, &edge, &edge_child]).await;
+    warm(&app, &kept).await;
+    send(&app, Method::PUT, &long).await;
+    for uri in [&long, &long_query, &long_child] {
+        assert!(
+            !get(&app, uri).await.is_hit(),
+            "{} was invalidated",
+            short(uri)
+        );
+    }
+    send(&app, Method::DELETE, &edge).await;
+    for uri in [&edge, &edge_child] {
+        assert!(
+            !get(&app, uri).await.is_hit(),
+            "{} was invalidated",
+            short(uri)
+        );
+    }
+    for uri in kept {
+        assert!(get(&app, uri).await.is_hit(), "{uri} was kept");
+    }
 }
 
 async fn failed_writes_invalidate_nothing(backend: Backend) {
