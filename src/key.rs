@@ -235,6 +235,15 @@ fn prefix_path(path: &str) -> &str {
     }
 }
 
+/// Whether the keys of `path` are among those of the prefix `prefix`.
+pub(crate) fn under_prefix(prefix: &str, path: &str) -> bool {
+    let prefix = prefix_path(prefix);
+    prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// The keys of every entry (and rebuild lease) at `path` or under it:
 /// `/users/42` selects `/users/42`, `/users/42?x=1` and `/users/42/posts`,
 /// never `/users/420`. A prefix longer than the cut selects every key cut
@@ -255,6 +264,13 @@ pub(crate) fn prefix_pattern(namespace: &str, path: &str) -> KeyPattern {
         }
     };
     KeyPattern::new(format!("{namespace}{readable}"), after)
+}
+
+/// The keys of exactly `path` (every query string and variant of it, and
+/// their leases), nothing under it: `{ns}{escaped path}#*`. A path longer
+/// than the cut selects every key cut the same way.
+pub(crate) fn path_pattern(namespace: &str, path: &str) -> KeyPattern {
+    KeyPattern::new(format!("{namespace}{}", readable_path(path)), After::Hash)
 }
 
 /// The index sets an entry at `path` joins (prefix strategy `Index`): its
@@ -289,6 +305,21 @@ pub(crate) fn index_sets(namespace: &str, path: &str) -> Vec<String> {
 /// prefix or under it.
 pub(crate) fn index_set(namespace: &str, path: &str) -> String {
     format!("{namespace}idx:{}", readable_path(prefix_path(path)))
+}
+
+/// The index set that holds the entries and leases of exactly `path` (and
+/// others, which [`path_pattern`] tells apart).
+pub(crate) fn path_index_set(namespace: &str, path: &str) -> String {
+    index_set_of_readable(namespace, &readable_path(path))
+}
+
+fn index_set_of_readable(namespace: &str, readable: &str) -> String {
+    if is_cut(readable) {
+        format!("{namespace}idx:{readable}")
+    } else {
+        // Escaped or not, a trailing `/` is a `/`.
+        format!("{namespace}idx:{}", prefix_path(readable))
+    }
 }
 
 /// The set that holds the keys of the entries tagged `tag`.
@@ -476,6 +507,48 @@ mod tests {
     }
 
     #[test]
+    fn path_patterns_select_the_path_only() {
+        let c = config();
+        let key = |uri: &str| key_of(&c, get(uri));
+        let p = path_pattern("tf:", "/users/42");
+        assert_eq!(p.glob(), "tf:/users/42#*");
+        assert_eq!(p.leases().glob(), "tf:/users/42#*:lease");
+        let own = key("/users/42?x=1");
+        assert!(p.matches(&key("/users/42")));
+        assert!(p.matches(&own));
+        assert!(p.matches(&format!("{own}:lease")));
+        // Variants, their leases, and permit-like leases of any of them.
+        assert!(p.matches(&format!("{own}.v0123456789abcdef")));
+        assert!(p
+            .leases()
+            .matches(&format!("{own}.v0123456789abcdef:lease")));
+        assert!(p.leases().matches(&format!("{own}.p42:lease")));
+        assert!(!p.leases().matches(&own));
+        for other in [
+            "/users/42/posts",
+            "/users/42/",
+            "/users/420",
+            "/users/4",
+            "/users",
+        ] {
+            assert!(!p.matches(&key(other)), "{other}");
+            assert!(
+                !p.leases().matches(&format!("{}:lease", key(other))),
+                "{other}"
+            );
+        }
+        let root = path_pattern("tf:", "/");
+        assert_eq!(root.glob(), "tf:/#*");
+        assert!(root.matches(&key("/")));
+        assert!(root.matches(&key("/?page=2")));
+        assert!(!root.matches(&key("/about")));
+        assert!(!root.matches("tf:idx:/"));
+        // Glob characters stay literal.
+        assert_eq!(path_pattern("tf:", "/a*").glob(), "tf:/a%2A#*");
+        assert!(!path_pattern("tf:", "/a*").matches(&key("/ab")));
+    }
+
+    #[test]
     fn index_sets_cover_the_path_and_its_ancestors() {
         assert_eq!(
             index_sets("tf:", "/users/42/posts/"),
@@ -499,12 +572,13 @@ mod tests {
         let cut = &key(&long)["tf:".len()..key(&long).find('#').unwrap()];
         assert_eq!(cut.len(), MAX_READABLE_PATH + 1);
         assert!(cut.ends_with('~'));
-        let p = prefix_pattern("tf:", &long);
-        assert_eq!(p.glob(), format!("tf:{cut}#*"));
-        assert!(p.matches(&key(&long)));
-        assert!(p.matches(&key(&format!("{long}?x=1"))));
-        assert!(p.matches(&key(&format!("{long}/child"))));
-        assert!(!p.matches(&key("/l/a")));
+        for p in [prefix_pattern("tf:", &long), path_pattern("tf:", &long)] {
+            assert_eq!(p.glob(), format!("tf:{cut}#*"));
+            assert!(p.matches(&key(&long)));
+            assert!(p.matches(&key(&format!("{long}?x=1"))));
+            assert!(p.matches(&key(&format!("{long}/child"))));
+            assert!(!p.matches(&key("/l/a")));
+        }
         // A prefix of exactly the readable length: its children are cut
         // right after it.
         let edge = format!("/e/{}", "b".repeat(MAX_READABLE_PATH - 3));
@@ -515,6 +589,7 @@ mod tests {
         assert_eq!(p.glob(), format!("tf:{edge}[#/~]*"));
         assert!(p.matches(&child));
         assert!(p.matches(&key(&edge)));
+        assert!(!path_pattern("tf:", &edge).matches(&child));
         // Index sets: the cut form's, and the uncut ancestors'.
         let sets = index_sets("tf:", &format!("{long}/child"));
         assert_eq!(
@@ -526,9 +601,11 @@ mod tests {
             ]
         );
         assert_eq!(index_set("tf:", &long), format!("tf:idx:{cut}"));
+        assert_eq!(path_index_set("tf:", &long), format!("tf:idx:{cut}"));
         let sets = index_sets("tf:", &format!("{edge}/c"));
         assert!(sets.contains(&format!("tf:idx:{edge}~")));
         assert!(sets.contains(&index_set("tf:", &edge)));
+        assert!(sets.contains(&path_index_set("tf:", &format!("{edge}/c"))));
     }
 
     /// Path segments of characters a URI path may hold, some escaped in
@@ -553,9 +630,9 @@ mod tests {
 
     proptest! {
         // For any path, however long: its prefix pattern selects its own
-        // keys (any query) and those of the paths under it; the index set
-        // it names is among those the entries join. Glob and predicate
-        // agree.
+        // keys (any query) and those of the paths under it; its exact
+        // pattern its own keys; the index sets it names are among those the
+        // entries join. Glob and predicate agree.
         #[test]
         fn patterns_of_long_paths_select_their_keys(
             path in long_path(),
@@ -568,15 +645,18 @@ mod tests {
             let child_path = format!("{}/{below}", path.trim_end_matches('/'));
             let child = key_of(&c, get(&child_path));
             let prefix = prefix_pattern("tf:", &path);
-            for (pattern, key) in [(&prefix, &own), (&prefix, &child)] {
+            let exact = path_pattern("tf:", &path);
+            for (pattern, key) in [(&prefix, &own), (&prefix, &child), (&exact, &own)] {
                 prop_assert!(pattern.matches(key), "{} misses {}", pattern.glob(), key);
                 prop_assert!(glob_matches(&pattern.glob(), key));
                 let lease = format!("{key}:lease");
                 prop_assert!(pattern.leases().matches(&lease));
                 prop_assert!(glob_matches(&pattern.leases().glob(), &lease));
             }
+            prop_assert_eq!(exact.matches(&child), glob_matches(&exact.glob(), &child));
             let own_sets = index_sets("tf:", &path);
             prop_assert!(own_sets.contains(&index_set("tf:", &path)));
+            prop_assert!(own_sets.contains(&path_index_set("tf:", &path)));
             prop_assert!(index_sets("tf:", &child_path).contains(&index_set("tf:", &path)));
         }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::routing::any;
 use axum::Router;
 use http::{HeaderMap, Method, Request, StatusCode};
@@ -54,7 +54,8 @@ impl Backend {
 }
 
 /// An origin: `GET` answers `max-age=60` with a body naming the path and
-/// the call, tagged by `?tags=`; `/race/..` waits for the gate first.
+/// the call, tagged by `?tags=`, varying on the header `?vary=` names (its
+/// value joins the body); `/race/..` waits for the gate first.
 /// Other methods answer `?status=` (204 by default), with `?location=` and
 /// `?clocation=` as `Location` and `Content-Location`.
 #[derive(Clone, Default)]
@@ -73,9 +74,11 @@ impl Origin {
         async fn handler(
             State(origin): State<Origin>,
             method: Method,
-            Path(path): Path<String>,
+            headers: HeaderMap,
+            uri: http::Uri,
             RawQuery(query): RawQuery,
         ) -> http::Response<Body> {
+            let path = uri.path();
             let query = query.unwrap_or_default();
             let param = |name: &str| {
                 query.split('&').find_map(|pair| {
@@ -85,7 +88,7 @@ impl Origin {
             };
             let mut response = http::Response::builder();
             if method == Method::GET {
-                if path.starts_with("race/") {
+                if path.starts_with("/race/") {
                     let opened = origin.gate.notified();
                     origin.gate_entered.fetch_add(1, Ordering::SeqCst);
                     opened.await;
@@ -95,9 +98,13 @@ impl Origin {
                 if let Some(tags) = param("tags") {
                     response = response.header("surrogate-key", tags);
                 }
-                return response
-                    .body(Body::from(format!("/{path} call {n}")))
-                    .unwrap();
+                let mut body = format!("{path} call {n}");
+                if let Some(name) = param("vary") {
+                    let value = headers.get(&name).map_or("", |v| v.to_str().unwrap());
+                    body.push_str(&format!(" [{value}]"));
+                    response = response.header("vary", name);
+                }
+                return response.body(Body::from(body)).unwrap();
             }
             let status = param("status").map_or(204, |s| s.parse().unwrap());
             if let Some(location) = param("location") {
@@ -109,6 +116,7 @@ impl Origin {
             response.status(status).body(Body::empty()).unwrap()
         }
         Router::new()
+            .route("/", any(handler))
             .route("/{*path}", any(handler))
             .with_state(self.clone())
     }
@@ -118,6 +126,7 @@ impl Origin {
 struct Reply {
     status: StatusCode,
     headers: HeaderMap,
+    body: String,
 }
 
 impl Reply {
@@ -129,21 +138,28 @@ impl Reply {
 }
 
 async fn send(app: &Router, method: Method, uri: &str) -> Reply {
-    let request = Request::builder()
+    send_with(app, method, uri, &[]).await
+}
+
+async fn send_with(app: &Router, method: Method, uri: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = Request::builder()
         .method(method)
         .uri(uri)
-        .header("host", "shop.example")
-        .body(Body::empty())
-        .unwrap();
+        .header("host", "shop.example");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Body::empty()).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(30), app.clone().oneshot(request))
         .await
         .expect("an answer within 30 s")
         .unwrap();
     let (parts, body) = response.into_parts();
-    body.collect().await.unwrap();
+    let body = body.collect().await.unwrap().to_bytes();
     Reply {
         status: parts.status,
         headers: parts.headers,
+        body: String::from_utf8(body.to_vec()).unwrap(),
     }
 }
 
@@ -192,6 +208,8 @@ everywhere!(
     tags_invalidate_their_entries,
     the_invalidator_clears_prefixes_and_requests,
     a_rebuild_that_started_before_a_write_is_not_stored,
+    location_and_content_location_are_invalidated_exactly,
+    a_rebuild_at_a_location_is_not_stored,
     writes_to_long_paths_invalidate_their_entries,
 );
 
@@ -276,6 +294,100 @@ async fn location_and_content_location_are_invalidated(backend: Backend) {
     assert!(get(&app, "/elsewhere/1").await.is_hit());
 }
 
+async fn location_and_content_location_are_invalidated_exactly(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    let home = ["/", "/?page=2"];
+    let user = ["/users/42", "/users/42?x=1"];
+    let kept = [
+        "/about",
+        "/users",
+        "/users/42/posts",
+        "/users/420",
+        "/teams/7/members",
+    ];
+    warm(&app, &home).await;
+    warm(&app, &user).await;
+    warm(&app, &kept).await;
+    warm(&app, &["/teams/7"]).await;
+    let varying = "/users/42?vary=accept-language";
+    let mut before = Vec::new();
+    for language in ["en", "de"] {
+        let lang = [("accept-language", language)];
+        before.push(send_with(&app, Method::GET, varying, &lang).await.body);
+        let again = send_with(&app, Method::GET, varying, &lang).await;
+        assert!(again.is_hit(), "the {language} variant is cached");
+    }
+
+    // A login form sends the browser home: `/` itself, nothing under it.
+    let login = send(&app, Method::POST, "/login?status=303&location=/").await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER);
+    for uri in home {
+        assert!(!get(&app, uri).await.is_hit(), "{uri} was invalidated");
+    }
+    for uri in kept.iter().chain(&user) {
+        assert!(
+            get(&app, uri).await.is_hit(),
+            "{uri} survives `Location: /`"
+        );
+    }
+
+    // A create names the new resource: that URI with any query and any
+    // variant, nothing under it or beside it.
+    let created = send(
+        &app,
+        Method::POST,
+        "/signup?status=201&location=/users/42&clocation=http://shop.example/teams/7",
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    for uri in user.iter().chain(&["/teams/7"]) {
+        assert!(!get(&app, uri).await.is_hit(), "{uri} was invalidated");
+    }
+    for (language, old) in ["en", "de"].into_iter().zip(before) {
+        let lang = [("accept-language", language)];
+        let reply = send_with(&app, Method::GET, varying, &lang).await;
+        assert!(!reply.is_hit(), "the {language} variant was invalidated");
+        assert_ne!(reply.body, old, "the {language} variant was rebuilt");
+    }
+    for uri in kept {
+        assert!(get(&app, uri).await.is_hit(), "{uri} was kept");
+    }
+}
+
+async fn a_rebuild_at_a_location_is_not_stored(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let reader = tokio::spawn({
+        let app = app.clone();
+        async move { get(&app, "/race/7").await }
+    });
+    while origin.gate_entered.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A write elsewhere names the path being rebuilt: its lease goes.
+    let write = send(&app, Method::POST, "/new?status=201&location=/race/7").await;
+    assert_eq!(write.status, StatusCode::CREATED);
+    origin.gate.notify_waiters();
+    let stale = reader.await.unwrap();
+    assert_eq!(stale.body, "/race/7 call 1");
+    assert_eq!(layer.stats().fenced_out, 1);
+    let next = tokio::spawn({
+        let app = app.clone();
+        async move { get(&app, "/race/7").await }
+    });
+    while origin.gate_entered.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    origin.gate.notify_waiters();
+    let fresh = next.await.unwrap();
+    assert!(!fresh.is_hit());
+    assert_eq!(fresh.body, "/race/7 call 2");
+}
+
 /// A long path, shortened for a message.
 fn short(uri: &str) -> String {
     match uri.get(..24) {
@@ -319,6 +431,22 @@ async fn writes_to_long_paths_invalidate_their_entries(backend: Backend) {
     }
     for uri in kept {
         assert!(get(&app, uri).await.is_hit(), "{uri} was kept");
+    }
+    // A long `Location`, exactly.
+    warm(&app, &[&long, &long_query]).await;
+    let created = send(
+        &app,
+        Method::POST,
+        &format!("/new?status=201&location={long}"),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    for uri in [&long, &long_query] {
+        assert!(
+            !get(&app, uri).await.is_hit(),
+            "{} was invalidated",
+            short(uri)
+        );
     }
 }
 

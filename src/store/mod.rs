@@ -161,6 +161,46 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
             "this store has no sets",
         ))))
     }
+
+    /// Deletes the members of the set `set` that `pattern` selects (entries
+    /// and leases) and removes them from the set, reading it incrementally
+    /// (`SSCAN`); the other members stay, and so does the set. Returns how
+    /// many were deleted. The indexed prefix strategy invalidates one path
+    /// (a `Location`) so: through the index set of the path, without a walk
+    /// of the keyspace.
+    ///
+    /// The default deletes what `pattern` selects with
+    /// [`delete_matching`](Store::delete_matching), which selects the same
+    /// keys.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use tower_fence::store::{Fill, KeyPattern, MemoryStore, Store};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_fence::StoreError> {
+    /// let store = MemoryStore::new(1 << 20);
+    /// let sets = vec!["tf:idx:/a".to_owned()];
+    /// for key in ["tf:/a#{1}", "tf:/a/b#{2}"] {
+    ///     let fill = Fill::new(key, Bytes::from_static(b"x"), Duration::from_secs(60));
+    ///     store.fill(fill.joining(&sets)).await?;
+    /// }
+    /// let only_a = KeyPattern::path("tf:", "/a");
+    /// assert_eq!(store.delete_members_matching("tf:idx:/a", &only_a).await?, 1);
+    /// assert!(store.get("tf:/a#{1}").await?.is_none());
+    /// assert!(store.get("tf:/a/b#{2}").await?.is_some());
+    /// # Ok(())
+    /// # }
+    /// ```
+    fn delete_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+    ) -> StoreFuture<'a, u64> {
+        let _ = set;
+        self.delete_matching(pattern)
+    }
 }
 
 /// A rebuilt entry to store; see [`Store::fill`].
@@ -283,15 +323,27 @@ impl<T: Store + ?Sized> Store for Arc<T> {
     fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
         (**self).delete_members(set)
     }
+
+    fn delete_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+    ) -> StoreFuture<'a, u64> {
+        (**self).delete_members_matching(set, pattern)
+    }
 }
 
-/// A selection of keys: the entries (and rebuild leases) of a path prefix.
-/// Usable as a Redis `SCAN MATCH` glob ([`glob`](Self::glob)) and as a
-/// predicate ([`matches`](Self::matches)); both select the same keys.
+/// A selection of keys: the entries (and rebuild leases) of a path prefix
+/// or of one path. Usable as a Redis
+/// `SCAN MATCH` glob ([`glob`](Self::glob)) and as a predicate
+/// ([`matches`](Self::matches)); both select the same keys.
 ///
-/// Keys read `{namespace}{escaped path}#{{hash}}` (see the crate docs), so
-/// a path prefix selects `{ns}{path}[#/]*`: the path itself (`#`) and the
-/// paths under it (`/`), never `/users/420` for `/users/42`.
+/// Keys read `{namespace}{escaped path}#{{hash}}` (see the crate docs), so:
+///
+/// - a path prefix selects `{ns}{path}[#/]*`: the path itself (`#`) and the
+///   paths under it (`/`), never `/users/420` for `/users/42`;
+/// - one path selects `{ns}{path}#*`: all its query strings and variants,
+///   nothing under it.
 ///
 /// A key keeps at most 512 bytes of its escaped path readable and marks a
 /// cut with `~`. A path (or prefix) longer than that selects
@@ -300,8 +352,8 @@ impl<T: Store + ?Sized> Store for Arc<T> {
 /// escaped form is exactly 512 bytes also selects the keys `{ns}{path}~#…`,
 /// where its children's keys are cut (and siblings' that share the cut).
 ///
-/// [`leases`](Self::leases) narrows the selection to the keys ending in
-/// `:lease` among the selected ones.
+/// [`leases`](Self::leases) narrows any of these to the keys ending in
+/// `:lease` under the selected ones.
 ///
 /// ```
 /// use tower_fence::store::KeyPattern;
@@ -310,7 +362,12 @@ impl<T: Store + ?Sized> Store for Arc<T> {
 /// assert_eq!(users_42.glob(), "tf:/users/42[#/]*");
 /// assert!(users_42.matches("tf:/users/42/posts#{0f3c}"));
 /// assert!(!users_42.matches("tf:/users/420#{0f3c}"));
-/// assert_eq!(users_42.leases().glob(), "tf:/users/42[#/]*:lease");
+///
+/// let exactly = KeyPattern::path("tf:", "/users/42");
+/// assert_eq!(exactly.glob(), "tf:/users/42#*");
+/// assert!(exactly.matches("tf:/users/42#{0f3c}.v9a1b"));
+/// assert!(!exactly.matches("tf:/users/42/posts#{0f3c}"));
+/// assert_eq!(exactly.leases().glob(), "tf:/users/42#*:lease");
 ///
 /// // Glob characters in a path are escaped in keys: they select nothing more.
 /// assert_eq!(KeyPattern::prefix("tf:", "/a*").glob(), "tf:/a%2A[#/]*");
@@ -342,6 +399,12 @@ impl KeyPattern {
     /// trailing `/` is ignored; `/` selects the whole namespace.
     pub fn prefix(namespace: &str, path: &str) -> Self {
         crate::key::prefix_pattern(namespace, path)
+    }
+
+    /// The keys (in `namespace`) of exactly `path`: all its query strings
+    /// and variants, nothing under it.
+    pub fn path(namespace: &str, path: &str) -> Self {
+        crate::key::path_pattern(namespace, path)
     }
 
     pub(crate) fn new(stem: String, after: After) -> Self {
