@@ -217,6 +217,7 @@ where
                             also,
                         }) => {
                             let mut targets = invalidate::targets_of_write(
+                                shared,
                                 uri,
                                 host.as_deref(),
                                 response.status(),

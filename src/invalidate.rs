@@ -14,6 +14,11 @@
 //!   `Location: /` removes the home page, not the cache;
 //! - the prefixes and tags of the route's rules, if any.
 //!
+//! A write to `/` itself invalidates `/` exactly, like a `Location`: the
+//! whole cache goes only with
+//! [`invalidate_root_prefix(true)`](crate::FenceLayerBuilder::invalidate_root_prefix),
+//! or when asked explicitly (a rule's `invalidate(["/"])`,
+//! [`Invalidator::invalidate_prefix("/")`](Invalidator::invalidate_prefix)).
 //! gRPC calls (`content-type: application/grpc…`) are `POST`s but not
 //! writes: they invalidate nothing and cost no store command.
 //!
@@ -124,6 +129,8 @@ pub(crate) struct InvalidationConfig {
     pub(crate) mode: InvalidationMode,
     pub(crate) methods: WriteMethods,
     pub(crate) timeout: Duration,
+    /// Whether a write to `/` invalidates the whole cache (else `/` only).
+    pub(crate) root_prefix: bool,
     pub(crate) queue_capacity: usize,
     pub(crate) max_attempts: u32,
     pub(crate) tag_header: Option<http::HeaderName>,
@@ -354,10 +361,27 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
-/// What a write touched: its path and what is under it, and exactly the
-/// same-origin paths its response names in `Location` and
-/// `Content-Location` (RFC 9111 §4.4).
+/// What a write touched: its path and what is under it (`/` exactly,
+/// unless the root prefix is opted in), and exactly the same-origin paths
+/// its response names in `Location` and `Content-Location` (RFC 9111 §4.4).
 pub(crate) fn targets_of_write(
+    shared: &Shared,
+    request_uri: &Uri,
+    request_host: Option<&str>,
+    status: StatusCode,
+    response_headers: &HeaderMap,
+) -> Vec<Target> {
+    targets_of(
+        shared.invalidation.root_prefix,
+        request_uri,
+        request_host,
+        status,
+        response_headers,
+    )
+}
+
+fn targets_of(
+    root_prefix: bool,
     request_uri: &Uri,
     request_host: Option<&str>,
     status: StatusCode,
@@ -366,7 +390,13 @@ pub(crate) fn targets_of_write(
     if !(status.is_success() || status.is_redirection()) {
         return Vec::new();
     }
-    let mut targets = vec![Target::Prefix(request_uri.path().to_owned())];
+    let path = request_uri.path();
+    let own = if key::is_root(path) && !root_prefix {
+        Target::Path(path.to_owned())
+    } else {
+        Target::Prefix(path.to_owned())
+    };
+    let mut targets = vec![own];
     for name in [header::LOCATION, header::CONTENT_LOCATION] {
         let Some(value) = response_headers.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
@@ -611,7 +641,7 @@ mod tests {
     }
 
     fn targets(uri: &str, status: StatusCode, h: &HeaderMap) -> Vec<Target> {
-        targets_of_write(&uri.parse().unwrap(), Some("example.com"), status, h)
+        targets_of(false, &uri.parse().unwrap(), Some("example.com"), status, h)
     }
 
     #[test]
@@ -658,6 +688,24 @@ mod tests {
     }
 
     #[test]
+    fn a_write_to_the_root_is_the_root_only_unless_opted_in() {
+        let h = HeaderMap::new();
+        assert_eq!(targets("/", StatusCode::OK, &h), [exact("/")]);
+        assert_eq!(targets("/?x=1", StatusCode::OK, &h), [exact("/")]);
+        let uri: Uri = "/".parse().unwrap();
+        assert_eq!(
+            targets_of(true, &uri, None, StatusCode::OK, &h),
+            [prefix("/")]
+        );
+        // With the root opted in, a Location is still exact (and covered).
+        let h = headers(&[("location", "/x")]);
+        assert_eq!(
+            targets_of(true, &uri, None, StatusCode::OK, &h),
+            [prefix("/")]
+        );
+    }
+
+    #[test]
     fn foreign_and_failed_writes_touch_nothing_more() {
         let h = headers(&[("location", "https://elsewhere.example/users/1")]);
         assert_eq!(
@@ -665,8 +713,8 @@ mod tests {
             [prefix("/users/7")]
         );
         let uri: Uri = "/users/7".parse().unwrap();
-        assert!(targets_of_write(&uri, None, StatusCode::BAD_REQUEST, &h).is_empty());
-        assert!(targets_of_write(&uri, None, StatusCode::INTERNAL_SERVER_ERROR, &h).is_empty());
+        assert!(targets_of(false, &uri, None, StatusCode::BAD_REQUEST, &h).is_empty());
+        assert!(targets_of(false, &uri, None, StatusCode::INTERNAL_SERVER_ERROR, &h).is_empty());
     }
 
     #[test]

@@ -235,6 +235,11 @@ fn prefix_path(path: &str) -> &str {
     }
 }
 
+/// Whether `path` is the root as a prefix (`/`, or only slashes).
+pub(crate) fn is_root(path: &str) -> bool {
+    prefix_path(path) == "/"
+}
+
 /// Whether the keys of `path` are among those of the prefix `prefix`.
 pub(crate) fn under_prefix(prefix: &str, path: &str) -> bool {
     let prefix = prefix_path(prefix);

@@ -239,6 +239,7 @@ pub struct FenceLayerBuilder {
     invalidation_mode: InvalidationMode,
     write_methods: WriteMethods,
     invalidation_timeout: Duration,
+    invalidate_root_prefix: bool,
     invalidation_queue: usize,
     invalidation_attempts: u32,
     tag_header: Option<String>,
@@ -268,6 +269,7 @@ impl Default for FenceLayerBuilder {
             invalidation_mode: InvalidationMode::default(),
             write_methods: WriteMethods::default(),
             invalidation_timeout: DEFAULT_INVALIDATION_TIMEOUT,
+            invalidate_root_prefix: false,
             invalidation_queue: DEFAULT_INVALIDATION_QUEUE,
             invalidation_attempts: DEFAULT_INVALIDATION_ATTEMPTS,
             tag_header: Some(DEFAULT_TAG_HEADER.to_owned()),
@@ -299,6 +301,7 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("invalidation_mode", &self.invalidation_mode)
             .field("write_methods", &self.write_methods)
             .field("invalidation_timeout", &self.invalidation_timeout)
+            .field("invalidate_root_prefix", &self.invalidate_root_prefix)
             .field("invalidation_queue", &self.invalidation_queue)
             .field("invalidation_attempts", &self.invalidation_attempts)
             .field("tag_header", &self.tag_header)
@@ -428,6 +431,24 @@ impl FenceLayerBuilder {
     /// the background queue. Defaults to 10 s.
     pub fn invalidation_timeout(mut self, timeout: Duration) -> Self {
         self.invalidation_timeout = timeout;
+        self
+    }
+
+    /// Whether a write to `/` invalidates the whole cache (`true`), as a
+    /// write to any other path invalidates what is under it, or only the
+    /// entries of `/` itself (`false`), so that a form posted to `/` does
+    /// not flush everything. A rule's `invalidate(["/"])` and
+    /// [`Invalidator::invalidate_prefix("/")`](Invalidator::invalidate_prefix)
+    /// flush everything either way. Defaults to `false`.
+    ///
+    /// ```
+    /// let layer = tower_fence::FenceLayer::builder()
+    ///     .invalidate_root_prefix(true)
+    ///     .build()?;
+    /// # Ok::<(), tower_fence::ConfigError>(())
+    /// ```
+    pub fn invalidate_root_prefix(mut self, whole_cache: bool) -> Self {
+        self.invalidate_root_prefix = whole_cache;
         self
     }
 
@@ -620,6 +641,7 @@ impl FenceLayerBuilder {
                     mode: self.invalidation_mode,
                     methods: self.write_methods,
                     timeout: self.invalidation_timeout,
+                    root_prefix: self.invalidate_root_prefix,
                     queue_capacity: self.invalidation_queue,
                     max_attempts: self.invalidation_attempts.max(1),
                     tag_header,

@@ -20,6 +20,7 @@ use support::RedisProcess;
 use tokio::sync::Notify;
 use tower::ServiceExt;
 use tower_fence::invalidate::{InvalidationMode, PrefixStrategy};
+use tower_fence::policy::rules::Rule;
 use tower_fence::{FenceLayer, FenceLayerBuilder};
 
 struct Backend {
@@ -210,6 +211,8 @@ everywhere!(
     a_rebuild_that_started_before_a_write_is_not_stored,
     location_and_content_location_are_invalidated_exactly,
     a_rebuild_at_a_location_is_not_stored,
+    a_write_to_the_root_invalidates_the_root_only,
+    the_root_prefix_is_invalidated_on_opt_in,
     writes_to_long_paths_invalidate_their_entries,
 );
 
@@ -386,6 +389,61 @@ async fn a_rebuild_at_a_location_is_not_stored(backend: Backend) {
     let fresh = next.await.unwrap();
     assert!(!fresh.is_hit());
     assert_eq!(fresh.body, "/race/7 call 2");
+}
+
+async fn a_write_to_the_root_invalidates_the_root_only(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend
+        .builder()
+        .await
+        .rule(Rule::path("/flush").invalidate(["/"]))
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer.clone());
+    let root = ["/", "/?q=1"];
+    let below = ["/a", "/a/b", "/flush"];
+    warm(&app, &root).await;
+    warm(&app, &below).await;
+    let purge = Method::from_bytes(b"PURGE").unwrap();
+    for method in [Method::PUT, Method::POST, Method::DELETE, purge] {
+        let write = send(&app, method.clone(), "/").await;
+        assert_eq!(write.status, StatusCode::NO_CONTENT);
+        for uri in root {
+            assert!(!get(&app, uri).await.is_hit(), "{method} / clears {uri}");
+        }
+        for uri in below {
+            assert!(get(&app, uri).await.is_hit(), "{method} / keeps {uri}");
+        }
+        warm(&app, &root).await;
+    }
+    // Explicit calls do what they say: an invalidator's prefix `/` ...
+    layer.invalidator().invalidate_prefix("/").await.unwrap();
+    for uri in root.iter().chain(&below) {
+        assert!(!get(&app, uri).await.is_hit(), "invalidator clears {uri}");
+    }
+    // ... and a rule's.
+    warm(&app, &["/a", "/a/b"]).await;
+    send(&app, Method::POST, "/flush").await;
+    for uri in ["/", "/a", "/a/b"] {
+        assert!(!get(&app, uri).await.is_hit(), "the rule clears {uri}");
+    }
+}
+
+async fn the_root_prefix_is_invalidated_on_opt_in(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend
+        .builder()
+        .await
+        .invalidate_root_prefix(true)
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer);
+    let all = ["/", "/?q=1", "/a", "/a/b"];
+    warm(&app, &all).await;
+    send(&app, Method::PUT, "/").await;
+    for uri in all {
+        assert!(!get(&app, uri).await.is_hit(), "{uri} was invalidated");
+    }
 }
 
 /// A long path, shortened for a message.
