@@ -41,12 +41,12 @@
 //! - [`PrefixStrategy::Index`]: each fill adds its key to a set per path
 //!   prefix (its own path and each ancestor, written in the fill's round
 //!   trip, expiring with the entries); an invalidation reads one set with
-//!   `SSCAN` and unlinks its members (for an exact path, it reads the set
-//!   of the path and unlinks only that path's members: `/` reads every
-//!   indexed key). Its cost grows with the entries under the prefix, not
-//!   with the keyspace, at the price of a few `SADD`s per fill and the
-//!   sets' memory. Pick it when Redis holds many keys besides the ones a
-//!   prefix selects.
+//!   `SSCAN` and unlinks its members (for an exact path or one key, it
+//!   reads the set of the path and unlinks only that path's or key's
+//!   members: `/` reads every indexed key). Its cost grows with the entries
+//!   under the prefix, not with the keyspace, at the price of a few `SADD`s
+//!   per fill and the sets' memory. Pick it when Redis holds many keys
+//!   besides the ones a prefix selects.
 //!
 //! # Tags
 //!
@@ -167,7 +167,8 @@ pub enum Target {
     Path(String),
     /// The entries tagged so.
     Tag(String),
-    /// One stored key (see [`FenceLayer::cache_key`](crate::FenceLayer::cache_key)).
+    /// One stored key (see [`FenceLayer::cache_key`](crate::FenceLayer::cache_key)),
+    /// every variant of it (when its responses vary) and their leases.
     Key(String),
 }
 
@@ -266,7 +267,11 @@ impl Invalidator {
         run(&self.shared, &Target::Tag(tag.to_owned())).await
     }
 
-    /// Removes the entry `request` would be served from (and its lease).
+    /// Removes the entry `request` would be served from, every variant of
+    /// it when its responses vary (`Vary`), whatever the request's own
+    /// header values, and their leases. Other query strings of the path are
+    /// other entries. Returns how many keys were removed (the request's own
+    /// key counts as one).
     pub async fn invalidate_request<B>(&self, request: &Request<B>) -> Result<u64, StoreError> {
         let key = key::derive_from(
             &self.shared.key,
@@ -331,7 +336,21 @@ async fn execute(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
             let set = key::tag_set(namespace, tag);
             store.delete_members(&set).await
         }
-        Target::Key(key) => store.delete(key).await.map(|()| 1),
+        Target::Key(key) => {
+            // The key, its variants (`{key}.v…`, filled by requests with
+            // other header values) and all their leases.
+            let pattern = key::key_pattern(key);
+            match (strategy, key::key_index_set(namespace, key)) {
+                (PrefixStrategy::Index, Some(set)) => {
+                    // Variants and leases joined the path's index set; a
+                    // vary stub joins none.
+                    let deleted = store.delete_members_matching(&set, &pattern).await?;
+                    store.delete(key).await?;
+                    Ok(deleted + 1)
+                }
+                _ => store.delete_matching(&pattern).await,
+            }
+        }
     }
 }
 

@@ -278,6 +278,12 @@ pub(crate) fn path_pattern(namespace: &str, path: &str) -> KeyPattern {
     KeyPattern::new(format!("{namespace}{}", readable_path(path)), After::Hash)
 }
 
+/// `key` and every key made from it: its variants (`{key}.v…`) and the
+/// leases of all of them.
+pub(crate) fn key_pattern(key: &str) -> KeyPattern {
+    KeyPattern::new(key.to_owned(), After::Anything)
+}
+
 /// The index sets an entry at `path` joins (prefix strategy `Index`): its
 /// own path's and every ancestor's whose escaped form is not cut, and, when
 /// its key is cut, the set of its cut form (which every path sharing the
@@ -316,6 +322,15 @@ pub(crate) fn index_set(namespace: &str, path: &str) -> String {
 /// others, which [`path_pattern`] tells apart).
 pub(crate) fn path_index_set(namespace: &str, path: &str) -> String {
     index_set_of_readable(namespace, &readable_path(path))
+}
+
+/// The index set that holds `key` and its variants, when `key` is one of
+/// the layer's keys in `namespace`.
+pub(crate) fn key_index_set(namespace: &str, key: &str) -> Option<String> {
+    let (readable, _hash) = key.strip_prefix(namespace)?.split_once('#')?;
+    readable
+        .starts_with('/')
+        .then(|| index_set_of_readable(namespace, readable))
 }
 
 fn index_set_of_readable(namespace: &str, readable: &str) -> String {
@@ -554,6 +569,45 @@ mod tests {
     }
 
     #[test]
+    fn key_patterns_select_the_key_its_variants_and_their_leases() {
+        let c = config();
+        let base = derive_from(
+            &c,
+            &Method::GET,
+            &"/p?q=1".parse().unwrap(),
+            &HeaderMap::new(),
+        );
+        let names = [HeaderName::from_static("accept-language")];
+        let mut de = HeaderMap::new();
+        de.insert("accept-language", "de".parse().unwrap());
+        let variant = variant(&base, &names, &de);
+        let p = key_pattern(base.as_str());
+        for selected in [
+            base.as_str().to_owned(),
+            variant.as_str().to_owned(),
+            format!("{}:lease", base.as_str()),
+            format!("{}:lease", variant.as_str()),
+            format!("{}.p7:lease", variant.as_str()),
+        ] {
+            assert!(p.matches(&selected), "{selected}");
+            assert!(glob_matches(&p.glob(), &selected), "{selected}");
+        }
+        for other in ["/p", "/p?q=2", "/p/x?q=1"] {
+            assert!(!p.matches(&key_of(&c, get(other))), "{other}");
+        }
+        // A key that is not the layer's cannot widen its pattern.
+        let odd = key_pattern("x*[a]?\\");
+        assert_eq!(odd.glob(), "x\\*\\[a\\]\\?\\\\*");
+        assert!(!odd.matches("xyz"));
+        assert!(odd.matches("x*[a]?\\.v1"));
+        assert_eq!(
+            key_index_set("tf:", base.as_str()).as_deref(),
+            Some("tf:idx:/p")
+        );
+        assert_eq!(key_index_set("tf:", "other"), None);
+    }
+
+    #[test]
     fn index_sets_cover_the_path_and_its_ancestors() {
         assert_eq!(
             index_sets("tf:", "/users/42/posts/"),
@@ -662,6 +716,8 @@ mod tests {
             let own_sets = index_sets("tf:", &path);
             prop_assert!(own_sets.contains(&index_set("tf:", &path)));
             prop_assert!(own_sets.contains(&path_index_set("tf:", &path)));
+            let key_set = key_index_set("tf:", &own);
+            prop_assert!(key_set.is_some_and(|set| own_sets.contains(&set)));
             prop_assert!(index_sets("tf:", &child_path).contains(&index_set("tf:", &path)));
         }
 

@@ -214,6 +214,7 @@ everywhere!(
     a_write_to_the_root_invalidates_the_root_only,
     the_root_prefix_is_invalidated_on_opt_in,
     writes_to_long_paths_invalidate_their_entries,
+    invalidating_a_request_removes_every_variant,
 );
 
 async fn a_write_clears_its_path_and_below_only(backend: Backend) {
@@ -506,6 +507,46 @@ async fn writes_to_long_paths_invalidate_their_entries(backend: Backend) {
             short(uri)
         );
     }
+}
+
+async fn invalidating_a_request_removes_every_variant(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let uri = "/menu/1?vary=accept-language";
+    let mut before = Vec::new();
+    for language in ["en", "de", "fr"] {
+        let lang = [("accept-language", language)];
+        before.push(send_with(&app, Method::GET, uri, &lang).await.body);
+        assert!(send_with(&app, Method::GET, uri, &lang).await.is_hit());
+    }
+    warm(&app, &["/menu/1", "/menu/1?vary=x-other"]).await;
+    let request = Request::get(uri)
+        .header("host", "shop.example")
+        .header("accept-language", "en")
+        .body(())
+        .unwrap();
+    let removed = layer
+        .invalidator()
+        .invalidate_request(&request)
+        .await
+        .unwrap();
+    assert!(removed >= 4, "the stub and three variants: {removed}");
+    // Every language is rebuilt, not only the one the request named.
+    for (language, old) in ["en", "de", "fr"].into_iter().zip(before) {
+        let lang = [("accept-language", language)];
+        let reply = send_with(&app, Method::GET, uri, &lang).await;
+        assert!(!reply.is_hit(), "{language} was invalidated");
+        assert_ne!(reply.body, old);
+        assert!(
+            reply.body.ends_with(&format!("[{language}]")),
+            "{}",
+            reply.body
+        );
+    }
+    // Other queries of the path are other requests.
+    assert!(get(&app, "/menu/1").await.is_hit());
+    assert!(get(&app, "/menu/1?vary=x-other").await.is_hit());
 }
 
 async fn failed_writes_invalidate_nothing(backend: Backend) {

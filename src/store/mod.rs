@@ -166,8 +166,8 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// and leases) and removes them from the set, reading it incrementally
     /// (`SSCAN`); the other members stay, and so does the set. Returns how
     /// many were deleted. The indexed prefix strategy invalidates one path
-    /// (a `Location`) so: through the index set of the path, without a walk
-    /// of the keyspace.
+    /// (a `Location`) or one key and its variants so: through the index set
+    /// of the path, without a walk of the keyspace.
     ///
     /// The default deletes what `pattern` selects with
     /// [`delete_matching`](Store::delete_matching), which selects the same
@@ -333,8 +333,8 @@ impl<T: Store + ?Sized> Store for Arc<T> {
     }
 }
 
-/// A selection of keys: the entries (and rebuild leases) of a path prefix
-/// or of one path. Usable as a Redis
+/// A selection of keys: the entries (and rebuild leases) of a path prefix,
+/// of one path, or of one key and its variants. Usable as a Redis
 /// `SCAN MATCH` glob ([`glob`](Self::glob)) and as a predicate
 /// ([`matches`](Self::matches)); both select the same keys.
 ///
@@ -343,7 +343,9 @@ impl<T: Store + ?Sized> Store for Arc<T> {
 /// - a path prefix selects `{ns}{path}[#/]*`: the path itself (`#`) and the
 ///   paths under it (`/`), never `/users/420` for `/users/42`;
 /// - one path selects `{ns}{path}#*`: all its query strings and variants,
-///   nothing under it.
+///   nothing under it;
+/// - one key selects `{key}*`: the key, its variants (`{key}.v…`) and their
+///   leases.
 ///
 /// A key keeps at most 512 bytes of its escaped path readable and marks a
 /// cut with `~`. A path (or prefix) longer than that selects
@@ -374,7 +376,7 @@ impl<T: Store + ?Sized> Store for Arc<T> {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPattern {
-    /// Matched literally: a namespace and a readable (escaped) path.
+    /// Matched literally: a namespace and escaped path, or a whole key.
     stem: String,
     /// What must follow the stem.
     after: After,
@@ -405,6 +407,11 @@ impl KeyPattern {
     /// and variants, nothing under it.
     pub fn path(namespace: &str, path: &str) -> Self {
         crate::key::path_pattern(namespace, path)
+    }
+
+    /// `key` and the keys made from it: its variants and their leases.
+    pub fn key(key: &str) -> Self {
+        crate::key::key_pattern(key)
     }
 
     pub(crate) fn new(stem: String, after: After) -> Self {
