@@ -54,19 +54,26 @@
 //! default; the header never leaves the layer). The entry joins one set per
 //! tag, and invalidating a tag unlinks the set's members: no scan.
 //!
-//! # Modes
+//! # Modes and time
 //!
 //! [`InvalidationMode::Inline`] (default) invalidates before the write's
-//! response is returned (read-your-writes). [`InvalidationMode::Background`]
-//! returns at once and hands the work to a bounded queue whose worker
-//! retries with exponential backoff and jitter; what still fails is counted,
-//! logged and kept as a [`DeadLetter`]. Either way a failed invalidation
-//! never turns a successful write into an error; an inline one that fails
-//! is retried in the background.
+//! response is returned (read-your-writes): all the write's targets side by
+//! side, within one budget,
+//! [`invalidation_timeout`](crate::FenceLayerBuilder::invalidation_timeout)
+//! (10 s by default) for the whole write. What fails and what the budget
+//! does not cover goes to the background queue.
+//! [`InvalidationMode::Background`] returns at once and hands the work to
+//! the queue. The queue is bounded; its worker retries with exponential
+//! backoff and jitter, each attempt bounded by the same timeout; what still
+//! fails is counted, logged and kept as a [`DeadLetter`]. Either way a
+//! failed invalidation never turns a successful write into an error.
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap};
@@ -128,6 +135,8 @@ pub(crate) struct InvalidationConfig {
     pub(crate) strategy: PrefixStrategy,
     pub(crate) mode: InvalidationMode,
     pub(crate) methods: WriteMethods,
+    /// The budget of one write's inline invalidation (all its targets),
+    /// and of each attempt of the queue or of an [`Invalidator`] call.
     pub(crate) timeout: Duration,
     /// Whether a write to `/` invalidates the whole cache (else `/` only).
     pub(crate) root_prefix: bool,
@@ -494,13 +503,60 @@ fn normalize_dots(path: &str) -> String {
     format!("/{}", out.join("/"))
 }
 
-/// Invalidates `targets` now, bounded by the invalidation timeout; what
-/// fails goes to the background queue for retries.
+/// One target's work, owning what it needs.
+type Work = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
+
+/// Invalidates `targets` now, side by side, all within one budget (the
+/// invalidation timeout). What fails and what the budget does not cover
+/// goes to the background queue for retries.
 pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
-    for target in targets {
-        if run(&shared, &target).await.is_err() {
-            enqueue(&shared, target, 1);
+    let mut work: Vec<Option<Work>> = targets
+        .iter()
+        .map(|target| {
+            let shared = shared.clone();
+            let target = target.clone();
+            let work: Work = Box::pin(async move { execute(&shared, &target).await });
+            Some(work)
+        })
+        .collect();
+    let mut unfinished: Vec<Option<Target>> = targets.into_iter().map(Some).collect();
+    let all = std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, target) in work.iter_mut().zip(&mut unfinished) {
+            let Some(future) = slot else { continue };
+            let Poll::Ready(result) = future.as_mut().poll(cx) else {
+                pending = true;
+                continue;
+            };
+            *slot = None;
+            if let Some(done) = target.as_ref() {
+                record(&shared, done, &result);
+            }
+            if result.is_ok() {
+                *target = None;
+            }
         }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    });
+    if tokio::time::timeout(shared.invalidation.timeout, all)
+        .await
+        .is_err()
+    {
+        for target in unfinished.iter().flatten() {
+            Counters::bump(&shared.counters.invalidation_errors);
+            tracing::warn!(
+                %target,
+                budget = ?shared.invalidation.timeout,
+                "tower-fence: invalidation did not finish within the write's budget"
+            );
+        }
+    }
+    for target in unfinished.into_iter().flatten() {
+        enqueue(&shared, target, 1);
     }
 }
 

@@ -37,7 +37,7 @@ pub const DEFAULT_FILL_POLL_INTERVAL: Duration = Duration::from_millis(50);
 pub const DEFAULT_XFETCH_BETA: f64 = 1.0;
 /// Default time a key stays hit-for-miss: 10 s.
 pub const DEFAULT_HIT_FOR_MISS_TTL: Duration = Duration::from_secs(10);
-/// Default longest time one invalidation may take: 10 s.
+/// Default time budget of a write's invalidation (all its targets): 10 s.
 pub const DEFAULT_INVALIDATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default capacity of the background invalidation queue: 10,000.
 pub const DEFAULT_INVALIDATION_QUEUE: usize = 10_000;
@@ -426,9 +426,11 @@ impl FenceLayerBuilder {
         self
     }
 
-    /// Longest one invalidation (one prefix, tag or key) may take; past it
-    /// the write's response is returned anyway and the invalidation goes to
-    /// the background queue. Defaults to 10 s.
+    /// The time budget of a write's inline invalidation: all its targets
+    /// (its path, `Location`, `Content-Location`, a rule's prefixes) share
+    /// it. Past it the write's response is returned anyway and what has not
+    /// finished goes to the background queue. It also bounds each attempt
+    /// of the queue and each [`Invalidator`] call. Defaults to 10 s.
     pub fn invalidation_timeout(mut self, timeout: Duration) -> Self {
         self.invalidation_timeout = timeout;
         self

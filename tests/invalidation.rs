@@ -21,6 +21,9 @@ use tokio::sync::Notify;
 use tower::ServiceExt;
 use tower_fence::invalidate::{InvalidationMode, PrefixStrategy};
 use tower_fence::policy::rules::Rule;
+use tower_fence::store::{
+    Fill, FillSubscription, KeyPattern, MemoryStore, RedisStore, Store, StoreFuture,
+};
 use tower_fence::{FenceLayer, FenceLayerBuilder};
 
 struct Backend {
@@ -44,13 +47,135 @@ impl Backend {
     }
 
     async fn builder(&self) -> FenceLayerBuilder {
-        let builder = match &self.redis {
-            None => FenceLayer::builder(),
-            Some(redis) => FenceLayer::builder()
-                .redis(redis.pool().await)
-                .store_timeout(Duration::from_secs(2)),
-        };
-        builder.prefix_strategy(self.strategy)
+        let store = self.store().await;
+        self.builder_on(store)
+    }
+
+    /// A fresh store of this backend.
+    async fn store(&self) -> Arc<dyn Store> {
+        match &self.redis {
+            None => Arc::new(MemoryStore::default()),
+            Some(redis) => Arc::new(RedisStore::new(redis.pool().await)),
+        }
+    }
+
+    /// A builder on `store` (this backend's, maybe wrapped).
+    fn builder_on(&self, store: impl Store) -> FenceLayerBuilder {
+        let builder = FenceLayer::builder()
+            .store(store)
+            .prefix_strategy(self.strategy);
+        match &self.redis {
+            None => builder,
+            Some(_) => builder.store_timeout(Duration::from_secs(2)),
+        }
+    }
+}
+
+/// A store whose bulk deletions (what invalidations call) wait at a gate
+/// until it is opened; everything else goes straight to `inner`.
+#[derive(Debug, Clone)]
+struct Gated {
+    inner: Arc<dyn Store>,
+    gate: Arc<Gate>,
+}
+
+#[derive(Debug)]
+struct Gate {
+    open: tokio::sync::watch::Sender<bool>,
+    entered: AtomicUsize,
+}
+
+impl Gate {
+    fn closed() -> Arc<Self> {
+        Arc::new(Gate {
+            open: tokio::sync::watch::channel(false).0,
+            entered: AtomicUsize::new(0),
+        })
+    }
+
+    fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// How many bulk deletions reached the gate so far.
+    fn entered(&self) -> usize {
+        self.entered.load(Ordering::SeqCst)
+    }
+
+    async fn pass(&self) {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.subscribe();
+        let _ = open.wait_for(|open| *open).await;
+    }
+}
+
+impl Store for Gated {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<bytes::Bytes>> {
+        self.inner.get(key)
+    }
+
+    fn put<'a>(&'a self, key: &'a str, record: bytes::Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
+        self.inner.put(key, record, ttl)
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        self.inner.delete(key)
+    }
+
+    fn try_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+        sets: &'a [String],
+    ) -> StoreFuture<'a, bool> {
+        self.inner.try_lease(key, token, ttl, sets)
+    }
+
+    fn extend_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        self.inner.extend_lease(key, token, ttl)
+    }
+
+    fn release_lease<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
+        self.inner.release_lease(key, token)
+    }
+
+    fn fill<'a>(&'a self, fill: Fill<'a>) -> StoreFuture<'a, bool> {
+        self.inner.fill(fill)
+    }
+
+    fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
+        self.inner.subscribe_fill(key)
+    }
+
+    fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            self.gate.pass().await;
+            self.inner.delete_matching(pattern).await
+        })
+    }
+
+    fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            self.gate.pass().await;
+            self.inner.delete_members(set).await
+        })
+    }
+
+    fn delete_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            self.gate.pass().await;
+            self.inner.delete_members_matching(set, pattern).await
+        })
     }
 }
 
@@ -176,6 +301,23 @@ async fn warm(app: &Router, uris: &[&str]) {
     }
 }
 
+/// Waits (boundedly) until each of `uris` has been invalidated: a read that
+/// is not a hit. A still-cached entry keeps answering hits, so the first
+/// miss is the invalidation (the entries live 60 s).
+async fn eventually_invalidated(app: &Router, uris: &[&str]) {
+    for uri in uris {
+        let mut invalidated = false;
+        for _ in 0..500 {
+            if !get(app, uri).await.is_hit() {
+                invalidated = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(invalidated, "{uri} was invalidated within 10 s");
+    }
+}
+
 macro_rules! everywhere {
     ($($name:ident),* $(,)?) => {
         mod memory_scan {
@@ -215,6 +357,7 @@ everywhere!(
     the_root_prefix_is_invalidated_on_opt_in,
     writes_to_long_paths_invalidate_their_entries,
     invalidating_a_request_removes_every_variant,
+    one_time_budget_for_all_targets_of_a_write,
 );
 
 async fn a_write_clears_its_path_and_below_only(backend: Backend) {
@@ -547,6 +690,45 @@ async fn invalidating_a_request_removes_every_variant(backend: Backend) {
     // Other queries of the path are other requests.
     assert!(get(&app, "/menu/1").await.is_hit());
     assert!(get(&app, "/menu/1?vary=x-other").await.is_hit());
+}
+
+async fn one_time_budget_for_all_targets_of_a_write(backend: Backend) {
+    let origin = Origin::default();
+    let gate = Gate::closed();
+    let store = Gated {
+        inner: backend.store().await,
+        gate: gate.clone(),
+    };
+    let budget = Duration::from_secs(5);
+    let layer = backend
+        .builder_on(store)
+        .invalidation_timeout(budget)
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer.clone());
+    let touched = ["/a/1", "/b/2", "/c/3"];
+    warm(&app, &touched).await;
+    // The store hangs; the clock only moves when everything waits.
+    tokio::time::pause();
+    let started = tokio::time::Instant::now();
+    let write = send(
+        &app,
+        Method::POST,
+        "/a/1?status=201&location=/b/2&clocation=/c/3",
+    )
+    .await;
+    let took = started.elapsed();
+    tokio::time::resume();
+    assert_eq!(write.status, StatusCode::CREATED);
+    assert!(gate.entered() >= 1);
+    assert!(
+        took < budget * 2,
+        "three targets share one budget of {budget:?}, the write took {took:?}"
+    );
+    // What did not finish went to the background queue.
+    gate.open();
+    eventually_invalidated(&app, &touched).await;
+    assert!(layer.invalidator().dead_letters().is_empty());
 }
 
 async fn failed_writes_invalidate_nothing(backend: Backend) {
