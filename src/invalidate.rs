@@ -60,8 +60,10 @@
 //! response is returned (read-your-writes): all the write's targets side by
 //! side, within one budget,
 //! [`invalidation_timeout`](crate::FenceLayerBuilder::invalidation_timeout)
-//! (10 s by default) for the whole write. What fails and what the budget
-//! does not cover goes to the background queue.
+//! (10 s by default) for the whole write. What fails, what the budget does
+//! not cover, and what is left when the response future is dropped (the
+//! client hung up, an outer timeout fired) goes to the background queue: a
+//! write's invalidation is never dropped with its future.
 //! [`InvalidationMode::Background`] returns at once and hands the work to
 //! the queue. The queue is bounded; its worker retries with exponential
 //! backoff and jitter, each attempt bounded by the same timeout; what still
@@ -507,7 +509,8 @@ fn normalize_dots(path: &str) -> String {
 type Work = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
 
 /// Invalidates `targets` now, side by side, all within one budget (the
-/// invalidation timeout). What fails and what the budget does not cover
+/// invalidation timeout). What fails, what the budget does not cover and,
+/// when this future is dropped before it ends, what has not completed,
 /// goes to the background queue for retries.
 pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
     let mut work: Vec<Option<Work>> = targets
@@ -519,10 +522,14 @@ pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
             Some(work)
         })
         .collect();
-    let mut unfinished: Vec<Option<Target>> = targets.into_iter().map(Some).collect();
+    let mut unfinished = Unfinished {
+        shared: shared.clone(),
+        targets: targets.into_iter().map(Some).collect(),
+        ended: false,
+    };
     let all = std::future::poll_fn(|cx| {
         let mut pending = false;
-        for (slot, target) in work.iter_mut().zip(&mut unfinished) {
+        for (slot, target) in work.iter_mut().zip(&mut unfinished.targets) {
             let Some(future) = slot else { continue };
             let Poll::Ready(result) = future.as_mut().poll(cx) else {
                 pending = true;
@@ -546,7 +553,7 @@ pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
         .await
         .is_err()
     {
-        for target in unfinished.iter().flatten() {
+        for target in unfinished.targets.iter().flatten() {
             Counters::bump(&shared.counters.invalidation_errors);
             tracing::warn!(
                 %target,
@@ -555,8 +562,32 @@ pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
             );
         }
     }
-    for target in unfinished.into_iter().flatten() {
-        enqueue(&shared, target, 1);
+    unfinished.ended = true;
+    // Dropping `unfinished` hands what is left to the queue.
+}
+
+/// The targets of an inline invalidation that have not completed. Dropped,
+/// it hands them to the background queue: at the end of [`inline`] the
+/// failed and timed-out ones, and every one not yet completed (the one in
+/// progress included) when the response future is dropped mid-way.
+struct Unfinished {
+    shared: Arc<Shared>,
+    targets: Vec<Option<Target>>,
+    /// Whether [`inline`] ran to its end (else its future was dropped).
+    ended: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        for target in self.targets.drain(..).flatten() {
+            if !self.ended {
+                tracing::debug!(
+                    %target,
+                    "tower-fence: write dropped mid-invalidation; finishing in the background"
+                );
+            }
+            enqueue(&self.shared, target, 1);
+        }
     }
 }
 

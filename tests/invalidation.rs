@@ -358,6 +358,7 @@ everywhere!(
     writes_to_long_paths_invalidate_their_entries,
     invalidating_a_request_removes_every_variant,
     one_time_budget_for_all_targets_of_a_write,
+    a_write_dropped_mid_invalidation_still_invalidates,
 );
 
 async fn a_write_clears_its_path_and_below_only(backend: Backend) {
@@ -728,6 +729,39 @@ async fn one_time_budget_for_all_targets_of_a_write(backend: Backend) {
     // What did not finish went to the background queue.
     gate.open();
     eventually_invalidated(&app, &touched).await;
+    assert!(layer.invalidator().dead_letters().is_empty());
+}
+
+async fn a_write_dropped_mid_invalidation_still_invalidates(backend: Backend) {
+    let origin = Origin::default();
+    let gate = Gate::closed();
+    let store = Gated {
+        inner: backend.store().await,
+        gate: gate.clone(),
+    };
+    let layer = backend.builder_on(store).build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let touched = ["/carts/1", "/carts/1/items", "/orders/9"];
+    warm(&app, &touched).await;
+    warm(&app, &["/orders/9/lines"]).await;
+    {
+        // The client hangs up (or an outer timeout fires) while the write
+        // invalidates: its future is dropped.
+        let write = send(&app, Method::POST, "/carts/1?status=201&location=/orders/9");
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                reply = &mut write => panic!("the write did not wait for the store: {reply:?}"),
+                () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+            if gate.entered() >= 1 {
+                break;
+            }
+        }
+    }
+    gate.open();
+    eventually_invalidated(&app, &touched).await;
+    assert!(get(&app, "/orders/9/lines").await.is_hit());
     assert!(layer.invalidator().dead_letters().is_empty());
 }
 
