@@ -356,6 +356,7 @@ where
     RB: Body,
 {
     let mut targets = invalidate::targets_of_write(
+        &shared,
         &write.uri,
         write.host.as_deref(),
         response.status(),

@@ -3,29 +3,50 @@
 //!
 //! After a request with an unsafe method (RFC 9111 §4.4: anything but `GET`,
 //! `HEAD`, `OPTIONS`, `TRACE`; configurable) gets a non-error response
-//! (2xx, 3xx), the layer invalidates the request path and every cached path
-//! under it, and the same-origin paths in `Location` and `Content-Location`.
-//! gRPC calls (`content-type: application/grpc…`) are `POST`s but not writes:
-//! they invalidate nothing and cost no store command.
+//! (2xx, 3xx), the layer invalidates:
 //!
-//! An invalidation also removes the rebuild leases under the paths, so a
-//! rebuild that started before the write cannot store its (old) result
-//! afterwards.
+//! - the request path and every cached path under it ([`Target::Prefix`]):
+//!   a `PUT /users/42` removes `/users/42`, `/users/42?x=1` and
+//!   `/users/42/posts`, never `/users/420`;
+//! - the same-origin URIs in `Location` and `Content-Location`, exactly
+//!   ([`Target::Path`]): all their query strings and variants, nothing
+//!   under them. A login form that answers `303 See Other` with
+//!   `Location: /` removes the home page, not the cache;
+//! - the prefixes and tags of the route's rules, if any.
+//!
+//! A write to `/` itself invalidates `/` exactly, like a `Location`: the
+//! whole cache goes only with
+//! [`invalidate_root_prefix(true)`](crate::FenceLayerBuilder::invalidate_root_prefix),
+//! or when asked explicitly (a rule's `invalidate(["/"])`,
+//! [`Invalidator::invalidate_prefix("/")`](Invalidator::invalidate_prefix)).
+//! gRPC calls (`content-type: application/grpc…`) are `POST`s but not
+//! writes: they invalidate nothing and cost no store command.
+//!
+//! An invalidation removes the rebuild leases of what it selects first (every
+//! selected key that ends in `:lease`), then the entries, so a rebuild that
+//! started before the write cannot store its (old) result afterwards.
+//!
+//! Paths whose escaped form is longer than a key keeps readable (512 bytes)
+//! share their keys' cut form: invalidating one also invalidates the others
+//! that share the cut (more than asked, never less).
 //!
 //! # Prefix strategies
 //!
 //! - [`PrefixStrategy::Scan`] (default): `SCAN MATCH {ns}{path}[#/]* COUNT
-//!   1000` and `UNLINK` in batches — never `KEYS`. Nothing extra is written
-//!   on a fill, but each invalidation walks the whole keyspace twice (leases
-//!   first, then entries; see [`Store::delete_matching`](crate::store::Store::delete_matching)): about one
-//!   `SCAN` step per thousand keys in Redis, however few match.
+//!   500` and `UNLINK` in batches — never `KEYS`; an exact path matches
+//!   `{ns}{path}#*`. Nothing extra is written on a fill, but each
+//!   invalidation walks the whole keyspace twice (leases first, then
+//!   entries; see [`Store::delete_matching`](crate::store::Store::delete_matching)):
+//!   about one `SCAN` step per 500 keys in Redis, however few match.
 //! - [`PrefixStrategy::Index`]: each fill adds its key to a set per path
 //!   prefix (its own path and each ancestor, written in the fill's round
 //!   trip, expiring with the entries); an invalidation reads one set with
-//!   `SSCAN` and unlinks its members. Its cost grows with the entries under
-//!   the prefix, not with the keyspace, at the price of a few `SADD`s per
-//!   fill and the sets' memory. Pick it when Redis holds many keys besides
-//!   the ones a prefix selects.
+//!   `SSCAN` and unlinks its members (for an exact path or one key, it
+//!   reads the set of the path and unlinks only that path's or key's
+//!   members: `/` reads every indexed key). Its cost grows with the entries
+//!   under the prefix, not with the keyspace, at the price of a few `SADD`s
+//!   per fill and the sets' memory. Pick it when Redis holds many keys
+//!   besides the ones a prefix selects.
 //!
 //! # Tags
 //!
@@ -33,19 +54,28 @@
 //! default; the header never leaves the layer). The entry joins one set per
 //! tag, and invalidating a tag unlinks the set's members: no scan.
 //!
-//! # Modes
+//! # Modes and time
 //!
 //! [`InvalidationMode::Inline`] (default) invalidates before the write's
-//! response is returned (read-your-writes). [`InvalidationMode::Background`]
-//! returns at once and hands the work to a bounded queue whose worker
-//! retries with exponential backoff and jitter; what still fails is counted,
-//! logged and kept as a [`DeadLetter`]. Either way a failed invalidation
-//! never turns a successful write into an error; an inline one that fails
-//! is retried in the background.
+//! response is returned (read-your-writes): all the write's targets side by
+//! side, within one budget,
+//! [`invalidation_timeout`](crate::FenceLayerBuilder::invalidation_timeout)
+//! (10 s by default) for the whole write. What fails, what the budget does
+//! not cover, and what is left when the response future is dropped (the
+//! client hung up, an outer timeout fired) goes to the background queue: a
+//! write's invalidation is never dropped with its future.
+//! [`InvalidationMode::Background`] returns at once and hands the work to
+//! the queue. The queue is bounded; its worker retries with exponential
+//! backoff and jitter, each attempt bounded by the same timeout; what still
+//! fails is counted, logged and kept as a [`DeadLetter`]. Either way a
+//! failed invalidation never turns a successful write into an error.
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap};
@@ -107,7 +137,11 @@ pub(crate) struct InvalidationConfig {
     pub(crate) strategy: PrefixStrategy,
     pub(crate) mode: InvalidationMode,
     pub(crate) methods: WriteMethods,
+    /// The budget of one write's inline invalidation (all its targets),
+    /// and of each attempt of the queue or of an [`Invalidator`] call.
     pub(crate) timeout: Duration,
+    /// Whether a write to `/` invalidates the whole cache (else `/` only).
+    pub(crate) root_prefix: bool,
     pub(crate) queue_capacity: usize,
     pub(crate) max_attempts: u32,
     pub(crate) tag_header: Option<http::HeaderName>,
@@ -122,14 +156,30 @@ const RETRY_BASE: Duration = Duration::from_millis(100);
 /// Longest retry delay of the background queue.
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
-/// What to invalidate.
+/// What to invalidate. Each removes the rebuild leases of what it selects
+/// first, then the entries.
+///
+/// ```
+/// use tower_fence::invalidate::Target;
+///
+/// let home = Target::Path("/".to_owned());
+/// assert_eq!(home.to_string(), "path /");
+/// assert_ne!(home, Target::Prefix("/".to_owned()));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Target {
-    /// A path and every path under it.
+    /// A path and every path under it: `/users/42` is `/users/42` (any
+    /// query, any variant), `/users/42/posts`, never `/users/420`. `/` is
+    /// the whole cache.
     Prefix(String),
+    /// Exactly one path, as `Location` and `Content-Location` name it (RFC
+    /// 9111 §4.4): all its query strings and variants, nothing under it.
+    Path(String),
     /// The entries tagged so.
     Tag(String),
-    /// One stored key (see [`FenceLayer::cache_key`](crate::FenceLayer::cache_key)).
+    /// One stored key (see [`FenceLayer::cache_key`](crate::FenceLayer::cache_key)),
+    /// every variant of it (when its responses vary) and their leases.
     Key(String),
 }
 
@@ -137,6 +187,7 @@ impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Target::Prefix(path) => write!(f, "prefix {path}"),
+            Target::Path(path) => write!(f, "path {path}"),
             Target::Tag(tag) => write!(f, "tag {tag}"),
             Target::Key(key) => write!(f, "key {key}"),
         }
@@ -163,7 +214,9 @@ pub(crate) struct Job {
 }
 
 /// Invalidates cached entries from application code: by path prefix, by
-/// exact request, or by tag. Cheap to clone; get one from
+/// exact path, by exact request, or by tag. Each call is bounded by the
+/// [invalidation timeout](crate::FenceLayerBuilder::invalidation_timeout).
+/// Cheap to clone; get one from
 /// [`FenceLayer::invalidator`](crate::FenceLayer::invalidator).
 ///
 /// ```
@@ -196,10 +249,28 @@ impl Invalidator {
     }
 
     /// Removes the entries at `path` and under it (`/users/42` also removes
-    /// `/users/42?x=1` and `/users/42/posts`, never `/users/420`), and the
-    /// rebuild leases there. Returns how many keys were removed.
+    /// `/users/42?x=1` and `/users/42/posts`, never `/users/420`; `/`
+    /// removes everything), and the rebuild leases there. Returns how many
+    /// keys were removed.
     pub async fn invalidate_prefix(&self, path: &str) -> Result<u64, StoreError> {
         run(&self.shared, &Target::Prefix(path.to_owned())).await
+    }
+
+    /// Removes the entries of exactly `path` (with any query string, every
+    /// variant) and their rebuild leases, nothing under it: what a write's
+    /// `Location` does. Returns how many keys were removed.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_fence::StoreError> {
+    /// let invalidator = tower_fence::FenceLayer::memory().invalidator();
+    /// // The home page, not the pages under it.
+    /// invalidator.invalidate_path("/").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn invalidate_path(&self, path: &str) -> Result<u64, StoreError> {
+        run(&self.shared, &Target::Path(path.to_owned())).await
     }
 
     /// Removes the entries tagged `tag`.
@@ -207,7 +278,11 @@ impl Invalidator {
         run(&self.shared, &Target::Tag(tag.to_owned())).await
     }
 
-    /// Removes the entry `request` would be served from (and its lease).
+    /// Removes the entry `request` would be served from, every variant of
+    /// it when its responses vary (`Vary`), whatever the request's own
+    /// header values, and their leases. Other query strings of the path are
+    /// other entries. Returns how many keys were removed (the request's own
+    /// key counts as one).
     pub async fn invalidate_request<B>(&self, request: &Request<B>) -> Result<u64, StoreError> {
         let key = key::derive_from(
             &self.shared.key,
@@ -232,31 +307,67 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Carries out one target, bounded by the invalidation timeout.
+/// Carries out one target, bounded by the invalidation timeout, and counts
+/// the outcome.
 pub(crate) async fn run(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
-    let work = async {
-        match target {
-            Target::Prefix(path) => match shared.invalidation.strategy {
-                PrefixStrategy::Scan => {
-                    let pattern = key::prefix_pattern(&shared.key.namespace, path);
-                    shared.store.delete_matching(&pattern).await
-                }
-                PrefixStrategy::Index => {
-                    let set = key::index_set(&shared.key.namespace, path);
-                    shared.store.delete_members(&set).await
-                }
-            },
-            Target::Tag(tag) => {
-                let set = key::tag_set(&shared.key.namespace, tag);
-                shared.store.delete_members(&set).await
-            }
-            Target::Key(key) => shared.store.delete(key).await.map(|()| 1),
-        }
-    };
-    let result = tokio::time::timeout(shared.invalidation.timeout, work)
+    let result = tokio::time::timeout(shared.invalidation.timeout, execute(shared, target))
         .await
         .unwrap_or_else(|_| Err(StoreError::timeout()));
-    match &result {
+    record(shared, target, &result);
+    result
+}
+
+/// Carries out one target, unbounded.
+async fn execute(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
+    let namespace = &shared.key.namespace;
+    let strategy = shared.invalidation.strategy;
+    let store = &shared.store;
+    match target {
+        Target::Prefix(path) => match strategy {
+            PrefixStrategy::Scan => {
+                let pattern = key::prefix_pattern(namespace, path);
+                store.delete_matching(&pattern).await
+            }
+            PrefixStrategy::Index => {
+                let set = key::index_set(namespace, path);
+                store.delete_members(&set).await
+            }
+        },
+        Target::Path(path) => {
+            let pattern = key::path_pattern(namespace, path);
+            match strategy {
+                PrefixStrategy::Scan => store.delete_matching(&pattern).await,
+                PrefixStrategy::Index => {
+                    let set = key::path_index_set(namespace, path);
+                    store.delete_members_matching(&set, &pattern).await
+                }
+            }
+        }
+        Target::Tag(tag) => {
+            let set = key::tag_set(namespace, tag);
+            store.delete_members(&set).await
+        }
+        Target::Key(key) => {
+            // The key, its variants (`{key}.v…`, filled by requests with
+            // other header values) and all their leases.
+            let pattern = key::key_pattern(key);
+            match (strategy, key::key_index_set(namespace, key)) {
+                (PrefixStrategy::Index, Some(set)) => {
+                    // Variants and leases joined the path's index set; a
+                    // vary stub joins none.
+                    let deleted = store.delete_members_matching(&set, &pattern).await?;
+                    store.delete(key).await?;
+                    Ok(deleted + 1)
+                }
+                _ => store.delete_matching(&pattern).await,
+            }
+        }
+    }
+}
+
+/// Counts and logs the outcome of one target.
+fn record(shared: &Shared, target: &Target, result: &Result<u64, StoreError>) {
+    match result {
         Ok(deleted) => {
             Counters::bump(&shared.counters.invalidations);
             tracing::debug!(%target, deleted, "tower-fence: invalidated");
@@ -266,7 +377,6 @@ pub(crate) async fn run(shared: &Shared, target: &Target) -> Result<u64, StoreEr
             tracing::warn!(%target, error = %err, "tower-fence: invalidation failed");
         }
     }
-    result
 }
 
 /// Whether a request is a write whose success invalidates.
@@ -281,9 +391,27 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
-/// What a write touched: its path, and the same-origin paths its response
-/// names in `Location` and `Content-Location` (RFC 9111 §4.4).
+/// What a write touched: its path and what is under it (`/` exactly,
+/// unless the root prefix is opted in), and exactly the same-origin paths
+/// its response names in `Location` and `Content-Location` (RFC 9111 §4.4).
 pub(crate) fn targets_of_write(
+    shared: &Shared,
+    request_uri: &Uri,
+    request_host: Option<&str>,
+    status: StatusCode,
+    response_headers: &HeaderMap,
+) -> Vec<Target> {
+    targets_of(
+        shared.invalidation.root_prefix,
+        request_uri,
+        request_host,
+        status,
+        response_headers,
+    )
+}
+
+fn targets_of(
+    root_prefix: bool,
     request_uri: &Uri,
     request_host: Option<&str>,
     status: StatusCode,
@@ -292,16 +420,28 @@ pub(crate) fn targets_of_write(
     if !(status.is_success() || status.is_redirection()) {
         return Vec::new();
     }
-    let mut targets = vec![Target::Prefix(request_uri.path().to_owned())];
+    let path = request_uri.path();
+    let own = if key::is_root(path) && !root_prefix {
+        Target::Path(path.to_owned())
+    } else {
+        Target::Prefix(path.to_owned())
+    };
+    let mut targets = vec![own];
     for name in [header::LOCATION, header::CONTENT_LOCATION] {
         let Some(value) = response_headers.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
         };
-        if let Some(path) = same_origin_path(request_uri, request_host, value) {
-            let target = Target::Prefix(path);
-            if !targets.contains(&target) {
-                targets.push(target);
-            }
+        let Some(path) = same_origin_path(request_uri, request_host, value) else {
+            continue;
+        };
+        // Already selected by the write's own prefix: no second walk.
+        let covered = targets.iter().any(|target| match target {
+            Target::Prefix(prefix) => key::under_prefix(prefix, &path),
+            Target::Path(other) => *other == path,
+            _ => false,
+        });
+        if !covered {
+            targets.push(Target::Path(path));
         }
     }
     targets
@@ -365,12 +505,88 @@ fn normalize_dots(path: &str) -> String {
     format!("/{}", out.join("/"))
 }
 
-/// Invalidates `targets` now, bounded by the invalidation timeout; what
-/// fails goes to the background queue for retries.
+/// One target's work, owning what it needs.
+type Work = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
+
+/// Invalidates `targets` now, side by side, all within one budget (the
+/// invalidation timeout). What fails, what the budget does not cover and,
+/// when this future is dropped before it ends, what has not completed,
+/// goes to the background queue for retries.
 pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
-    for target in targets {
-        if run(&shared, &target).await.is_err() {
-            enqueue(&shared, target, 1);
+    let mut work: Vec<Option<Work>> = targets
+        .iter()
+        .map(|target| {
+            let shared = shared.clone();
+            let target = target.clone();
+            let work: Work = Box::pin(async move { execute(&shared, &target).await });
+            Some(work)
+        })
+        .collect();
+    let mut unfinished = Unfinished {
+        shared: shared.clone(),
+        targets: targets.into_iter().map(Some).collect(),
+        ended: false,
+    };
+    let all = std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, target) in work.iter_mut().zip(&mut unfinished.targets) {
+            let Some(future) = slot else { continue };
+            let Poll::Ready(result) = future.as_mut().poll(cx) else {
+                pending = true;
+                continue;
+            };
+            *slot = None;
+            if let Some(done) = target.as_ref() {
+                record(&shared, done, &result);
+            }
+            if result.is_ok() {
+                *target = None;
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    });
+    if tokio::time::timeout(shared.invalidation.timeout, all)
+        .await
+        .is_err()
+    {
+        for target in unfinished.targets.iter().flatten() {
+            Counters::bump(&shared.counters.invalidation_errors);
+            tracing::warn!(
+                %target,
+                budget = ?shared.invalidation.timeout,
+                "tower-fence: invalidation did not finish within the write's budget"
+            );
+        }
+    }
+    unfinished.ended = true;
+    // Dropping `unfinished` hands what is left to the queue.
+}
+
+/// The targets of an inline invalidation that have not completed. Dropped,
+/// it hands them to the background queue: at the end of [`inline`] the
+/// failed and timed-out ones, and every one not yet completed (the one in
+/// progress included) when the response future is dropped mid-way.
+struct Unfinished {
+    shared: Arc<Shared>,
+    targets: Vec<Option<Target>>,
+    /// Whether [`inline`] ran to its end (else its future was dropped).
+    ended: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        for target in self.targets.drain(..).flatten() {
+            if !self.ended {
+                tracing::debug!(
+                    %target,
+                    "tower-fence: write dropped mid-invalidation; finishing in the background"
+                );
+            }
+            enqueue(&self.shared, target, 1);
         }
     }
 }
@@ -522,58 +738,97 @@ mod tests {
         map
     }
 
-    fn prefixes(targets: Vec<Target>) -> Vec<String> {
-        targets
-            .into_iter()
-            .map(|t| match t {
-                Target::Prefix(p) => p,
-                other => panic!("{other}"),
-            })
-            .collect()
+    fn prefix(path: &str) -> Target {
+        Target::Prefix(path.to_owned())
+    }
+
+    fn exact(path: &str) -> Target {
+        Target::Path(path.to_owned())
+    }
+
+    fn targets(uri: &str, status: StatusCode, h: &HeaderMap) -> Vec<Target> {
+        targets_of(false, &uri.parse().unwrap(), Some("example.com"), status, h)
     }
 
     #[test]
-    fn writes_touch_their_path_and_same_origin_locations() {
-        let uri: Uri = "/users".parse().unwrap();
+    fn writes_touch_their_prefix_and_same_origin_locations_exactly() {
+        let h = headers(&[
+            ("location", "/orders/42"),
+            ("content-location", "http://example.com/orders/42/receipt"),
+        ]);
+        assert_eq!(
+            targets("/checkout", StatusCode::CREATED, &h),
+            [
+                prefix("/checkout"),
+                exact("/orders/42"),
+                exact("/orders/42/receipt")
+            ]
+        );
+    }
+
+    #[test]
+    fn locations_under_the_written_prefix_cost_nothing_more() {
         let h = headers(&[
             ("location", "/users/42"),
             ("content-location", "http://example.com/users/42/profile"),
         ]);
         assert_eq!(
-            prefixes(targets_of_write(
-                &uri,
-                Some("example.com"),
-                StatusCode::CREATED,
-                &h
-            )),
-            ["/users", "/users/42", "/users/42/profile"]
+            targets("/users", StatusCode::CREATED, &h),
+            [prefix("/users")]
+        );
+        // The same path twice is one target; a sibling is another.
+        let h = headers(&[("location", "/a/b"), ("content-location", "/a/b")]);
+        assert_eq!(
+            targets("/a/bc", StatusCode::OK, &h),
+            [prefix("/a/bc"), exact("/a/b")]
+        );
+    }
+
+    #[test]
+    fn a_location_of_the_root_is_the_root_only() {
+        let h = headers(&[("location", "/")]);
+        assert_eq!(
+            targets("/login", StatusCode::SEE_OTHER, &h),
+            [prefix("/login"), exact("/")]
+        );
+    }
+
+    #[test]
+    fn a_write_to_the_root_is_the_root_only_unless_opted_in() {
+        let h = HeaderMap::new();
+        assert_eq!(targets("/", StatusCode::OK, &h), [exact("/")]);
+        assert_eq!(targets("/?x=1", StatusCode::OK, &h), [exact("/")]);
+        let uri: Uri = "/".parse().unwrap();
+        assert_eq!(
+            targets_of(true, &uri, None, StatusCode::OK, &h),
+            [prefix("/")]
+        );
+        // With the root opted in, a Location is still exact (and covered).
+        let h = headers(&[("location", "/x")]);
+        assert_eq!(
+            targets_of(true, &uri, None, StatusCode::OK, &h),
+            [prefix("/")]
         );
     }
 
     #[test]
     fn foreign_and_failed_writes_touch_nothing_more() {
-        let uri: Uri = "/users/7".parse().unwrap();
         let h = headers(&[("location", "https://elsewhere.example/users/1")]);
         assert_eq!(
-            prefixes(targets_of_write(
-                &uri,
-                Some("example.com"),
-                StatusCode::OK,
-                &h
-            )),
-            ["/users/7"]
+            targets("/users/7", StatusCode::OK, &h),
+            [prefix("/users/7")]
         );
-        assert!(targets_of_write(&uri, None, StatusCode::BAD_REQUEST, &h).is_empty());
-        assert!(targets_of_write(&uri, None, StatusCode::INTERNAL_SERVER_ERROR, &h).is_empty());
+        let uri: Uri = "/users/7".parse().unwrap();
+        assert!(targets_of(false, &uri, None, StatusCode::BAD_REQUEST, &h).is_empty());
+        assert!(targets_of(false, &uri, None, StatusCode::INTERNAL_SERVER_ERROR, &h).is_empty());
     }
 
     #[test]
     fn relative_locations_resolve_against_the_request() {
-        let uri: Uri = "/a/b/c".parse().unwrap();
         let h = headers(&[("location", "../d")]);
         assert_eq!(
-            prefixes(targets_of_write(&uri, None, StatusCode::SEE_OTHER, &h)),
-            ["/a/b/c", "/a/d"]
+            targets("/a/b/c", StatusCode::SEE_OTHER, &h),
+            [prefix("/a/b/c"), exact("/a/d")]
         );
     }
 

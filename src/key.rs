@@ -13,9 +13,11 @@
 //! - the hash is SHA-256 over the method class, authority, path, query and
 //!   the user's key parts, each length-prefixed, truncated to 128 bits.
 //!
-//! Escaped paths longer than [`MAX_READABLE_PATH`] bytes are cut there and
-//! marked with `~`: such entries are still found by their hash, but only a
-//! prefix no longer than the cut selects them.
+//! Escaped paths longer than [`MAX_READABLE_PATH`] bytes are cut there (at a
+//! character boundary) and marked with `~` (which paths never hold
+//! unescaped). Patterns and index sets of such paths select the cut keys:
+//! every path sharing the cut is selected with them (more than asked, never
+//! less; see [`KeyPattern`]).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};
 
-use crate::store::KeyPattern;
+use crate::store::{After, KeyPattern};
 
 /// Longest escaped path kept readable in a key, in bytes.
 pub(crate) const MAX_READABLE_PATH: usize = 512;
@@ -155,6 +157,19 @@ fn push_readable_path(out: &mut String, path: &str) {
     }
 }
 
+/// The readable part of the keys of `path`: the escaped path, or its cut
+/// form marked with `~`.
+fn readable_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len().min(MAX_READABLE_PATH + 1));
+    push_readable_path(&mut out, path);
+    out
+}
+
+/// Whether a readable part was cut.
+fn is_cut(readable: &str) -> bool {
+    readable.ends_with(CUT_MARK)
+}
+
 /// Appends `ch` to `out`, percent-encoded when it is special in a key or in a
 /// `SCAN MATCH` glob.
 fn push_escaped(out: &mut String, ch: char) {
@@ -220,29 +235,72 @@ fn prefix_path(path: &str) -> &str {
     }
 }
 
+/// Whether `path` is the root as a prefix (`/`, or only slashes).
+pub(crate) fn is_root(path: &str) -> bool {
+    prefix_path(path) == "/"
+}
+
+/// Whether the keys of `path` are among those of the prefix `prefix`.
+pub(crate) fn under_prefix(prefix: &str, path: &str) -> bool {
+    let prefix = prefix_path(prefix);
+    prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// The keys of every entry (and rebuild lease) at `path` or under it:
 /// `/users/42` selects `/users/42`, `/users/42?x=1` and `/users/42/posts`,
-/// never `/users/420`.
+/// never `/users/420`. A prefix longer than the cut selects every key cut
+/// the same way; one exactly as long as the cut also selects the keys cut
+/// right after it (its children's, and siblings' sharing the cut).
 pub(crate) fn prefix_pattern(namespace: &str, path: &str) -> KeyPattern {
     let path = prefix_path(path);
-    let mut stem = String::with_capacity(namespace.len() + path.len());
-    stem.push_str(namespace);
     if path == "/" {
-        stem.push('/');
-        return KeyPattern::new(stem, false);
+        return KeyPattern::new(format!("{namespace}/"), After::Anything);
     }
-    stem.push_str(&escape_path(path));
-    KeyPattern::new(stem, true)
+    let readable = readable_path(path);
+    let after = if is_cut(&readable) {
+        // The path itself and everything under it are cut alike.
+        After::Hash
+    } else {
+        After::Subtree {
+            cut_here: readable.len() == MAX_READABLE_PATH,
+        }
+    };
+    KeyPattern::new(format!("{namespace}{readable}"), after)
+}
+
+/// The keys of exactly `path` (every query string and variant of it, and
+/// their leases), nothing under it: `{ns}{escaped path}#*`. A path longer
+/// than the cut selects every key cut the same way.
+pub(crate) fn path_pattern(namespace: &str, path: &str) -> KeyPattern {
+    KeyPattern::new(format!("{namespace}{}", readable_path(path)), After::Hash)
+}
+
+/// `key` and every key made from it: its variants (`{key}.v…`) and the
+/// leases of all of them.
+pub(crate) fn key_pattern(key: &str) -> KeyPattern {
+    KeyPattern::new(key.to_owned(), After::Anything)
 }
 
 /// The index sets an entry at `path` joins (prefix strategy `Index`): its
-/// own path's and every ancestor's, up to the readable length.
+/// own path's and every ancestor's whose escaped form is not cut, and, when
+/// its key is cut, the set of its cut form (which every path sharing the
+/// cut joins).
 pub(crate) fn index_sets(namespace: &str, path: &str) -> Vec<String> {
     let mut sets = Vec::new();
-    let mut current = prefix_path(path);
+    let own = readable_path(path);
+    if is_cut(&own) {
+        sets.push(format!("{namespace}idx:{own}"));
+    }
+    // `/` escapes to itself: the ancestors of the escaped path are the
+    // escaped ancestors.
+    let escaped = escape_path(prefix_path(path));
+    let mut current = escaped.as_str();
     loop {
         if current.len() <= MAX_READABLE_PATH {
-            sets.push(index_set(namespace, current));
+            sets.push(format!("{namespace}idx:{current}"));
         }
         if current == "/" {
             return sets;
@@ -254,9 +312,34 @@ pub(crate) fn index_sets(namespace: &str, path: &str) -> Vec<String> {
     }
 }
 
-/// The index set of a path prefix.
+/// The index set of a path prefix: it holds every entry and lease at the
+/// prefix or under it.
 pub(crate) fn index_set(namespace: &str, path: &str) -> String {
-    format!("{namespace}idx:{}", escape_path(prefix_path(path)))
+    format!("{namespace}idx:{}", readable_path(prefix_path(path)))
+}
+
+/// The index set that holds the entries and leases of exactly `path` (and
+/// others, which [`path_pattern`] tells apart).
+pub(crate) fn path_index_set(namespace: &str, path: &str) -> String {
+    index_set_of_readable(namespace, &readable_path(path))
+}
+
+/// The index set that holds `key` and its variants, when `key` is one of
+/// the layer's keys in `namespace`.
+pub(crate) fn key_index_set(namespace: &str, key: &str) -> Option<String> {
+    let (readable, _hash) = key.strip_prefix(namespace)?.split_once('#')?;
+    readable
+        .starts_with('/')
+        .then(|| index_set_of_readable(namespace, readable))
+}
+
+fn index_set_of_readable(namespace: &str, readable: &str) -> String {
+    if is_cut(readable) {
+        format!("{namespace}idx:{readable}")
+    } else {
+        // Escaped or not, a trailing `/` is a `/`.
+        format!("{namespace}idx:{}", prefix_path(readable))
+    }
 }
 
 /// The set that holds the keys of the entries tagged `tag`.
@@ -444,6 +527,87 @@ mod tests {
     }
 
     #[test]
+    fn path_patterns_select_the_path_only() {
+        let c = config();
+        let key = |uri: &str| key_of(&c, get(uri));
+        let p = path_pattern("tf:", "/users/42");
+        assert_eq!(p.glob(), "tf:/users/42#*");
+        assert_eq!(p.leases().glob(), "tf:/users/42#*:lease");
+        let own = key("/users/42?x=1");
+        assert!(p.matches(&key("/users/42")));
+        assert!(p.matches(&own));
+        assert!(p.matches(&format!("{own}:lease")));
+        // Variants, their leases, and permit-like leases of any of them.
+        assert!(p.matches(&format!("{own}.v0123456789abcdef")));
+        assert!(p
+            .leases()
+            .matches(&format!("{own}.v0123456789abcdef:lease")));
+        assert!(p.leases().matches(&format!("{own}.p42:lease")));
+        assert!(!p.leases().matches(&own));
+        for other in [
+            "/users/42/posts",
+            "/users/42/",
+            "/users/420",
+            "/users/4",
+            "/users",
+        ] {
+            assert!(!p.matches(&key(other)), "{other}");
+            assert!(
+                !p.leases().matches(&format!("{}:lease", key(other))),
+                "{other}"
+            );
+        }
+        let root = path_pattern("tf:", "/");
+        assert_eq!(root.glob(), "tf:/#*");
+        assert!(root.matches(&key("/")));
+        assert!(root.matches(&key("/?page=2")));
+        assert!(!root.matches(&key("/about")));
+        assert!(!root.matches("tf:idx:/"));
+        // Glob characters stay literal.
+        assert_eq!(path_pattern("tf:", "/a*").glob(), "tf:/a%2A#*");
+        assert!(!path_pattern("tf:", "/a*").matches(&key("/ab")));
+    }
+
+    #[test]
+    fn key_patterns_select_the_key_its_variants_and_their_leases() {
+        let c = config();
+        let base = derive_from(
+            &c,
+            &Method::GET,
+            &"/p?q=1".parse().unwrap(),
+            &HeaderMap::new(),
+        );
+        let names = [HeaderName::from_static("accept-language")];
+        let mut de = HeaderMap::new();
+        de.insert("accept-language", "de".parse().unwrap());
+        let variant = variant(&base, &names, &de);
+        let p = key_pattern(base.as_str());
+        for selected in [
+            base.as_str().to_owned(),
+            variant.as_str().to_owned(),
+            format!("{}:lease", base.as_str()),
+            format!("{}:lease", variant.as_str()),
+            format!("{}.p7:lease", variant.as_str()),
+        ] {
+            assert!(p.matches(&selected), "{selected}");
+            assert!(glob_matches(&p.glob(), &selected), "{selected}");
+        }
+        for other in ["/p", "/p?q=2", "/p/x?q=1"] {
+            assert!(!p.matches(&key_of(&c, get(other))), "{other}");
+        }
+        // A key that is not the layer's cannot widen its pattern.
+        let odd = key_pattern("x*[a]?\\");
+        assert_eq!(odd.glob(), "x\\*\\[a\\]\\?\\\\*");
+        assert!(!odd.matches("xyz"));
+        assert!(odd.matches("x*[a]?\\.v1"));
+        assert_eq!(
+            key_index_set("tf:", base.as_str()).as_deref(),
+            Some("tf:idx:/p")
+        );
+        assert_eq!(key_index_set("tf:", "other"), None);
+    }
+
+    #[test]
     fn index_sets_cover_the_path_and_its_ancestors() {
         assert_eq!(
             index_sets("tf:", "/users/42/posts/"),
@@ -459,7 +623,104 @@ mod tests {
         assert_eq!(tag_set("tf:", "user:{42}"), "tf:tag:user:%7B42%7D");
     }
 
+    #[test]
+    fn long_paths_select_their_cut_keys() {
+        let c = config();
+        let key = |uri: &str| key_of(&c, get(uri));
+        let long = format!("/l/{}", "a".repeat(600));
+        let cut = &key(&long)["tf:".len()..key(&long).find('#').unwrap()];
+        assert_eq!(cut.len(), MAX_READABLE_PATH + 1);
+        assert!(cut.ends_with('~'));
+        for p in [prefix_pattern("tf:", &long), path_pattern("tf:", &long)] {
+            assert_eq!(p.glob(), format!("tf:{cut}#*"));
+            assert!(p.matches(&key(&long)));
+            assert!(p.matches(&key(&format!("{long}?x=1"))));
+            assert!(p.matches(&key(&format!("{long}/child"))));
+            assert!(!p.matches(&key("/l/a")));
+        }
+        // A prefix of exactly the readable length: its children are cut
+        // right after it.
+        let edge = format!("/e/{}", "b".repeat(MAX_READABLE_PATH - 3));
+        assert_eq!(escape_path(&edge).len(), MAX_READABLE_PATH);
+        let child = key(&format!("{edge}/c"));
+        assert!(child.contains("b~#{"), "{child}");
+        let p = prefix_pattern("tf:", &edge);
+        assert_eq!(p.glob(), format!("tf:{edge}[#/~]*"));
+        assert!(p.matches(&child));
+        assert!(p.matches(&key(&edge)));
+        assert!(!path_pattern("tf:", &edge).matches(&child));
+        // Index sets: the cut form's, and the uncut ancestors'.
+        let sets = index_sets("tf:", &format!("{long}/child"));
+        assert_eq!(
+            sets,
+            [
+                format!("tf:idx:{cut}"),
+                "tf:idx:/l".into(),
+                "tf:idx:/".into()
+            ]
+        );
+        assert_eq!(index_set("tf:", &long), format!("tf:idx:{cut}"));
+        assert_eq!(path_index_set("tf:", &long), format!("tf:idx:{cut}"));
+        let sets = index_sets("tf:", &format!("{edge}/c"));
+        assert!(sets.contains(&format!("tf:idx:{edge}~")));
+        assert!(sets.contains(&index_set("tf:", &edge)));
+        assert!(sets.contains(&path_index_set("tf:", &format!("{edge}/c"))));
+    }
+
+    /// Path segments of characters a URI path may hold, some escaped in
+    /// keys (`*`, `~`, `%`): 1 to 3 bytes each once escaped.
+    fn segment() -> impl Strategy<Value = String> {
+        "[a-z0-9*~%.-]{1,24}"
+    }
+
+    /// Paths from a few bytes to a few times the readable length, many of
+    /// them close to it.
+    fn long_path() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::collection::vec(segment(), 1..60).prop_map(|s| format!("/{}", s.join("/"))),
+            (490usize..530, segment()).prop_map(|(n, tail)| {
+                let mut path = format!("/{}", "x".repeat(n));
+                path.truncate(n.saturating_sub(tail.len()).max(1));
+                path.push_str(&tail);
+                path
+            }),
+        ]
+    }
+
     proptest! {
+        // For any path, however long: its prefix pattern selects its own
+        // keys (any query) and those of the paths under it; its exact
+        // pattern its own keys; the index sets it names are among those the
+        // entries join. Glob and predicate agree.
+        #[test]
+        fn patterns_of_long_paths_select_their_keys(
+            path in long_path(),
+            below in segment(),
+            query in "[a-z0-9=&]{0,8}",
+        ) {
+            let c = config();
+            prop_assume!(path.parse::<Uri>().is_ok());
+            let own = key_of(&c, get(&format!("{path}?{query}")));
+            let child_path = format!("{}/{below}", path.trim_end_matches('/'));
+            let child = key_of(&c, get(&child_path));
+            let prefix = prefix_pattern("tf:", &path);
+            let exact = path_pattern("tf:", &path);
+            for (pattern, key) in [(&prefix, &own), (&prefix, &child), (&exact, &own)] {
+                prop_assert!(pattern.matches(key), "{} misses {}", pattern.glob(), key);
+                prop_assert!(glob_matches(&pattern.glob(), key));
+                let lease = format!("{key}:lease");
+                prop_assert!(pattern.leases().matches(&lease));
+                prop_assert!(glob_matches(&pattern.leases().glob(), &lease));
+            }
+            prop_assert_eq!(exact.matches(&child), glob_matches(&exact.glob(), &child));
+            let own_sets = index_sets("tf:", &path);
+            prop_assert!(own_sets.contains(&index_set("tf:", &path)));
+            prop_assert!(own_sets.contains(&path_index_set("tf:", &path)));
+            let key_set = key_index_set("tf:", &own);
+            prop_assert!(key_set.is_some_and(|set| own_sets.contains(&set)));
+            prop_assert!(index_sets("tf:", &child_path).contains(&index_set("tf:", &path)));
+        }
+
         // An escaped path used as a pattern matches only itself and what is
         // under it, whatever characters it holds.
         #[test]

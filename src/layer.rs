@@ -40,7 +40,7 @@ pub const DEFAULT_FILL_POLL_INTERVAL: Duration = Duration::from_millis(50);
 pub const DEFAULT_XFETCH_BETA: f64 = 1.0;
 /// Default time a key stays hit-for-miss: 10 s.
 pub const DEFAULT_HIT_FOR_MISS_TTL: Duration = Duration::from_secs(10);
-/// Default longest time one invalidation may take: 10 s.
+/// Default time budget of a write's invalidation (all its targets): 10 s.
 pub const DEFAULT_INVALIDATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default capacity of the background invalidation queue: 10,000.
 pub const DEFAULT_INVALIDATION_QUEUE: usize = 10_000;
@@ -210,6 +210,7 @@ pub struct FenceLayerBuilder {
     invalidation_mode: InvalidationMode,
     write_methods: WriteMethods,
     invalidation_timeout: Duration,
+    invalidate_root_prefix: bool,
     invalidation_queue: usize,
     invalidation_attempts: u32,
     tag_header: Option<String>,
@@ -241,6 +242,7 @@ impl Default for FenceLayerBuilder {
             invalidation_mode: InvalidationMode::default(),
             write_methods: WriteMethods::default(),
             invalidation_timeout: DEFAULT_INVALIDATION_TIMEOUT,
+            invalidate_root_prefix: false,
             invalidation_queue: DEFAULT_INVALIDATION_QUEUE,
             invalidation_attempts: DEFAULT_INVALIDATION_ATTEMPTS,
             tag_header: Some(DEFAULT_TAG_HEADER.to_owned()),
@@ -274,6 +276,7 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("invalidation_mode", &self.invalidation_mode)
             .field("write_methods", &self.write_methods)
             .field("invalidation_timeout", &self.invalidation_timeout)
+            .field("invalidate_root_prefix", &self.invalidate_root_prefix)
             .field("invalidation_queue", &self.invalidation_queue)
             .field("invalidation_attempts", &self.invalidation_attempts)
             .field("tag_header", &self.tag_header)
@@ -400,11 +403,31 @@ impl FenceLayerBuilder {
         self
     }
 
-    /// Longest one invalidation (one prefix, tag or key) may take; past it
-    /// the write's response is returned anyway and the invalidation goes to
-    /// the background queue. Defaults to 10 s.
+    /// The time budget of a write's inline invalidation: all its targets
+    /// (its path, `Location`, `Content-Location`, a rule's prefixes) share
+    /// it. Past it the write's response is returned anyway and what has not
+    /// finished goes to the background queue. It also bounds each attempt
+    /// of the queue and each [`Invalidator`] call. Defaults to 10 s.
     pub fn invalidation_timeout(mut self, timeout: Duration) -> Self {
         self.invalidation_timeout = timeout;
+        self
+    }
+
+    /// Whether a write to `/` invalidates the whole cache (`true`), as a
+    /// write to any other path invalidates what is under it, or only the
+    /// entries of `/` itself (`false`), so that a form posted to `/` does
+    /// not flush everything. A rule's `invalidate(["/"])` and
+    /// [`Invalidator::invalidate_prefix("/")`](Invalidator::invalidate_prefix)
+    /// flush everything either way. Defaults to `false`.
+    ///
+    /// ```
+    /// let layer = tower_fence::FenceLayer::builder()
+    ///     .invalidate_root_prefix(true)
+    ///     .build()?;
+    /// # Ok::<(), tower_fence::ConfigError>(())
+    /// ```
+    pub fn invalidate_root_prefix(mut self, whole_cache: bool) -> Self {
+        self.invalidate_root_prefix = whole_cache;
         self
     }
 
@@ -653,6 +676,7 @@ impl FenceLayerBuilder {
                     mode: self.invalidation_mode,
                     methods: self.write_methods,
                     timeout: self.invalidation_timeout,
+                    root_prefix: self.invalidate_root_prefix,
                     queue_capacity: self.invalidation_queue,
                     max_attempts: self.invalidation_attempts.max(1),
                     tag_header,

@@ -189,6 +189,16 @@ impl StoreClient {
         self.store.delete_members(set).await
     }
 
+    /// Deletes the members of `set` that `pattern` selects (no store
+    /// timeout, as above).
+    pub(crate) async fn delete_members_matching(
+        &self,
+        set: &str,
+        pattern: &KeyPattern,
+    ) -> Result<u64, StoreError> {
+        self.store.delete_members_matching(set, pattern).await
+    }
+
     /// A raw read (for tests and tools).
     #[allow(dead_code)]
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {

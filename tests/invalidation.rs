@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::routing::any;
 use axum::Router;
 use http::{HeaderMap, Method, Request, StatusCode};
@@ -20,6 +20,10 @@ use support::RedisProcess;
 use tokio::sync::Notify;
 use tower::ServiceExt;
 use tower_fence::invalidate::{InvalidationMode, PrefixStrategy};
+use tower_fence::policy::rules::Rule;
+use tower_fence::store::{
+    Fill, FillSubscription, KeyPattern, MemoryStore, RedisStore, Store, StoreFuture,
+};
 use tower_fence::{FenceLayer, FenceLayerBuilder};
 
 struct Backend {
@@ -43,18 +47,141 @@ impl Backend {
     }
 
     async fn builder(&self) -> FenceLayerBuilder {
-        let builder = match &self.redis {
-            None => FenceLayer::builder(),
-            Some(redis) => FenceLayer::builder()
-                .redis(redis.pool().await)
-                .store_timeout(Duration::from_secs(2)),
-        };
-        builder.prefix_strategy(self.strategy)
+        let store = self.store().await;
+        self.builder_on(store)
+    }
+
+    /// A fresh store of this backend.
+    async fn store(&self) -> Arc<dyn Store> {
+        match &self.redis {
+            None => Arc::new(MemoryStore::default()),
+            Some(redis) => Arc::new(RedisStore::new(redis.pool().await)),
+        }
+    }
+
+    /// A builder on `store` (this backend's, maybe wrapped).
+    fn builder_on(&self, store: impl Store) -> FenceLayerBuilder {
+        let builder = FenceLayer::builder()
+            .store(store)
+            .prefix_strategy(self.strategy);
+        match &self.redis {
+            None => builder,
+            Some(_) => builder.store_timeout(Duration::from_secs(2)),
+        }
+    }
+}
+
+/// A store whose bulk deletions (what invalidations call) wait at a gate
+/// until it is opened; everything else goes straight to `inner`.
+#[derive(Debug, Clone)]
+struct Gated {
+    inner: Arc<dyn Store>,
+    gate: Arc<Gate>,
+}
+
+#[derive(Debug)]
+struct Gate {
+    open: tokio::sync::watch::Sender<bool>,
+    entered: AtomicUsize,
+}
+
+impl Gate {
+    fn closed() -> Arc<Self> {
+        Arc::new(Gate {
+            open: tokio::sync::watch::channel(false).0,
+            entered: AtomicUsize::new(0),
+        })
+    }
+
+    fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// How many bulk deletions reached the gate so far.
+    fn entered(&self) -> usize {
+        self.entered.load(Ordering::SeqCst)
+    }
+
+    async fn pass(&self) {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.subscribe();
+        let _ = open.wait_for(|open| *open).await;
+    }
+}
+
+impl Store for Gated {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<bytes::Bytes>> {
+        self.inner.get(key)
+    }
+
+    fn put<'a>(&'a self, key: &'a str, record: bytes::Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
+        self.inner.put(key, record, ttl)
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        self.inner.delete(key)
+    }
+
+    fn try_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+        sets: &'a [String],
+    ) -> StoreFuture<'a, bool> {
+        self.inner.try_lease(key, token, ttl, sets)
+    }
+
+    fn extend_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        self.inner.extend_lease(key, token, ttl)
+    }
+
+    fn release_lease<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
+        self.inner.release_lease(key, token)
+    }
+
+    fn fill<'a>(&'a self, fill: Fill<'a>) -> StoreFuture<'a, bool> {
+        self.inner.fill(fill)
+    }
+
+    fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
+        self.inner.subscribe_fill(key)
+    }
+
+    fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            self.gate.pass().await;
+            self.inner.delete_matching(pattern).await
+        })
+    }
+
+    fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            self.gate.pass().await;
+            self.inner.delete_members(set).await
+        })
+    }
+
+    fn delete_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            self.gate.pass().await;
+            self.inner.delete_members_matching(set, pattern).await
+        })
     }
 }
 
 /// An origin: `GET` answers `max-age=60` with a body naming the path and
-/// the call, tagged by `?tags=`; `/race/..` waits for the gate first.
+/// the call, tagged by `?tags=`, varying on the header `?vary=` names (its
+/// value joins the body); `/race/..` waits for the gate first.
 /// Other methods answer `?status=` (204 by default), with `?location=` and
 /// `?clocation=` as `Location` and `Content-Location`.
 #[derive(Clone, Default)]
@@ -73,9 +200,11 @@ impl Origin {
         async fn handler(
             State(origin): State<Origin>,
             method: Method,
-            Path(path): Path<String>,
+            headers: HeaderMap,
+            uri: http::Uri,
             RawQuery(query): RawQuery,
         ) -> http::Response<Body> {
+            let path = uri.path();
             let query = query.unwrap_or_default();
             let param = |name: &str| {
                 query.split('&').find_map(|pair| {
@@ -85,7 +214,7 @@ impl Origin {
             };
             let mut response = http::Response::builder();
             if method == Method::GET {
-                if path.starts_with("race/") {
+                if path.starts_with("/race/") {
                     let opened = origin.gate.notified();
                     origin.gate_entered.fetch_add(1, Ordering::SeqCst);
                     opened.await;
@@ -95,9 +224,13 @@ impl Origin {
                 if let Some(tags) = param("tags") {
                     response = response.header("surrogate-key", tags);
                 }
-                return response
-                    .body(Body::from(format!("/{path} call {n}")))
-                    .unwrap();
+                let mut body = format!("{path} call {n}");
+                if let Some(name) = param("vary") {
+                    let value = headers.get(&name).map_or("", |v| v.to_str().unwrap());
+                    body.push_str(&format!(" [{value}]"));
+                    response = response.header("vary", name);
+                }
+                return response.body(Body::from(body)).unwrap();
             }
             let status = param("status").map_or(204, |s| s.parse().unwrap());
             if let Some(location) = param("location") {
@@ -109,6 +242,7 @@ impl Origin {
             response.status(status).body(Body::empty()).unwrap()
         }
         Router::new()
+            .route("/", any(handler))
             .route("/{*path}", any(handler))
             .with_state(self.clone())
     }
@@ -118,6 +252,7 @@ impl Origin {
 struct Reply {
     status: StatusCode,
     headers: HeaderMap,
+    body: String,
 }
 
 impl Reply {
@@ -129,21 +264,28 @@ impl Reply {
 }
 
 async fn send(app: &Router, method: Method, uri: &str) -> Reply {
-    let request = Request::builder()
+    send_with(app, method, uri, &[]).await
+}
+
+async fn send_with(app: &Router, method: Method, uri: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = Request::builder()
         .method(method)
         .uri(uri)
-        .header("host", "shop.example")
-        .body(Body::empty())
-        .unwrap();
+        .header("host", "shop.example");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Body::empty()).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(30), app.clone().oneshot(request))
         .await
         .expect("an answer within 30 s")
         .unwrap();
     let (parts, body) = response.into_parts();
-    body.collect().await.unwrap();
+    let body = body.collect().await.unwrap().to_bytes();
     Reply {
         status: parts.status,
         headers: parts.headers,
+        body: String::from_utf8(body.to_vec()).unwrap(),
     }
 }
 
@@ -156,6 +298,23 @@ async fn warm(app: &Router, uris: &[&str]) {
     for uri in uris {
         get(app, uri).await;
         assert!(get(app, uri).await.is_hit(), "{uri} is cached");
+    }
+}
+
+/// Waits (boundedly) until each of `uris` has been invalidated: a read that
+/// is not a hit. A still-cached entry keeps answering hits, so the first
+/// miss is the invalidation (the entries live 60 s).
+async fn eventually_invalidated(app: &Router, uris: &[&str]) {
+    for uri in uris {
+        let mut invalidated = false;
+        for _ in 0..500 {
+            if !get(app, uri).await.is_hit() {
+                invalidated = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(invalidated, "{uri} was invalidated within 10 s");
     }
 }
 
@@ -192,6 +351,14 @@ everywhere!(
     tags_invalidate_their_entries,
     the_invalidator_clears_prefixes_and_requests,
     a_rebuild_that_started_before_a_write_is_not_stored,
+    location_and_content_location_are_invalidated_exactly,
+    a_rebuild_at_a_location_is_not_stored,
+    a_write_to_the_root_invalidates_the_root_only,
+    the_root_prefix_is_invalidated_on_opt_in,
+    writes_to_long_paths_invalidate_their_entries,
+    invalidating_a_request_removes_every_variant,
+    one_time_budget_for_all_targets_of_a_write,
+    a_write_dropped_mid_invalidation_still_invalidates,
 );
 
 async fn a_write_clears_its_path_and_below_only(backend: Backend) {
@@ -273,6 +440,329 @@ async fn location_and_content_location_are_invalidated(backend: Backend) {
     )
     .await;
     assert!(get(&app, "/elsewhere/1").await.is_hit());
+}
+
+async fn location_and_content_location_are_invalidated_exactly(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    let home = ["/", "/?page=2"];
+    let user = ["/users/42", "/users/42?x=1"];
+    let kept = [
+        "/about",
+        "/users",
+        "/users/42/posts",
+        "/users/420",
+        "/teams/7/members",
+    ];
+    warm(&app, &home).await;
+    warm(&app, &user).await;
+    warm(&app, &kept).await;
+    warm(&app, &["/teams/7"]).await;
+    let varying = "/users/42?vary=accept-language";
+    let mut before = Vec::new();
+    for language in ["en", "de"] {
+        let lang = [("accept-language", language)];
+        before.push(send_with(&app, Method::GET, varying, &lang).await.body);
+        let again = send_with(&app, Method::GET, varying, &lang).await;
+        assert!(again.is_hit(), "the {language} variant is cached");
+    }
+
+    // A login form sends the browser home: `/` itself, nothing under it.
+    let login = send(&app, Method::POST, "/login?status=303&location=/").await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER);
+    for uri in home {
+        assert!(!get(&app, uri).await.is_hit(), "{uri} was invalidated");
+    }
+    for uri in kept.iter().chain(&user) {
+        assert!(
+            get(&app, uri).await.is_hit(),
+            "{uri} survives `Location: /`"
+        );
+    }
+
+    // A create names the new resource: that URI with any query and any
+    // variant, nothing under it or beside it.
+    let created = send(
+        &app,
+        Method::POST,
+        "/signup?status=201&location=/users/42&clocation=http://shop.example/teams/7",
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    for uri in user.iter().chain(&["/teams/7"]) {
+        assert!(!get(&app, uri).await.is_hit(), "{uri} was invalidated");
+    }
+    for (language, old) in ["en", "de"].into_iter().zip(before) {
+        let lang = [("accept-language", language)];
+        let reply = send_with(&app, Method::GET, varying, &lang).await;
+        assert!(!reply.is_hit(), "the {language} variant was invalidated");
+        assert_ne!(reply.body, old, "the {language} variant was rebuilt");
+    }
+    for uri in kept {
+        assert!(get(&app, uri).await.is_hit(), "{uri} was kept");
+    }
+}
+
+async fn a_rebuild_at_a_location_is_not_stored(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let reader = tokio::spawn({
+        let app = app.clone();
+        async move { get(&app, "/race/7").await }
+    });
+    while origin.gate_entered.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A write elsewhere names the path being rebuilt: its lease goes.
+    let write = send(&app, Method::POST, "/new?status=201&location=/race/7").await;
+    assert_eq!(write.status, StatusCode::CREATED);
+    origin.gate.notify_waiters();
+    let stale = reader.await.unwrap();
+    assert_eq!(stale.body, "/race/7 call 1");
+    assert_eq!(layer.stats().fenced_out, 1);
+    let next = tokio::spawn({
+        let app = app.clone();
+        async move { get(&app, "/race/7").await }
+    });
+    while origin.gate_entered.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    origin.gate.notify_waiters();
+    let fresh = next.await.unwrap();
+    assert!(!fresh.is_hit());
+    assert_eq!(fresh.body, "/race/7 call 2");
+}
+
+async fn a_write_to_the_root_invalidates_the_root_only(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend
+        .builder()
+        .await
+        .rule(Rule::path("/flush").invalidate(["/"]))
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer.clone());
+    let root = ["/", "/?q=1"];
+    let below = ["/a", "/a/b", "/flush"];
+    warm(&app, &root).await;
+    warm(&app, &below).await;
+    let purge = Method::from_bytes(b"PURGE").unwrap();
+    for method in [Method::PUT, Method::POST, Method::DELETE, purge] {
+        let write = send(&app, method.clone(), "/").await;
+        assert_eq!(write.status, StatusCode::NO_CONTENT);
+        for uri in root {
+            assert!(!get(&app, uri).await.is_hit(), "{method} / clears {uri}");
+        }
+        for uri in below {
+            assert!(get(&app, uri).await.is_hit(), "{method} / keeps {uri}");
+        }
+        warm(&app, &root).await;
+    }
+    // Explicit calls do what they say: an invalidator's prefix `/` ...
+    layer.invalidator().invalidate_prefix("/").await.unwrap();
+    for uri in root.iter().chain(&below) {
+        assert!(!get(&app, uri).await.is_hit(), "invalidator clears {uri}");
+    }
+    // ... and a rule's.
+    warm(&app, &["/a", "/a/b"]).await;
+    send(&app, Method::POST, "/flush").await;
+    for uri in ["/", "/a", "/a/b"] {
+        assert!(!get(&app, uri).await.is_hit(), "the rule clears {uri}");
+    }
+}
+
+async fn the_root_prefix_is_invalidated_on_opt_in(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend
+        .builder()
+        .await
+        .invalidate_root_prefix(true)
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer);
+    let all = ["/", "/?q=1", "/a", "/a/b"];
+    warm(&app, &all).await;
+    send(&app, Method::PUT, "/").await;
+    for uri in all {
+        assert!(!get(&app, uri).await.is_hit(), "{uri} was invalidated");
+    }
+}
+
+/// A long path, shortened for a message.
+fn short(uri: &str) -> String {
+    match uri.get(..24) {
+        Some(start) if uri.len() > 40 => format!("{start}…({} bytes)", uri.len()),
+        _ => uri.to_owned(),
+    }
+}
+
+async fn writes_to_long_paths_invalidate_their_entries(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    // Past the readable length of a key (512 bytes escaped): cut.
+    let long = format!("/long/{}", "a".repeat(600));
+    let long_query = format!("{long}?x=1");
+    let long_child = format!("{long}/child");
+    // Exactly 512 bytes: the path is whole, its children are cut right
+    // after it.
+    let edge = format!("/edge/{}bb", "*".repeat(168));
+    assert_eq!(edge.len() + 2 * 168, 512, "each `*` is escaped as `%2A`");
+    let edge_child = format!("{edge}/c");
+    let kept = ["/long/b", "/long", "/edge"];
+    warm(&app, &[&long, &long_query, &long_child, &edge, &edge_child]).await;
+    warm(&app, &kept).await;
+    send(&app, Method::PUT, &long).await;
+    for uri in [&long, &long_query, &long_child] {
+        assert!(
+            !get(&app, uri).await.is_hit(),
+            "{} was invalidated",
+            short(uri)
+        );
+    }
+    send(&app, Method::DELETE, &edge).await;
+    for uri in [&edge, &edge_child] {
+        assert!(
+            !get(&app, uri).await.is_hit(),
+            "{} was invalidated",
+            short(uri)
+        );
+    }
+    for uri in kept {
+        assert!(get(&app, uri).await.is_hit(), "{uri} was kept");
+    }
+    // A long `Location`, exactly.
+    warm(&app, &[&long, &long_query]).await;
+    let created = send(
+        &app,
+        Method::POST,
+        &format!("/new?status=201&location={long}"),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    for uri in [&long, &long_query] {
+        assert!(
+            !get(&app, uri).await.is_hit(),
+            "{} was invalidated",
+            short(uri)
+        );
+    }
+}
+
+async fn invalidating_a_request_removes_every_variant(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let uri = "/menu/1?vary=accept-language";
+    let mut before = Vec::new();
+    for language in ["en", "de", "fr"] {
+        let lang = [("accept-language", language)];
+        before.push(send_with(&app, Method::GET, uri, &lang).await.body);
+        assert!(send_with(&app, Method::GET, uri, &lang).await.is_hit());
+    }
+    warm(&app, &["/menu/1", "/menu/1?vary=x-other"]).await;
+    let request = Request::get(uri)
+        .header("host", "shop.example")
+        .header("accept-language", "en")
+        .body(())
+        .unwrap();
+    let removed = layer
+        .invalidator()
+        .invalidate_request(&request)
+        .await
+        .unwrap();
+    assert!(removed >= 4, "the stub and three variants: {removed}");
+    // Every language is rebuilt, not only the one the request named.
+    for (language, old) in ["en", "de", "fr"].into_iter().zip(before) {
+        let lang = [("accept-language", language)];
+        let reply = send_with(&app, Method::GET, uri, &lang).await;
+        assert!(!reply.is_hit(), "{language} was invalidated");
+        assert_ne!(reply.body, old);
+        assert!(
+            reply.body.ends_with(&format!("[{language}]")),
+            "{}",
+            reply.body
+        );
+    }
+    // Other queries of the path are other requests.
+    assert!(get(&app, "/menu/1").await.is_hit());
+    assert!(get(&app, "/menu/1?vary=x-other").await.is_hit());
+}
+
+async fn one_time_budget_for_all_targets_of_a_write(backend: Backend) {
+    let origin = Origin::default();
+    let gate = Gate::closed();
+    let store = Gated {
+        inner: backend.store().await,
+        gate: gate.clone(),
+    };
+    let budget = Duration::from_secs(5);
+    let layer = backend
+        .builder_on(store)
+        .invalidation_timeout(budget)
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer.clone());
+    let touched = ["/a/1", "/b/2", "/c/3"];
+    warm(&app, &touched).await;
+    // The store hangs; the clock only moves when everything waits.
+    tokio::time::pause();
+    let started = tokio::time::Instant::now();
+    let write = send(
+        &app,
+        Method::POST,
+        "/a/1?status=201&location=/b/2&clocation=/c/3",
+    )
+    .await;
+    let took = started.elapsed();
+    tokio::time::resume();
+    assert_eq!(write.status, StatusCode::CREATED);
+    assert!(gate.entered() >= 1);
+    assert!(
+        took < budget * 2,
+        "three targets share one budget of {budget:?}, the write took {took:?}"
+    );
+    // What did not finish went to the background queue.
+    gate.open();
+    eventually_invalidated(&app, &touched).await;
+    assert!(layer.invalidator().dead_letters().is_empty());
+}
+
+async fn a_write_dropped_mid_invalidation_still_invalidates(backend: Backend) {
+    let origin = Origin::default();
+    let gate = Gate::closed();
+    let store = Gated {
+        inner: backend.store().await,
+        gate: gate.clone(),
+    };
+    let layer = backend.builder_on(store).build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let touched = ["/carts/1", "/carts/1/items", "/orders/9"];
+    warm(&app, &touched).await;
+    warm(&app, &["/orders/9/lines"]).await;
+    {
+        // The client hangs up (or an outer timeout fires) while the write
+        // invalidates: its future is dropped.
+        let write = send(&app, Method::POST, "/carts/1?status=201&location=/orders/9");
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                reply = &mut write => panic!("the write did not wait for the store: {reply:?}"),
+                () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+            if gate.entered() >= 1 {
+                break;
+            }
+        }
+    }
+    gate.open();
+    eventually_invalidated(&app, &touched).await;
+    assert!(get(&app, "/orders/9/lines").await.is_hit());
+    assert!(layer.invalidator().dead_letters().is_empty());
 }
 
 async fn failed_writes_invalidate_nothing(backend: Backend) {

@@ -347,15 +347,19 @@ impl RedisClusterStore {
         Ok(deleted)
     }
 
-    /// `SSCAN set COUNT …`, then `UNLINK` of the members (by slot) and
-    /// `SREM` of them from the set, one step at a time.
-    async fn sscan_unlink(&self, set: &str) -> Result<u64, StoreError> {
+    /// `SSCAN set COUNT …`, then `UNLINK` of the members (those `only`
+    /// selects, when given; by slot) and `SREM` of them from the set, one
+    /// step at a time.
+    async fn sscan_unlink(&self, set: &str, only: Option<&KeyPattern>) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
         let mut deleted = 0u64;
         loop {
             let mut scan = rds::cmd("SSCAN");
             scan.arg(set).arg(cursor).arg("COUNT").arg(SSCAN_COUNT);
-            let (next, members): (u64, Vec<String>) = self.query(&scan).await?;
+            let (next, mut members): (u64, Vec<String>) = self.query(&scan).await?;
+            if let Some(pattern) = only {
+                members.retain(|member| pattern.matches(member));
+            }
             if !members.is_empty() {
                 let mut srem = rds::cmd("SREM");
                 srem.arg(set).arg(&members);
@@ -554,8 +558,20 @@ impl Store for RedisClusterStore {
 
     fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
         Box::pin(async move {
-            let first = self.sscan_unlink(set).await?;
-            let second = self.sscan_unlink(set).await?;
+            let first = self.sscan_unlink(set, None).await?;
+            let second = self.sscan_unlink(set, None).await?;
+            Ok(first + second)
+        })
+    }
+
+    fn delete_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let first = self.sscan_unlink(set, Some(pattern)).await?;
+            let second = self.sscan_unlink(set, Some(pattern)).await?;
             Ok(first + second)
         })
     }

@@ -137,6 +137,19 @@ impl MemoryStore {
         sets.retain(|_, set| !set.is_empty());
     }
 
+    /// Removes the entries among `members` (not their leases); returns how
+    /// many there were.
+    fn delete_entries(&self, members: &HashSet<String>) -> u64 {
+        let mut deleted = 0;
+        for member in members.iter().filter(|m| !m.ends_with(":lease")) {
+            if self.cache.contains_key(member) {
+                deleted += 1;
+            }
+            self.cache.invalidate(member);
+        }
+        deleted
+    }
+
     /// Number of records held now, after pending evictions have run.
     pub fn entry_count(&self) -> u64 {
         self.cache.run_pending_tasks();
@@ -318,12 +331,44 @@ impl Store for MemoryStore {
             }
             members
         };
-        for member in members.iter().filter(|m| !m.ends_with(":lease")) {
-            if self.cache.contains_key(member) {
-                deleted += 1;
+        deleted += self.delete_entries(&members);
+        Box::pin(std::future::ready(Ok(deleted)))
+    }
+
+    fn delete_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+    ) -> StoreFuture<'a, u64> {
+        let mut deleted = 0u64;
+        let members = {
+            let mut meta = self.meta();
+            let Meta { leases, sets } = &mut *meta;
+            let mut members = HashSet::new();
+            if let Some(all) = sets.get_mut(set) {
+                all.retain(|member| {
+                    let selected = pattern.matches(member);
+                    if selected {
+                        members.insert(member.clone());
+                    }
+                    !selected
+                });
+                if all.is_empty() {
+                    sets.remove(set);
+                }
             }
-            self.cache.invalidate(member);
-        }
+            // Leases first, under the lock: no fill of these keys can
+            // store from here on.
+            for member in &members {
+                if let Some(key) = member.strip_suffix(":lease") {
+                    if leases.remove(key).is_some() {
+                        deleted += 1;
+                    }
+                }
+            }
+            members
+        };
+        deleted += self.delete_entries(&members);
         Box::pin(std::future::ready(Ok(deleted)))
     }
 }
@@ -484,6 +529,35 @@ mod tests {
             let fill = Fill::new("tf:/a/c#{4}", Bytes::from_static(b"old"), ttl).fenced_by("u");
             assert!(!store.fill(fill).await.unwrap());
             assert_eq!(store.delete_members("tf:idx:/a").await.unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn set_deletion_by_pattern_keeps_the_rest_of_the_set() {
+        block_on(async {
+            let store = MemoryStore::new(1 << 20);
+            let ttl = Duration::from_secs(60);
+            let sets = vec!["tf:idx:/a".to_owned()];
+            for key in ["tf:/a#{1}", "tf:/a#{1}.v9", "tf:/a/b#{2}"] {
+                store
+                    .fill(Fill::new(key, Bytes::from_static(b"x"), ttl).joining(&sets))
+                    .await
+                    .unwrap();
+            }
+            for key in ["tf:/a#{3}", "tf:/a/b#{4}"] {
+                assert!(store.try_lease(key, "t", ttl, &sets).await.unwrap());
+            }
+            let only_a = crate::key::path_pattern("tf:", "/a");
+            // Two entries and a lease of `/a`; `/a/b` stays, and stays indexed.
+            let deleted = store.delete_members_matching("tf:idx:/a", &only_a);
+            assert_eq!(deleted.await.unwrap(), 3);
+            assert_eq!(store.get("tf:/a#{1}.v9").await.unwrap(), None);
+            let fill = Fill::new("tf:/a#{3}", Bytes::from_static(b"old"), ttl).fenced_by("t");
+            assert!(!store.fill(fill).await.unwrap());
+            assert!(store.get("tf:/a/b#{2}").await.unwrap().is_some());
+            assert!(!store.try_lease("tf:/a/b#{4}", "u", ttl, &[]).await.unwrap());
+            assert_eq!(store.delete_members("tf:idx:/a").await.unwrap(), 2);
+            assert_eq!(store.get("tf:/a/b#{2}").await.unwrap(), None);
         });
     }
 

@@ -182,15 +182,19 @@ impl RedisStore {
         }
     }
 
-    /// `SSCAN set COUNT …`, then `UNLINK` of the members and `SREM` of them
-    /// from the set, one step at a time.
-    async fn sscan_unlink(&self, set: &str) -> Result<u64, StoreError> {
+    /// `SSCAN set COUNT …`, then `UNLINK` of the members (those `only`
+    /// selects, when given) and `SREM` of them from the set, one step at a
+    /// time.
+    async fn sscan_unlink(&self, set: &str, only: Option<&KeyPattern>) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
         let mut deleted = 0u64;
         loop {
             let mut scan = redis::cmd("SSCAN");
             scan.arg(set).arg(cursor).arg("COUNT").arg(SSCAN_COUNT);
-            let (next, members): (u64, Vec<String>) = self.query(&scan).await?;
+            let (next, mut members): (u64, Vec<String>) = self.query(&scan).await?;
+            if let Some(pattern) = only {
+                members.retain(|member| pattern.matches(member));
+            }
             if !members.is_empty() {
                 let mut pipe = redis::pipe();
                 pipe.cmd("UNLINK").arg(&members);
@@ -351,8 +355,22 @@ impl Store for RedisStore {
             // twice; members are removed from the set as they are deleted
             // (not the set itself), so fills that join it meanwhile stay
             // indexed.
-            let first = self.sscan_unlink(set).await?;
-            let second = self.sscan_unlink(set).await?;
+            let first = self.sscan_unlink(set, None).await?;
+            let second = self.sscan_unlink(set, None).await?;
+            Ok(first + second)
+        })
+    }
+
+    fn delete_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            // Two reads, as in `delete_members`; members the pattern does
+            // not select stay in the set.
+            let first = self.sscan_unlink(set, Some(pattern)).await?;
+            let second = self.sscan_unlink(set, Some(pattern)).await?;
             Ok(first + second)
         })
     }
