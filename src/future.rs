@@ -34,7 +34,7 @@ use crate::flow::lookup::lookup;
 use crate::flow::plan::Write;
 use crate::flow::settle::{self, Fence};
 use crate::flow::wait::{self, AfterWait};
-use crate::flow::{refresh, Keyed};
+use crate::flow::{refresh, Inner, Keyed, SendBody};
 use crate::invalidate::{self, InvalidationMode};
 use crate::policy;
 use crate::respond::{self, vary_values};
@@ -397,13 +397,9 @@ where
 /// detached rebuild needs are written once.
 impl<S, B, RB> Step<S, B, RB>
 where
-    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<B, RB>,
     B: Send + 'static,
-    RB: Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Send,
+    RB: SendBody,
 {
     fn after_lookup(found: Found, pending: Pending<S, B>) -> Self {
         let Pending {
@@ -420,16 +416,13 @@ where
                 status,
                 refresh,
             } => {
-                let response = respond::entry_response(
-                    Entry::clone(&entry),
-                    now_ms,
-                    head,
-                    status,
-                    true,
-                    Some(req.headers()),
-                );
-                if refresh {
-                    refresh::spawn(svc, req, keyed, entry);
+                // A refresh needs the entry too (to revalidate it, and to
+                // serve it if the origin fails): copy it only then.
+                let current = refresh.then(|| Arc::new(entry.clone()));
+                let response =
+                    respond::entry_response(entry, now_ms, head, status, true, Some(req.headers()));
+                if let Some(current) = current {
+                    refresh::spawn(svc, req, keyed, current);
                 }
                 Step::Respond(response)
             }
@@ -614,12 +607,20 @@ where
             started,
         } => {
             let shared = keyed.shared.clone();
-            let tags = invalidate::tags(&shared, &parts.headers);
-            invalidate::strip_tags(&shared, &mut parts.headers);
             let mut status = CacheStatus {
                 fwd_status: Some(parts.status.as_u16()),
                 ..CacheStatus::forward(fwd)
             };
+            if !fence.allows_store() {
+                invalidate::strip_tags(&shared, &mut parts.headers);
+                if !keyed.facts.may_store {
+                    status.detail = Some("request-no-store");
+                }
+                status.append_to(&mut parts.headers);
+                return Response::from_parts(parts, FenceBody::passthrough(body));
+            }
+            let tags = invalidate::tags(&shared, &parts.headers);
+            invalidate::strip_tags(&shared, &mut parts.headers);
             if keyed.overrides.strip_set_cookie {
                 parts.headers.remove(header::SET_COOKIE);
             }
@@ -632,12 +633,6 @@ where
                 shared.clock.now(),
             );
             let body = match verdict {
-                _ if !fence.allows_store() => {
-                    if !keyed.facts.may_store {
-                        status.detail = Some("request-no-store");
-                    }
-                    FenceBody::passthrough(body)
-                }
                 Err(reason) => {
                     status.detail = Some(reason);
                     settle_release(&shared, &keyed, fence);

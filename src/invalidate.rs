@@ -84,7 +84,7 @@ use tokio::sync::mpsc;
 
 use crate::error::StoreError;
 use crate::key;
-use crate::shared::{Counters, Shared};
+use crate::shared::Shared;
 
 /// How a path prefix is invalidated. See the [module docs](self).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -369,11 +369,11 @@ async fn execute(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
 fn record(shared: &Shared, target: &Target, result: &Result<u64, StoreError>) {
     match result {
         Ok(deleted) => {
-            Counters::bump(&shared.counters.invalidations);
+            shared.bump(|c| &c.invalidations);
             tracing::debug!(%target, deleted, "tower-fence: invalidated");
         }
         Err(err) => {
-            Counters::bump(&shared.counters.invalidation_errors);
+            shared.bump(|c| &c.invalidation_errors);
             tracing::warn!(%target, error = %err, "tower-fence: invalidation failed");
         }
     }
@@ -554,7 +554,7 @@ pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
         .is_err()
     {
         for target in unfinished.targets.iter().flatten() {
-            Counters::bump(&shared.counters.invalidation_errors);
+            shared.bump(|c| &c.invalidation_errors);
             tracing::warn!(
                 %target,
                 budget = ?shared.invalidation.timeout,
@@ -662,7 +662,7 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 fn dead_letter(shared: &Shared, target: Target, attempts: u32, error: String) {
-    Counters::bump(&shared.counters.invalidations_dead);
+    shared.bump(|c| &c.invalidations_dead);
     tracing::error!(%target, attempts, %error, "tower-fence: invalidation given up");
     let mut dead = lock(&shared.invalidation.dead_letters);
     if dead.len() >= DEAD_LETTER_CAPACITY {

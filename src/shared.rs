@@ -222,11 +222,6 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    /// Bumps `counter` (for code that holds the counters, not the state).
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
     fn snapshot(&self) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {

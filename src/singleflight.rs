@@ -167,7 +167,7 @@ impl<T: Clone> SingleFlight<T> {
     }
 
     /// Number of running flights.
-    #[allow(dead_code)]
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::HeaderName;
 
 use crate::entry::{Entry, Record};
@@ -197,11 +196,5 @@ impl StoreClient {
         pattern: &KeyPattern,
     ) -> Result<u64, StoreError> {
         self.store.delete_members_matching(set, pattern).await
-    }
-
-    /// A raw read (for tests and tools).
-    #[allow(dead_code)]
-    pub(crate) async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        self.bounded("a read", key, self.store.get(key)).await
     }
 }

@@ -31,8 +31,7 @@ use crate::body::{FenceBody, Piece};
 use crate::entry::{flags, Entry};
 use crate::flow::origin::{self, Head, Teed};
 use crate::flow::settle::{self, Fence, Filled};
-use crate::flow::Keyed;
-use crate::invalidate;
+use crate::flow::{Inner, Keyed, SendBody};
 use crate::key::{self, CacheKey};
 use crate::respond::{self, vary_matches};
 use crate::shared::{Landing, Shared};
@@ -75,13 +74,9 @@ pub(crate) type Spawned<S, B, RB> =
 /// there is no Tokio runtime to run it on.
 pub(crate) fn spawn<S, B, RB>(job: Job<S, B>) -> Spawned<S, B, RB>
 where
-    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<B, RB>,
     B: Send + 'static,
-    RB: Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Send,
+    RB: SendBody,
 {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return Err(Box::new(job));
@@ -209,9 +204,6 @@ where
     );
 
     // 4. Settle.
-    let sets = |tags: &[String]| {
-        invalidate::fill_sets(&shared, &prepared.path, tags, &keyed.overrides.tags)
-    };
     match head {
         Head::Failed(err) => {
             settle::release(&shared, key, &fence).await;
@@ -254,22 +246,9 @@ where
             storable,
             tags,
         } => {
-            let filled = if storable {
-                let sets = sets(&tags);
-                settle::fill(
-                    &shared,
-                    &keyed.base,
-                    key,
-                    &entry,
-                    &fence,
-                    &sets,
-                    &keyed.overrides.declared_vary,
-                )
-                .await
-            } else {
-                settle::release(&shared, key, &fence).await;
-                Filled::NotStored
-            };
+            let filled =
+                settle::fill_or_release(&keyed, &prepared.path, &entry, &fence, storable, &tags)
+                    .await;
             let entry = Arc::new(entry);
             let status = CacheStatus {
                 fwd_status: Some(304),
@@ -333,25 +312,16 @@ where
             let settle = |recorded| async {
                 let now_ms = shared.clock.now_ms();
                 let storable = freshness.is_some();
-                let entry = origin::entry_of(
-                    &keyed, &parts, recorded, freshness, headers, now_ms, started,
-                );
-                let filled = if storable {
-                    let sets = sets(&tags);
-                    settle::fill(
-                        &shared,
-                        &keyed.base,
-                        key,
-                        &entry,
-                        &fence,
-                        &sets,
-                        &keyed.overrides.declared_vary,
-                    )
-                    .await
-                } else {
-                    settle::release(&shared, key, &fence).await;
-                    Filled::NotStored
-                };
+                let entry = origin::entry_of(&parts, recorded, freshness, headers, now_ms, started);
+                let filled = settle::fill_or_release(
+                    &keyed,
+                    &prepared.path,
+                    &entry,
+                    &fence,
+                    storable,
+                    &tags,
+                )
+                .await;
                 (Arc::new(entry), filled)
             };
             let (body, recorder, read, stop) = match origin::read_ready(body, max) {
@@ -440,9 +410,7 @@ pub(crate) async fn keep_lease<F: Future>(
     deadline: tokio::time::Instant,
     work: F,
 ) -> F::Output {
-    let (Some(lease), Fence::Lease { token } | Fence::Permit { token, .. }) =
-        (fence.lease_key(key.as_str()), fence)
-    else {
+    let Some((lease, token)) = fence.held(key.as_str()) else {
         return work.await;
     };
     let mut work = pin!(work);

@@ -14,6 +14,10 @@
 
 use std::sync::Arc;
 
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
 use crate::key::CacheKey;
 use crate::policy::{Overrides, RequestFacts};
 use crate::shared::Shared;
@@ -50,6 +54,34 @@ impl Keyed {
     pub(crate) fn may_share(&self) -> bool {
         self.facts.may_store && !self.facts.personal(&self.overrides)
     }
+}
+
+/// The inner service as a rebuild needs it: it, its future and its error
+/// move to a task of their own.
+pub(crate) trait Inner<B, RB>:
+    Service<Request<B>, Response = Response<RB>, Future: Send + 'static, Error: Send + 'static>
+    + Send
+    + 'static
+{
+}
+
+impl<S, B, RB> Inner<B, RB> for S
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+}
+
+/// A response body a rebuild task may read and forward.
+pub(crate) trait SendBody: Body<Data: Send, Error: Send> + Send + 'static {}
+
+impl<T> SendBody for T
+where
+    T: Body + Send + 'static,
+    T::Data: Send,
+    T::Error: Send,
+{
 }
 
 /// A fresh random token for a lease or a permit.

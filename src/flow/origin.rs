@@ -214,7 +214,6 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 
 /// The entry of a shared response whose body was read.
 pub(crate) fn entry_of(
-    keyed: &Keyed,
     parts: &http::response::Parts,
     recorded: Recorded,
     freshness: Option<Freshness>,
@@ -230,7 +229,6 @@ pub(crate) fn entry_of(
         }
         None => Vec::new(),
     };
-    let _ = keyed;
     Entry::new(
         parts.status,
         headers,

@@ -5,29 +5,22 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Request, Response};
-use http_body::Body;
-use tower_service::Service;
+use http::Request;
 
 use crate::entry::Entry;
 use crate::flow::lead::keep_lease;
 use crate::flow::origin::{self, Head};
 use crate::flow::settle::{self, Filled};
-use crate::flow::Keyed;
-use crate::invalidate;
+use crate::flow::{Inner, Keyed, SendBody};
 use crate::shared::Landing;
 
 /// Starts a background refresh of `keyed`'s entry `current`, with the
 /// readied `svc`, unless one runs in this process.
 pub(crate) fn spawn<S, B, RB>(svc: S, req: Request<B>, keyed: Keyed, current: Arc<Entry>)
 where
-    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<B, RB>,
     B: Send + 'static,
-    RB: Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Send,
+    RB: SendBody,
 {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
@@ -68,7 +61,6 @@ where
                 } => match origin::read(body, shared.max_body_size, deadline).await {
                     Some(recorded) => {
                         let entry = origin::entry_of(
-                            &keyed,
                             &parts,
                             recorded,
                             Some(freshness),
@@ -90,17 +82,8 @@ where
                     return;
                 }
             };
-        let sets = invalidate::fill_sets(&shared, &prepared.path, &tags, &keyed.overrides.tags);
-        let filled = settle::fill(
-            &shared,
-            &keyed.base,
-            key,
-            &entry,
-            &fence,
-            &sets,
-            &keyed.overrides.declared_vary,
-        )
-        .await;
+        let filled =
+            settle::fill_or_release(&keyed, &prepared.path, &entry, &fence, true, &tags).await;
         if filled == Filled::Stored {
             lead.land(Landing::Response(Arc::new(entry)));
         }

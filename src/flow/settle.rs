@@ -9,6 +9,8 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName};
 
 use crate::entry::{Entry, Record};
+use crate::flow::Keyed;
+use crate::invalidate;
 use crate::key::{self, CacheKey};
 use crate::shared::Shared;
 use crate::store::Fill;
@@ -27,18 +29,12 @@ pub(crate) enum Fence {
 }
 
 impl Fence {
-    /// The key whose lease this is, for `key`'s rebuild.
-    pub(crate) fn lease_key<'a>(&'a self, key: &'a str) -> Option<&'a str> {
+    /// The lease this fence holds for `key`'s rebuild: the key whose lease
+    /// it is, and the token.
+    pub(crate) fn held<'a>(&'a self, key: &'a str) -> Option<(&'a str, &'a str)> {
         match self {
-            Fence::Lease { .. } => Some(key),
-            Fence::Permit { key, .. } => Some(key),
-            Fence::None => None,
-        }
-    }
-
-    fn token(&self) -> Option<&str> {
-        match self {
-            Fence::Lease { token } | Fence::Permit { token, .. } => Some(token),
+            Fence::Lease { token } => Some((key, token)),
+            Fence::Permit { key, token } => Some((key, token)),
             Fence::None => None,
         }
     }
@@ -81,7 +77,7 @@ pub(crate) async fn take_permit(shared: &Shared, key: &CacheKey, lease_sets: &[S
 
 /// Gives the lease or permit back (the rebuild stores nothing).
 pub(crate) async fn release(shared: &Shared, key: &CacheKey, fence: &Fence) {
-    if let (Some(lease), Some(token)) = (fence.lease_key(key.as_str()), fence.token()) {
+    if let Some((lease, token)) = fence.held(key.as_str()) {
         shared.store.release_lease(lease, token).await;
     }
 }
@@ -169,9 +165,9 @@ async fn write(
 ) -> Filled {
     let mut fill = Fill::new(key.as_str(), record, ttl).joining(sets);
     if let Some((leased, fence)) = fenced {
-        match (fence.lease_key(leased.as_str()), fence.token()) {
-            (Some(lease), Some(token)) => fill = fill.fenced_by_lease_of(lease, token),
-            _ => return Filled::NotStored,
+        match fence.held(leased.as_str()) {
+            Some((lease, token)) => fill = fill.fenced_by_lease_of(lease, token),
+            None => return Filled::NotStored,
         }
     }
     match shared.store.fill(fill).await {
@@ -189,6 +185,35 @@ async fn write(
         }
         Err(_) => Filled::NotStored,
     }
+}
+
+/// Settles a rebuild of `keyed` that produced `entry`: stores it (joining
+/// the sets of `tags` and of the request `path`) when `storable`, else
+/// gives the fence back.
+pub(crate) async fn fill_or_release(
+    keyed: &Keyed,
+    path: &str,
+    entry: &Entry,
+    fence: &Fence,
+    storable: bool,
+    tags: &[String],
+) -> Filled {
+    let shared = &keyed.shared;
+    if !storable {
+        release(shared, &keyed.key, fence).await;
+        return Filled::NotStored;
+    }
+    let sets = invalidate::fill_sets(shared, path, tags, &keyed.overrides.tags);
+    fill(
+        shared,
+        &keyed.base,
+        &keyed.key,
+        entry,
+        fence,
+        &sets,
+        &keyed.overrides.declared_vary,
+    )
+    .await
 }
 
 /// [`fill`] in a background task (for responses recorded as their client
