@@ -527,7 +527,12 @@ where
             parts.status.is_server_error()
                 && !matches!(
                     reason,
-                    "private" | "no-store" | "set-cookie" | "vary-star" | "authorization"
+                    "private"
+                        | "no-store"
+                        | "set-cookie"
+                        | "vary-star"
+                        | "authorization"
+                        | "cache-control"
                 )
         }
         Ok(_) => false,

@@ -45,7 +45,9 @@ impl Backend {
 
 /// An origin whose behaviour the query string picks:
 /// `cc=` Cache-Control, `cookie` a Set-Cookie, `vary=` Vary, `status=`,
-/// `size=N` an N-byte body (else `call N`).
+/// `size=N` an N-byte body (else `call N`), `me` a body naming the request's
+/// `Cookie` and `X-Api-Key` (a page personalised by session), `badcc` the
+/// `Cache-Control` `private, x="é"` (not visible ASCII).
 #[derive(Clone, Default)]
 struct Origin {
     calls: Arc<AtomicUsize>,
@@ -61,6 +63,7 @@ impl Origin {
             State(origin): State<Origin>,
             Path(_path): Path<String>,
             RawQuery(query): RawQuery,
+            request_headers: HeaderMap,
         ) -> http::Response<Body> {
             let n = origin.calls.fetch_add(1, Ordering::SeqCst) + 1;
             let mut response = http::Response::builder();
@@ -80,6 +83,25 @@ impl Origin {
                         body = vec![b'x'; value.parse().unwrap()];
                         response
                     }
+                    "me" => {
+                        let named = |name: &str| {
+                            request_headers
+                                .get(name)
+                                .map(|v| v.to_str().unwrap().to_owned())
+                                .unwrap_or_default()
+                        };
+                        body = format!(
+                            "page of {}{} (call {n})",
+                            named("cookie"),
+                            named("x-api-key")
+                        )
+                        .into_bytes();
+                        response
+                    }
+                    "badcc" => response.header(
+                        "cache-control",
+                        http::HeaderValue::from_bytes("private, x=\"é\"".as_bytes()).unwrap(),
+                    ),
                     _ => response,
                 };
             }
@@ -209,6 +231,7 @@ on_both_stores!(
     variants_are_stored_side_by_side,
     authorization_is_shared_only_with_permission,
     status_codes_follow_the_configuration,
+    unparseable_cache_control_is_not_shared,
 );
 
 async fn second_get_is_a_hit(backend: Backend) {
@@ -546,6 +569,24 @@ async fn status_codes_follow_the_configuration(backend: Backend) {
     settle().await;
     assert!(!get_path(&app, "/s?status=500").await.is_hit());
     assert_eq!(origin.calls(), 5);
+}
+
+async fn unparseable_cache_control_is_not_shared(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    // `private, x="é"`: one byte that is not visible ASCII.
+    for n in 1..=2 {
+        let reply = get_path(&app, "/bad?badcc").await;
+        assert_eq!(reply.body, format!("call {n}"));
+        assert_eq!(
+            reply.cache_status(),
+            "tower-fence; fwd=uri-miss; fwd-status=200; detail=cache-control"
+        );
+        settle().await;
+    }
+    assert_eq!(origin.calls(), 2);
 }
 
 #[tokio::test]

@@ -103,9 +103,11 @@ impl Answer {
         let mut response = Response::new(Body::from(self.body));
         *response.status_mut() = StatusCode::from_u16(self.status).expect("a valid status");
         for (name, value) in self.headers {
+            // `from_bytes`, not `from_str`: a case may send bytes that are
+            // not visible ASCII (obs-text), as origins do.
             response.headers_mut().append(
                 HeaderName::from_bytes(name.as_bytes()).expect("a valid header name"),
-                HeaderValue::from_str(&value).expect("a valid header value"),
+                HeaderValue::from_bytes(value.as_bytes()).expect("a valid header value"),
             );
         }
         response
@@ -829,6 +831,22 @@ cases! {
         ],
     );
 
+    private_next_to_a_non_ascii_byte_is_not_stored => Case::new(
+        |s| versioned(s, "private, x=\"é\""),
+        vec![
+            get("/r").miss().body("v1").cs("detail=cache-control").calls(1),
+            get("/r").miss().body("v2").calls(2),
+        ],
+    ).default_ttl(60);
+
+    unbalanced_quote_in_cache_control_is_not_stored => Case::new(
+        |s| versioned(s, "max-age=60, no-cache=\"set-cookie"),
+        vec![
+            get("/r").miss().body("v1").cs("detail=cache-control").calls(1),
+            get("/r").miss().body("v2").calls(2),
+        ],
+    );
+
     set_cookie_is_not_stored => Case::new(
         |s| versioned(s, "max-age=60").h("set-cookie", "session=abc"),
         vec![
@@ -917,6 +935,16 @@ cases! {
 // ---------------------------------------------------------------------------
 
 cases! {
+    request_cache_control_that_does_not_parse_bypasses => Case::new(
+        |s| versioned(s, "max-age=60"),
+        vec![
+            get("/r").miss().body("v1").cs("stored").calls(1),
+            get("/r").h("cache-control", "max-stale, x=\"").miss().body("v2")
+                .cs("fwd=bypass").cs("detail=cache-control").calls(2),
+            get("/r").hit().body("v1").calls(2),
+        ],
+    );
+
     request_no_cache_is_forwarded_and_revalidated => Case::new(
         |s| etagged(s, "max-age=60", "max-age=60"),
         vec![

@@ -15,7 +15,7 @@ mod cache_control;
 pub mod rules;
 
 use cache_control::delta_seconds;
-pub(crate) use cache_control::CacheControl;
+pub(crate) use cache_control::{CacheControl, Unparseable};
 
 use crate::entry::{flags, unix_ms, Entry};
 
@@ -123,7 +123,12 @@ pub(crate) fn plan_request(
     if !has_cc && !headers.contains_key(header::PRAGMA) {
         return RequestPlan::Lookup(facts);
     }
-    let cc = CacheControl::parse(headers.get_all(header::CACHE_CONTROL));
+    // A request `Cache-Control` that does not parse may say `no-store` or
+    // `no-cache`: neither serve the request from the cache nor store its
+    // response.
+    let Ok(cc) = CacheControl::parse(headers.get_all(header::CACHE_CONTROL)) else {
+        return RequestPlan::Bypass("cache-control");
+    };
     // RFC 9111 §5.2.1.5: no-store forbids storing the response.
     facts.may_store = !cc.no_store;
     facts.max_stale = cc.max_stale;
@@ -248,12 +253,18 @@ impl Freshness {
 /// The `Cache-Control` that governs a shared cache: `CDN-Cache-Control`
 /// when the response has one (RFC 9213 §2.1: the targeted field wins and the
 /// general one is then ignored), else `Cache-Control`.
-pub(crate) fn governing_cache_control(headers: &HeaderMap) -> CacheControl {
+///
+/// `Err` when either field does not parse. RFC 9213 would fall back to
+/// `Cache-Control` past a `CDN-Cache-Control` that does not parse, and would
+/// ignore a `Cache-Control` it overrides; here a field that cannot be read
+/// may say `private` or `no-store`, so doubt wins.
+pub(crate) fn governing_cache_control(headers: &HeaderMap) -> Result<CacheControl, Unparseable> {
+    let general = CacheControl::parse(headers.get_all(header::CACHE_CONTROL))?;
     let targeted = headers.get_all(&CDN_CACHE_CONTROL);
     if targeted.iter().next().is_some() {
         return CacheControl::parse(targeted);
     }
-    CacheControl::parse(headers.get_all(header::CACHE_CONTROL))
+    Ok(general)
 }
 
 /// `CDN-Cache-Control` (RFC 9213).
@@ -275,7 +286,9 @@ pub(crate) fn storability(
     {
         return Err("status");
     }
-    let cc = governing_cache_control(headers);
+    let Ok(cc) = governing_cache_control(headers) else {
+        return Err("cache-control");
+    };
     if cc.no_store {
         return Err("no-store");
     }
@@ -883,6 +896,108 @@ mod tests {
             now()
         )
         .is_ok());
+    }
+
+    fn raw_headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (n, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn unparseable_response_cache_control_is_not_stored() {
+        let store_raw = |pairs: &[(&str, &[u8])]| {
+            storability(
+                &config(),
+                &Overrides::default(),
+                StatusCode::OK,
+                &raw_headers(pairs),
+                false,
+                now(),
+            )
+        };
+        // `private` next to a byte that is not visible ASCII is not lost.
+        assert_eq!(
+            store_raw(&[("cache-control", "private, x=\"é\"".as_bytes())]),
+            Err("cache-control")
+        );
+        for bad in ["max-age=60, x=\"open", "max-age=60; private", "max age=60"] {
+            assert_eq!(
+                store(200, &[("cache-control", bad)]),
+                Err("cache-control"),
+                "{bad}"
+            );
+            // Either field spoils it: a targeted field does not hide a
+            // general one that cannot be read, nor the other way round.
+            assert_eq!(
+                store(
+                    200,
+                    &[("cache-control", bad), ("cdn-cache-control", "max-age=60")]
+                ),
+                Err("cache-control"),
+                "{bad}"
+            );
+            assert_eq!(
+                store(
+                    200,
+                    &[("cache-control", "max-age=60"), ("cdn-cache-control", bad)]
+                ),
+                Err("cache-control"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn valid_cache_control_syntax_stays_storable() {
+        for good in [
+            "max-age=60",
+            "public, max-age=60, community=\"UCI\"",
+            "no-cache=\"set-cookie, x-a\", max-age=60",
+            " ,max-age=60 ,\t, x-ext",
+            "max-age=\"60\"",
+        ] {
+            let f =
+                store(200, &[("cache-control", good)]).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(f.fresh_until_ms, NOW_MS + 60_000, "{good}");
+        }
+    }
+
+    #[test]
+    fn unparseable_request_cache_control_bypasses() {
+        let plan = |client, pairs: &[(&str, &[u8])]| {
+            plan_request(&Method::GET, &raw_headers(pairs), client)
+        };
+        for client in [
+            ClientCacheControl::Obey,
+            ClientCacheControl::IgnoreRevalidation,
+        ] {
+            assert_eq!(
+                plan(client, &[("cache-control", b"no-store, x=\"")]),
+                RequestPlan::Bypass("cache-control")
+            );
+            assert_eq!(
+                plan(client, &[("cache-control", "no-store, x=\"é\"".as_bytes())]),
+                RequestPlan::Bypass("cache-control")
+            );
+            assert!(matches!(
+                plan(client, &[("cache-control", b"max-stale, x=\"a, b\"")]),
+                RequestPlan::Lookup(_)
+            ));
+        }
+        // Told to ignore every request directive, the layer reads none.
+        assert!(matches!(
+            plan(
+                ClientCacheControl::Ignore,
+                &[("cache-control", b"no-store, x=\"")]
+            ),
+            RequestPlan::Lookup(_)
+        ));
     }
 
     #[test]
