@@ -77,6 +77,10 @@ pub(crate) mod flags {
     /// `public`, `s-maxage` or `must-revalidate`: may satisfy a request with
     /// `Authorization` (RFC 9111 §3.5).
     pub(crate) const AUTHORIZED_OK: u8 = 1 << 2;
+    /// `public` or `s-maxage`, or stored on a route that keys by cookie or
+    /// shares cookies: may satisfy a request with `Cookie` or a credential
+    /// header.
+    pub(crate) const COOKIE_OK: u8 = 1 << 3;
 }
 
 /// A stored response: what is replayed on a hit, and the times that decide
@@ -620,7 +624,7 @@ mod tests {
                     stale_until_ms: fresh.saturating_add(extra % 1_000_000),
                     error_until_ms: fresh.saturating_add(error % 1_000_000),
                     rebuild_ms: rebuild,
-                    flags: (rebuild % 8) as u8,
+                    flags: (rebuild % 16) as u8,
                     vary,
                 },
             )

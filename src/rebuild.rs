@@ -28,7 +28,7 @@ use crate::key;
 use crate::key::CacheKey;
 use crate::layer::{Counters, Shared};
 use crate::policy;
-use crate::policy::{Freshness, Overrides};
+use crate::policy::{Freshness, Overrides, RequestFacts};
 use crate::service::{entry_response, vary_matches, vary_values, with_timeout};
 use crate::status::{CacheStatus, Fwd};
 use crate::store::Fill as StoreFill;
@@ -54,8 +54,19 @@ pub(crate) struct Job<S, B> {
     pub(crate) store_failure: Option<&'static str>,
     /// The route's settings.
     pub(crate) overrides: Overrides,
-    /// The request carries `Authorization`.
+    /// The request carries `Authorization` (whether it carries `Cookie` or a
+    /// credential header is read from `req`: see [`credentials`]).
     pub(crate) authorized: bool,
+}
+
+/// What a rebuild needs to know of the request's credentials: `authorized`
+/// as the job says, `cookie` read from the client's headers.
+fn credentials(shared: &Shared, authorized: bool, request_headers: &HeaderMap) -> RequestFacts {
+    RequestFacts {
+        authorized,
+        cookie: policy::carries_cookie(&shared.policy, request_headers),
+        ..RequestFacts::default()
+    }
 }
 
 /// What the leader's own client gets.
@@ -104,6 +115,8 @@ where
         lease_sets,
         token,
     } = prepare(&shared, &mut req);
+    let facts = credentials(&shared, authorized, &request_headers);
+    let keyed = overrides.keyed_by_credential;
 
     let lease = if store_failure.is_some() {
         Lease::Elsewhere
@@ -118,6 +131,7 @@ where
                     &token,
                     &lease_sets,
                     &request_headers,
+                    (&facts, keyed),
                 )
                 .await
                 {
@@ -159,7 +173,7 @@ where
     // request's own directives (`no-cache`, `max-age`) ruled stored
     // responses out.
     if lease == Lease::Held && fwd != Fwd::Request {
-        if let Some(entry) = read_usable(&shared, &key, &request_headers).await {
+        if let Some(entry) = read_usable(&shared, &key, &request_headers, (&facts, keyed)).await {
             release(&shared, &key, &token).await;
             let entry = Arc::new(entry);
             lead.land(Landing::Response(entry.clone()));
@@ -185,7 +199,7 @@ where
     let ctx = Context {
         shared: &shared,
         overrides: &overrides,
-        authorized,
+        facts: &facts,
         request_headers: &request_headers,
         started,
         current: stale.as_deref(),
@@ -356,10 +370,11 @@ where
     }
     Counters::bump(&shared.counters.refreshes);
     let started = Instant::now();
+    let facts = credentials(&shared, authorized, &request_headers);
     let ctx = Context {
         shared: &shared,
         overrides: &overrides,
-        authorized,
+        facts: &facts,
         request_headers: &request_headers,
         started,
         current: stale.as_deref(),
@@ -468,7 +483,8 @@ enum Rebuilt<RB: Body, E> {
 struct Context<'a> {
     shared: &'a Shared,
     overrides: &'a Overrides,
-    authorized: bool,
+    /// The request's credentials (`authorized`, `cookie`).
+    facts: &'a RequestFacts,
     request_headers: &'a HeaderMap,
     started: Instant,
     /// The stored entry this rebuild replaces: its validators go to the
@@ -519,7 +535,7 @@ where
         ctx.overrides,
         parts.status,
         &parts.headers,
-        ctx.authorized,
+        ctx.facts,
         SystemTime::now(),
     );
     let shareable_error = match verdict {
@@ -532,6 +548,7 @@ where
                         | "set-cookie"
                         | "vary-star"
                         | "authorization"
+                        | "cookie"
                         | "cache-control"
                 )
         }
@@ -619,7 +636,7 @@ fn refreshed<RB: Body, E>(
         ctx.overrides,
         current.status,
         &merged,
-        ctx.authorized,
+        ctx.facts,
         SystemTime::now(),
     );
     let storable = verdict.is_ok();
@@ -744,6 +761,7 @@ async fn wait_for_remote_fill(
     token: &str,
     lease_sets: &[String],
     request_headers: &HeaderMap,
+    allowed: (&RequestFacts, bool),
 ) -> Remote {
     Counters::bump(&shared.counters.remote_waits);
     lead.awaiting_remote();
@@ -752,7 +770,7 @@ async fn wait_for_remote_fill(
     let mut subscription = shared.store.subscribe_fill(key.as_str());
     let deadline = Instant::now() + shared.wait_timeout;
     loop {
-        if let Some(entry) = read_usable(shared, key, request_headers).await {
+        if let Some(entry) = read_usable(shared, key, request_headers, allowed).await {
             return Remote::Filled(Box::new(entry));
         }
         if let Ok(true) = take_lease(shared, key, token, lease_sets).await {
@@ -773,12 +791,14 @@ async fn wait_for_remote_fill(
     }
 }
 
-/// Reads the key's entry if it is there, decodes, is fresh and matches the
-/// request's `Vary` values.
+/// Reads the key's entry if it is there, decodes, is fresh, matches the
+/// request's `Vary` values and may answer a request with `allowed`'s facts
+/// and `keyed_by_credential` ([`policy::may_answer`]).
 async fn read_usable(
     shared: &Shared,
     key: &CacheKey,
     request_headers: &HeaderMap,
+    (facts, keyed_by_credential): (&RequestFacts, bool),
 ) -> Option<Entry> {
     let record = with_timeout(shared.store_timeout, shared.store.get(key.as_str()))
         .await
@@ -796,7 +816,8 @@ async fn read_usable(
     };
     let usable = entry.is_fresh(unix_ms(SystemTime::now()))
         && !entry.has(crate::entry::flags::REVALIDATE)
-        && vary_matches(&entry, request_headers);
+        && vary_matches(&entry, request_headers)
+        && policy::may_answer(&entry, facts, keyed_by_credential);
     usable.then_some(entry)
 }
 

@@ -112,9 +112,12 @@ where
         let route_bypass = matched.as_ref().and_then(|m| m.rule.bypass_reason(&parts));
         let plan = match route_bypass {
             Some(detail) => RequestPlan::Bypass(detail),
-            None => {
-                policy::plan_request(&parts.method, &parts.headers, shared.client_cache_control)
-            }
+            None => policy::plan_request(
+                &parts.method,
+                &parts.headers,
+                shared.client_cache_control,
+                &shared.policy,
+            ),
         };
         let facts = match plan {
             RequestPlan::Bypass(detail) => {
@@ -169,6 +172,7 @@ where
                     stale_if_error: rule.stale_if_error_setting(),
                     strip_set_cookie: rule.strips_set_cookie(),
                     keyed_by_credential: rule.authorization_keyed(),
+                    cookies_shared: rule.cookies_shared(),
                 };
                 (key, overrides)
             }
@@ -184,7 +188,7 @@ where
             && facts.may_store
             && !facts.only_if_cached
             && !facts.no_cache
-            && (!facts.authorized || overrides.keyed_by_credential);
+            && !facts.personal(&overrides);
         let join = if may_join {
             self.shared.flights.wait_for_rebuild(key.as_str())
         } else {
@@ -487,7 +491,7 @@ pub(crate) fn finish<B: Body>(response: Response<B>, outcome: Outcome) -> Respon
                     &miss.overrides,
                     parts.status,
                     &parts.headers,
-                    miss.facts.authorized,
+                    &miss.facts,
                     SystemTime::now(),
                 ) {
                     Err(reason) => {

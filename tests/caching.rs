@@ -16,6 +16,7 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use support::RedisProcess;
 use tower::ServiceExt;
+use tower_fence::policy::rules::Rule;
 use tower_fence::store::{MemoryStore, RedisStore};
 use tower_fence::{FenceLayer, FenceLayerBuilder};
 
@@ -231,6 +232,8 @@ on_both_stores!(
     variants_are_stored_side_by_side,
     authorization_is_shared_only_with_permission,
     status_codes_follow_the_configuration,
+    cookie_requests_never_get_another_users_page,
+    credential_headers_and_rules_decide_sharing,
     unparseable_cache_control_is_not_shared,
 );
 
@@ -568,6 +571,124 @@ async fn status_codes_follow_the_configuration(backend: Backend) {
     get_path(&app, "/s?status=500").await;
     settle().await;
     assert!(!get_path(&app, "/s?status=500").await.is_hit());
+    assert_eq!(origin.calls(), 5);
+}
+
+/// A request carrying `cookie`.
+fn with_cookie(uri: &str, cookie: &str) -> Request<Body> {
+    Request::get(uri)
+        .header("cookie", cookie)
+        .body(Body::empty())
+        .unwrap()
+}
+
+async fn cookie_requests_never_get_another_users_page(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    // No Cache-Control: the page may depend on the session, so it is
+    // neither stored nor given to the next user.
+    let alice = send(&app, with_cookie("/me?me", "session=alice")).await;
+    assert_eq!(alice.body, "page of session=alice (call 1)");
+    assert_eq!(
+        alice.cache_status(),
+        "tower-fence; fwd=uri-miss; fwd-status=200; detail=cookie"
+    );
+    settle().await;
+    let bob = send(&app, with_cookie("/me?me", "session=bob")).await;
+    assert_eq!(bob.body, "page of session=bob (call 2)");
+    assert!(!bob.is_hit(), "{}", bob.cache_status());
+    settle().await;
+    // Nor to an anonymous request.
+    let anonymous = get_path(&app, "/me?me").await;
+    assert_eq!(anonymous.body, "page of  (call 3)");
+    assert_eq!(origin.calls(), 3);
+
+    // A response that says it may be shared is.
+    let public = "/public?me&cc=public%2C%20max-age%3D60";
+    let alice = send(&app, with_cookie(public, "session=alice")).await;
+    assert!(
+        alice.cache_status().contains("stored"),
+        "{}",
+        alice.cache_status()
+    );
+    settle().await;
+    let bob = send(&app, with_cookie(public, "session=bob")).await;
+    assert!(bob.is_hit(), "{}", bob.cache_status());
+    assert_eq!(bob.body, alice.body);
+    assert!(get_path(&app, public).await.is_hit());
+    assert_eq!(origin.calls(), 4);
+
+    // An entry stored for anonymous requests without `public` is not given
+    // to a request with a cookie (whose page may differ).
+    let anonymous_only = "/anon?me&cc=max-age%3D60";
+    get_path(&app, anonymous_only).await;
+    settle().await;
+    assert!(get_path(&app, anonymous_only).await.is_hit());
+    let bob = send(&app, with_cookie(anonymous_only, "session=bob")).await;
+    assert_eq!(bob.body, "page of session=bob (call 6)");
+    assert!(
+        bob.cache_status().contains("fwd=request"),
+        "{}",
+        bob.cache_status()
+    );
+    assert_eq!(origin.calls(), 6);
+}
+
+async fn credential_headers_and_rules_decide_sharing(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend
+        .builder()
+        .await
+        .credential_header("x-api-key")
+        .rule(Rule::prefix("/keyed").key_cookie("session"))
+        .rule(Rule::prefix("/static").share_cookies())
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer);
+
+    // A rule keyed by the session cookie: each session its own copy.
+    for (session, call) in [("alice", 1), ("bob", 2)] {
+        for _ in 0..2 {
+            let reply = send(
+                &app,
+                with_cookie("/keyed?me", &format!("theme=dark; session={session}")),
+            )
+            .await;
+            assert_eq!(
+                reply.body,
+                format!("page of theme=dark; session={session} (call {call})")
+            );
+            settle().await;
+        }
+    }
+    let alice = send(&app, with_cookie("/keyed?me", "session=alice")).await;
+    assert!(alice.is_hit(), "{}", alice.cache_status());
+    assert_eq!(alice.body, "page of theme=dark; session=alice (call 1)");
+    assert_eq!(origin.calls(), 2);
+
+    // A rule that shares cookies: one copy for everyone.
+    let first = send(&app, with_cookie("/static/app.css?me", "session=alice")).await;
+    settle().await;
+    let second = send(&app, with_cookie("/static/app.css?me", "session=bob")).await;
+    assert!(second.is_hit(), "{}", second.cache_status());
+    assert_eq!(second.body, first.body);
+    assert_eq!(origin.calls(), 3);
+
+    // A configured credential header is a cookie: not shared by default.
+    let with_key = |key: &str| {
+        Request::get("/api?me")
+            .header("x-api-key", key)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let one = send(&app, with_key("one")).await;
+    assert_eq!(one.body, "page of one (call 4)");
+    assert!(one.cache_status().contains("detail=cookie"));
+    settle().await;
+    let two = send(&app, with_key("two")).await;
+    assert_eq!(two.body, "page of two (call 5)");
     assert_eq!(origin.calls(), 5);
 }
 

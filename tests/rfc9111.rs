@@ -1205,6 +1205,64 @@ cases! {
 }
 
 // ---------------------------------------------------------------------------
+// Cookies: a response to a request with `Cookie` may be that user's page
+// ---------------------------------------------------------------------------
+
+/// `v<n> for <cookie>`: a page personalised by the session cookie.
+fn personal(seen: &Seen, cc: &str) -> Answer {
+    let page = Answer::ok(format!(
+        "v{} for {}",
+        seen.n,
+        seen.header("cookie").unwrap_or("nobody")
+    ));
+    if cc.is_empty() {
+        page
+    } else {
+        page.h("cache-control", cc)
+    }
+}
+
+cases! {
+    cookie_response_without_cache_control_is_not_shared => Case::new(
+        |s| personal(s, ""),
+        vec![
+            get("/r").h("cookie", "session=a").miss().body("v1 for session=a")
+                .cs("detail=cookie").calls(1),
+            get("/r").h("cookie", "session=b").miss().body("v2 for session=b").calls(2),
+            get("/r").miss().body("v3 for nobody").calls(3),
+        ],
+    ).default_ttl(60);
+
+    cookie_response_with_max_age_or_must_revalidate_is_not_shared => Case::new(
+        |s| personal(s, "max-age=60, must-revalidate"),
+        vec![
+            get("/r").h("cookie", "session=a").miss().body("v1 for session=a")
+                .cs("detail=cookie").calls(1),
+            get("/r").h("cookie", "session=b").miss().body("v2 for session=b").calls(2),
+        ],
+    );
+
+    cookie_response_marked_public_is_shared => Case::new(
+        |s| personal(s, "public, max-age=60"),
+        vec![
+            get("/r").h("cookie", "session=a").miss().body("v1 for session=a")
+                .cs("stored").calls(1),
+            get("/r").h("cookie", "session=b").hit().body("v1 for session=a").calls(1),
+            get("/r").hit().body("v1 for session=a").calls(1),
+        ],
+    );
+
+    anonymous_entry_is_not_served_to_a_cookie_request => Case::new(
+        |s| personal(s, "max-age=60"),
+        vec![
+            get("/r").miss().body("v1 for nobody").cs("stored").calls(1),
+            get("/r").h("cookie", "session=a").miss().body("v2 for session=a").calls(2),
+            get("/r").hit().body("v1 for nobody").calls(2),
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------
 // Status codes (RFC 9111 §3, §3.3)
 // ---------------------------------------------------------------------------
 
