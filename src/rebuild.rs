@@ -803,7 +803,7 @@ async fn read_usable(
     let record = with_timeout(shared.store_timeout, shared.store.get(key.as_str()))
         .await
         .ok()??;
-    let entry = match Record::decode(&record).ok()? {
+    let entry = match Record::decode(&record, key.as_str()).ok()? {
         Record::Entry(entry) => entry,
         // The fill was of a varying response: read this request's variant.
         Record::Vary(names) => {
@@ -811,7 +811,7 @@ async fn read_usable(
             let record = with_timeout(shared.store_timeout, shared.store.get(variant.as_str()))
                 .await
                 .ok()??;
-            Entry::decode(&record).ok()?
+            Entry::decode(&record, variant.as_str()).ok()?
         }
     };
     let usable = entry.is_fresh(unix_ms(SystemTime::now()))
@@ -843,12 +843,13 @@ pub(crate) async fn fill(
     let names: Vec<HeaderName> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
     // Headers the route declared to vary on are in the key already.
     if names.iter().all(|name| declared_vary.contains(name)) {
-        return write(shared, key, entry.encode(), ttl, token, sets).await;
+        return write(shared, key, entry.encode(key.as_str()), ttl, token, sets).await;
     }
-    let stub = Record::encode_vary(&names);
+    let stub = Record::encode_vary(&names, base.as_str());
     if key != base {
         // Already the variant's key (the stub was found): refresh the stub.
-        let stored = write(shared, key, entry.encode(), ttl, token, sets).await;
+        let record = entry.encode(key.as_str());
+        let stored = write(shared, key, record, ttl, token, sets).await;
         if stored {
             write(shared, base, stub, ttl, None, &[]).await;
         }
@@ -860,7 +861,8 @@ pub(crate) async fn fill(
         .filter_map(|(name, value)| Some((name.clone(), value.clone()?)))
         .collect();
     let variant = key::variant(base, &names, &request_values);
-    if !write(shared, &variant, entry.encode(), ttl, None, sets).await {
+    let record = entry.encode(variant.as_str());
+    if !write(shared, &variant, record, ttl, None, sets).await {
         return false;
     }
     // The stub joins no set: an invalidation removes the variants (they

@@ -269,9 +269,16 @@ pub(crate) async fn lookup(shared: Arc<Shared>, key: CacheKey) -> Found {
 
 async fn read(shared: Arc<Shared>, key: CacheKey) -> Found {
     match with_timeout(shared.store_timeout, shared.store.get(key.as_str())).await {
-        Ok(Some(record)) => match Record::decode(&record) {
+        Ok(Some(record)) => match Record::decode(&record, key.as_str()) {
             Ok(Record::Entry(entry)) => Found::Entry(entry),
             Ok(Record::Vary(names)) => Found::Vary(names),
+            // Written by a newer instance (a rolling deploy): a miss here,
+            // but still good for the instances that wrote it.
+            Err(err) if err.is_unknown_version() => {
+                tracing::debug!(key = key.as_str(), error = %err, "tower-fence: keeping a record of a newer codec; treated as a miss");
+                Found::Nothing
+            }
+            // Corrupt, retired or written for another key: never served.
             Err(err) => {
                 Counters::bump(&shared.counters.decode_errors);
                 tracing::warn!(key = key.as_str(), error = %err, "tower-fence: deleting a record that does not decode");

@@ -235,6 +235,8 @@ on_both_stores!(
     cookie_requests_never_get_another_users_page,
     credential_headers_and_rules_decide_sharing,
     unparseable_cache_control_is_not_shared,
+    a_record_copied_under_another_key_is_not_served,
+    records_of_a_newer_codec_are_misses_but_kept,
 );
 
 async fn second_get_is_a_hit(backend: Backend) {
@@ -708,6 +710,97 @@ async fn unparseable_cache_control_is_not_shared(backend: Backend) {
         settle().await;
     }
     assert_eq!(origin.calls(), 2);
+}
+
+async fn a_record_copied_under_another_key_is_not_served(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let key = |uri: &str| layer.cache_key(&Request::get(uri).body(()).unwrap());
+    let (first, second) = ("/first?cc=max-age%3D60", "/second?cc=max-age%3D60");
+    assert_eq!(get_path(&app, first).await.body, "call 1");
+    assert_eq!(get_path(&app, second).await.body, "call 2");
+    settle().await;
+    // A buggy job copies the first record over the second.
+    match &backend.redis {
+        Some(redis) => {
+            let mut conn = redis.conn().await;
+            let copied: i64 = ::redis::cmd("COPY")
+                .arg(key(first))
+                .arg(key(second))
+                .arg("REPLACE")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(copied, 1);
+        }
+        None => {
+            let record = layer.store().get(&key(first)).await.unwrap().unwrap();
+            layer
+                .store()
+                .put(&key(second), record, Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(
+        layer.store().get(&key(first)).await.unwrap(),
+        layer.store().get(&key(second)).await.unwrap()
+    );
+    let reply = get_path(&app, second).await;
+    assert_eq!(reply.body, "call 3");
+    assert!(
+        reply.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        reply.cache_status()
+    );
+    assert_eq!(layer.stats().decode_errors, 1);
+    // The first record is still served under its own key.
+    let reply = get_path(&app, first).await;
+    assert!(reply.is_hit(), "{}", reply.cache_status());
+    assert_eq!(reply.body, "call 1");
+    assert_eq!(origin.calls(), 3);
+}
+
+async fn records_of_a_newer_codec_are_misses_but_kept(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let key = |uri: &str| layer.cache_key(&Request::get(uri).body(()).unwrap());
+    // Entry magic, then a codec version: 255 is newer than any this build
+    // knows (a newer instance wrote it during a rolling deploy), 1 is
+    // retired. The rest does not matter: the version is read first.
+    let (newer, retired) = ("/newer?cc=no-store", "/retired?cc=no-store");
+    let put = |uri: &'static str, version: u8| {
+        let store = layer.store().clone();
+        let key = key(uri);
+        async move {
+            let mut record = b"TF".to_vec();
+            record.push(version);
+            record.extend_from_slice(&[0; 64]);
+            store
+                .put(&key, Bytes::from(record), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+    };
+    put(newer, 255).await;
+    put(retired, 1).await;
+    for uri in [newer, retired] {
+        let reply = get_path(&app, uri).await;
+        assert!(
+            reply.cache_status().contains("fwd=uri-miss"),
+            "{uri}: {}",
+            reply.cache_status()
+        );
+    }
+    settle().await;
+    assert_eq!(origin.calls(), 2);
+    // The newer record is left for the instances that read it; the retired
+    // one is deleted as any record that does not decode.
+    assert!(layer.store().get(&key(newer)).await.unwrap().is_some());
+    assert!(layer.store().get(&key(retired)).await.unwrap().is_none());
+    assert_eq!(layer.stats().decode_errors, 1);
 }
 
 #[tokio::test]
