@@ -1,20 +1,28 @@
 //! A cached response and its versioned binary codec.
 //!
-//! The layout is `MAGIC (2) | VERSION (1) | fixed fields | headers | body |
-//! trailers | vary`, all integers big-endian, every variable part length
-//! prefixed. Decoding checks every length and every header, so a record that
-//! was truncated, written by another program or by a future version decodes
+//! The layout is `MAGIC (2) | VERSION (1) | KEY (16) | fixed fields |
+//! headers | body | trailers | vary`, all integers big-endian, every variable
+//! part length prefixed; `KEY` is a digest of the store key the record was
+//! written under, so a record copied or renamed to another key is not served
+//! there. Decoding checks the key, every length and every header, so a record
+//! that was truncated, written by another program or for another key decodes
 //! to an error (the caller treats it as a miss and deletes it), never to a
-//! panic and never to a wrong response.
+//! panic and never to a wrong response. A record of a newer codec version is
+//! an error the caller can tell apart ([`DecodeError::is_unknown_version`]):
+//! during a rolling deploy it is a miss, but not deleted.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use sha2::{Digest, Sha256};
 
 const MAGIC: [u8; 2] = *b"TF";
-const VERSION: u8 = 1;
+/// 2: the key digest after the version.
+const VERSION: u8 = 2;
+/// Bytes of the key digest a record carries.
+const KEY_DIGEST_LEN: usize = 16;
 /// Magic of a vary stub: the record under a URL whose responses vary.
 const VARY_MAGIC: [u8; 2] = *b"TV";
 
@@ -29,14 +37,12 @@ pub(crate) enum Record {
 }
 
 impl Record {
-    /// Decodes an entry or a vary stub.
-    pub(crate) fn decode(record: &Bytes) -> Result<Record, DecodeError> {
+    /// Decodes an entry or a vary stub read from the store key `key`.
+    pub(crate) fn decode(record: &Bytes, key: &str) -> Result<Record, DecodeError> {
         if record.len() >= 2 && record[..2] == VARY_MAGIC {
             let mut buf = record.slice(2..);
-            let version = get_u8(&mut buf)?;
-            if version != VERSION {
-                return Err(DecodeError::UnknownVersion(version));
-            }
+            check_version(get_u8(&mut buf)?)?;
+            check_key(&mut buf, key)?;
             let count = get_len(&mut buf)?;
             let mut names = Vec::with_capacity(count.min(64));
             for _ in 0..count {
@@ -50,14 +56,15 @@ impl Record {
             }
             return Ok(Record::Vary(names));
         }
-        Entry::decode(record).map(Record::Entry)
+        Entry::decode(record, key).map(Record::Entry)
     }
 
-    /// Encodes a vary stub naming `names`.
-    pub(crate) fn encode_vary(names: &[HeaderName]) -> Bytes {
+    /// Encodes a vary stub naming `names`, to be stored under `key`.
+    pub(crate) fn encode_vary(names: &[HeaderName], key: &str) -> Bytes {
         let mut out = BytesMut::new();
         out.put_slice(&VARY_MAGIC);
         out.put_u8(VERSION);
+        out.put_slice(&key_digest(key));
         put_len(&mut out, names.len());
         for name in names {
             put_bytes(&mut out, name.as_str().as_bytes());
@@ -77,6 +84,10 @@ pub(crate) mod flags {
     /// `public`, `s-maxage` or `must-revalidate`: may satisfy a request with
     /// `Authorization` (RFC 9111 §3.5).
     pub(crate) const AUTHORIZED_OK: u8 = 1 << 2;
+    /// `public` or `s-maxage`, or stored on a route that keys by cookie or
+    /// shares cookies: may satisfy a request with `Cookie` or a credential
+    /// header.
+    pub(crate) const COOKIE_OK: u8 = 1 << 3;
 }
 
 /// A stored response: what is replayed on a hit, and the times that decide
@@ -129,8 +140,14 @@ impl fmt::Debug for Entry {
 pub(crate) enum DecodeError {
     /// The record does not start with the tower-fence magic bytes.
     NotAnEntry,
-    /// Written by a codec version this build does not know.
+    /// Written by a newer codec version than this build knows (another
+    /// instance, during a rolling deploy): a miss, but not to be deleted.
     UnknownVersion(u8),
+    /// Written by an older codec version this build no longer reads.
+    RetiredVersion(u8),
+    /// Written for another key (copied or renamed there, or a collision):
+    /// never served under this one.
+    WrongKey,
     /// The record ends before a field it announces.
     Truncated,
     /// A status, header name or header value is not valid HTTP.
@@ -143,7 +160,11 @@ impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DecodeError::NotAnEntry => f.write_str("record is not a tower-fence entry"),
-            DecodeError::UnknownVersion(v) => write!(f, "unknown entry codec version {v}"),
+            DecodeError::UnknownVersion(v) => {
+                write!(f, "entry codec version {v} is newer than this build knows")
+            }
+            DecodeError::RetiredVersion(v) => write!(f, "entry codec version {v} is retired"),
+            DecodeError::WrongKey => f.write_str("entry record was written for another key"),
             DecodeError::Truncated => f.write_str("entry record is truncated"),
             DecodeError::Invalid => f.write_str("entry record holds invalid HTTP data"),
             DecodeError::TrailingBytes => f.write_str("entry record has trailing bytes"),
@@ -152,6 +173,48 @@ impl fmt::Display for DecodeError {
 }
 
 impl std::error::Error for DecodeError {}
+
+impl DecodeError {
+    /// Whether the record was written by a newer codec version than this
+    /// build knows: a miss, but one to leave in place (the newer instances
+    /// still read it), unlike every other error.
+    pub(crate) fn is_unknown_version(&self) -> bool {
+        matches!(self, DecodeError::UnknownVersion(_))
+    }
+}
+
+/// The first bytes of SHA-256 over the store key a record is written under.
+fn key_digest(key: &str) -> [u8; KEY_DIGEST_LEN] {
+    let mut sha = Sha256::new();
+    sha.update(b"tower-fence record key\0");
+    sha.update(key.as_bytes());
+    let full = sha.finalize();
+    let mut out = [0; KEY_DIGEST_LEN];
+    for (o, b) in out.iter_mut().zip(full.iter()) {
+        *o = *b;
+    }
+    out
+}
+
+fn check_version(version: u8) -> Result<(), DecodeError> {
+    match version.cmp(&VERSION) {
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Greater => Err(DecodeError::UnknownVersion(version)),
+        std::cmp::Ordering::Less => Err(DecodeError::RetiredVersion(version)),
+    }
+}
+
+/// Reads the key digest and checks it against `key`.
+fn check_key(buf: &mut Bytes, key: &str) -> Result<(), DecodeError> {
+    if buf.remaining() < KEY_DIGEST_LEN {
+        return Err(DecodeError::Truncated);
+    }
+    let stored = buf.split_to(KEY_DIGEST_LEN);
+    if stored[..] != key_digest(key) {
+        return Err(DecodeError::WrongKey);
+    }
+    Ok(())
+}
 
 impl Entry {
     /// An entry of a response, with the times `freshness` gives and the
@@ -180,11 +243,13 @@ impl Entry {
         }
     }
 
-    /// Encodes the entry into one contiguous value (one Redis `SET`).
-    pub(crate) fn encode(&self) -> Bytes {
+    /// Encodes the entry into one contiguous value (one Redis `SET`), to be
+    /// stored under `key`.
+    pub(crate) fn encode(&self, key: &str) -> Bytes {
         let mut out = BytesMut::with_capacity(self.encoded_len_hint());
         out.put_slice(&MAGIC);
         out.put_u8(VERSION);
+        out.put_slice(&key_digest(key));
         out.put_u16(self.status.as_u16());
         out.put_u64(self.stored_at_ms);
         out.put_u64(self.fresh_until_ms);
@@ -222,21 +287,19 @@ impl Entry {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 8)
             .sum();
-        64 + headers + self.body.len()
+        64 + KEY_DIGEST_LEN + headers + self.body.len()
     }
 
-    /// Decodes a record written by [`Entry::encode`]. The body is a
-    /// zero-copy slice of `record`.
-    pub(crate) fn decode(record: &Bytes) -> Result<Entry, DecodeError> {
+    /// Decodes a record written by [`Entry::encode`], read from the store
+    /// key `key`. The body is a zero-copy slice of `record`.
+    pub(crate) fn decode(record: &Bytes, key: &str) -> Result<Entry, DecodeError> {
         let mut buf = record.clone();
         if buf.remaining() < MAGIC.len() || buf[..2] != MAGIC {
             return Err(DecodeError::NotAnEntry);
         }
         buf.advance(2);
-        let version = get_u8(&mut buf)?;
-        if version != VERSION {
-            return Err(DecodeError::UnknownVersion(version));
-        }
+        check_version(get_u8(&mut buf)?)?;
+        check_key(&mut buf, key)?;
         let status = StatusCode::from_u16(get_u16(&mut buf)?).map_err(|_| DecodeError::Invalid)?;
         let stored_at_ms = get_u64(&mut buf)?;
         let fresh_until_ms = get_u64(&mut buf)?;
@@ -469,10 +532,12 @@ mod tests {
         }
     }
 
+    const KEY: &str = "tf:/users/42#{3b0c}";
+
     #[test]
     fn round_trip_keeps_every_field_and_header_order() {
         let entry = sample();
-        let decoded = Entry::decode(&entry.encode()).unwrap();
+        let decoded = Entry::decode(&entry.encode(KEY), KEY).unwrap();
         assert_eq!(decoded, entry);
         let multi: Vec<_> = decoded.headers.get_all("x-multi").iter().collect();
         assert_eq!(multi, ["a", "b"]);
@@ -484,48 +549,86 @@ mod tests {
             HeaderName::from_static("accept-language"),
             HeaderName::from_static("accept-encoding"),
         ];
-        let stub = Record::encode_vary(&names);
-        assert_eq!(Record::decode(&stub), Ok(Record::Vary(names)));
+        let stub = Record::encode_vary(&names, KEY);
+        assert_eq!(Record::decode(&stub, KEY), Ok(Record::Vary(names)));
         for cut in 0..stub.len() {
-            assert!(Record::decode(&stub.slice(..cut)).is_err() || cut < 2);
+            assert!(Record::decode(&stub.slice(..cut), KEY).is_err() || cut < 2);
         }
         let entry = sample();
-        assert_eq!(Record::decode(&entry.encode()), Ok(Record::Entry(entry)));
+        assert_eq!(
+            Record::decode(&entry.encode(KEY), KEY),
+            Ok(Record::Entry(entry))
+        );
     }
 
     #[test]
     fn foreign_values_are_not_entries() {
         assert_eq!(
-            Entry::decode(&Bytes::from_static(b"hello")),
+            Entry::decode(&Bytes::from_static(b"hello"), KEY),
             Err(DecodeError::NotAnEntry)
         );
-        assert_eq!(Entry::decode(&Bytes::new()), Err(DecodeError::NotAnEntry));
+        assert_eq!(
+            Entry::decode(&Bytes::new(), KEY),
+            Err(DecodeError::NotAnEntry)
+        );
     }
 
     #[test]
-    fn future_versions_are_refused() {
-        let mut record = BytesMut::from(&sample().encode()[..]);
-        record[2] = VERSION + 1;
+    fn a_record_is_bound_to_its_key() {
+        let other = "tf:/users/43#{77aa}";
+        let entry = sample().encode(KEY);
+        assert_eq!(Entry::decode(&entry, other), Err(DecodeError::WrongKey));
+        assert_eq!(Record::decode(&entry, other), Err(DecodeError::WrongKey));
+        let stub = Record::encode_vary(&[HeaderName::from_static("accept")], KEY);
+        assert_eq!(Record::decode(&stub, other), Err(DecodeError::WrongKey));
+        // Keys that differ in one byte, or only in length, differ.
         assert_eq!(
-            Entry::decode(&record.freeze()),
-            Err(DecodeError::UnknownVersion(VERSION + 1))
+            Entry::decode(&entry, "tf:/users/42#{3b0d}"),
+            Err(DecodeError::WrongKey)
         );
+        assert_eq!(
+            Entry::decode(&entry, "tf:/users/42#{3b0c}x"),
+            Err(DecodeError::WrongKey)
+        );
+        assert!(!DecodeError::WrongKey.is_unknown_version());
+    }
+
+    #[test]
+    fn newer_versions_are_unknown_and_older_ones_retired() {
+        for record in [sample().encode(KEY), Record::encode_vary(&[], KEY)] {
+            let with_version = |version: u8| {
+                let mut record = BytesMut::from(&record[..]);
+                record[2] = version;
+                Record::decode(&record.freeze(), KEY)
+            };
+            let newer = with_version(VERSION + 1).unwrap_err();
+            assert_eq!(newer, DecodeError::UnknownVersion(VERSION + 1));
+            assert!(newer.is_unknown_version());
+            assert_eq!(with_version(u8::MAX), Err(DecodeError::UnknownVersion(255)));
+            let older = with_version(VERSION - 1).unwrap_err();
+            assert_eq!(older, DecodeError::RetiredVersion(VERSION - 1));
+            assert!(!older.is_unknown_version());
+            assert_eq!(with_version(0), Err(DecodeError::RetiredVersion(0)));
+        }
     }
 
     #[test]
     fn every_truncation_is_an_error() {
-        let record = sample().encode();
+        let record = sample().encode(KEY);
         for cut in 0..record.len() {
-            assert!(Entry::decode(&record.slice(..cut)).is_err(), "cut at {cut}");
+            assert!(
+                Entry::decode(&record.slice(..cut), KEY).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 
     #[test]
     fn trailing_bytes_are_an_error() {
-        let mut record = BytesMut::from(&sample().encode()[..]);
+        let mut record = BytesMut::from(&sample().encode(KEY)[..]);
         record.put_u8(0);
         assert_eq!(
-            Entry::decode(&record.freeze()),
+            Entry::decode(&record.freeze(), KEY),
             Err(DecodeError::TrailingBytes)
         );
     }
@@ -620,41 +723,100 @@ mod tests {
                     stale_until_ms: fresh.saturating_add(extra % 1_000_000),
                     error_until_ms: fresh.saturating_add(error % 1_000_000),
                     rebuild_ms: rebuild,
-                    flags: (rebuild % 8) as u8,
+                    flags: (rebuild % 16) as u8,
                     vary,
                 },
             )
     }
 
+    /// Store keys as the layer writes them, and anything else.
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof!["tf:/[a-z/%]{0,30}#\\{[0-9a-f]{8}\\}", any::<String>()]
+    }
+
+    fn names() -> impl Strategy<Value = Vec<HeaderName>> {
+        proptest::collection::vec(header_name(), 0..4)
+    }
+
     proptest! {
         #[test]
-        fn encode_decode_round_trips(entry in entry()) {
-            prop_assert_eq!(Entry::decode(&entry.encode()).unwrap(), entry);
+        fn encode_decode_round_trips(entry in entry(), key in key()) {
+            prop_assert_eq!(Entry::decode(&entry.encode(&key), &key).unwrap(), entry.clone());
+            prop_assert_eq!(
+                Record::decode(&entry.encode(&key), &key).unwrap(),
+                Record::Entry(entry)
+            );
         }
 
         #[test]
-        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = Entry::decode(&Bytes::from(bytes.clone()));
+        fn vary_stubs_round_trip(names in names(), key in key()) {
+            prop_assert_eq!(
+                Record::decode(&Record::encode_vary(&names, &key), &key).unwrap(),
+                Record::Vary(names)
+            );
+        }
+
+        #[test]
+        fn decoding_under_another_key_fails(
+            entry in entry(),
+            names in names(),
+            key in key(),
+            other in key(),
+        ) {
+            prop_assume!(key != other);
+            prop_assert_eq!(
+                Entry::decode(&entry.encode(&key), &other),
+                Err(DecodeError::WrongKey)
+            );
+            prop_assert_eq!(
+                Record::decode(&entry.encode(&key), &other),
+                Err(DecodeError::WrongKey)
+            );
+            prop_assert_eq!(
+                Record::decode(&Record::encode_vary(&names, &key), &other),
+                Err(DecodeError::WrongKey)
+            );
+        }
+
+        #[test]
+        fn garbage_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            key in key(),
+        ) {
+            let _ = Entry::decode(&Bytes::from(bytes.clone()), &key);
             let mut stub = b"TV".to_vec();
             stub.extend(bytes);
-            let _ = Record::decode(&Bytes::from(stub));
+            let _ = Record::decode(&Bytes::from(stub), &key);
         }
 
         #[test]
         fn garbage_after_a_valid_header_never_panics(
             tail in proptest::collection::vec(any::<u8>(), 0..512),
+            key in key(),
         ) {
-            let mut record = BytesMut::from(&b"TF\x01"[..]);
-            record.put_slice(&tail);
-            let _ = Entry::decode(&record.freeze());
+            // Magic, version and the right key digest: the rest is garbage.
+            for magic in [MAGIC, VARY_MAGIC] {
+                let mut record = BytesMut::from(&magic[..]);
+                record.put_u8(VERSION);
+                record.put_slice(&key_digest(&key));
+                record.put_slice(&tail);
+                let record = record.freeze();
+                let _ = Entry::decode(&record, &key);
+                let _ = Record::decode(&record, &key);
+            }
         }
 
         #[test]
-        fn flipped_bytes_never_panic(entry in entry(), index in any::<usize>(), byte in any::<u8>()) {
-            let mut record = BytesMut::from(&entry.encode()[..]);
+        fn flipped_bytes_never_panic(
+            entry in entry(),
+            key in key(),
+            index in any::<usize>(),
+            byte in any::<u8>(),
+        ) {
+            let mut record = BytesMut::from(&entry.encode(&key)[..]);
             let i = index % record.len();
             record[i] = byte;
-            let _ = Entry::decode(&record.freeze());
+            let _ = Entry::decode(&record.freeze(), &key);
         }
     }
 }

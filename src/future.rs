@@ -629,7 +629,7 @@ where
                 &keyed.overrides,
                 parts.status,
                 &parts.headers,
-                keyed.facts.authorized,
+                &keyed.facts,
                 shared.clock.now(),
             );
             let body = match verdict {

@@ -199,6 +199,7 @@ pub struct FenceLayerBuilder {
     cacheable_statuses: Vec<StatusCode>,
     store_timeout: Option<Duration>,
     key_headers: Vec<String>,
+    credential_headers: Vec<String>,
     stale_if_error: Duration,
     wait_timeout: Duration,
     lease_ttl: Duration,
@@ -231,6 +232,7 @@ impl Default for FenceLayerBuilder {
             cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
             store_timeout: Some(DEFAULT_STORE_TIMEOUT),
             key_headers: Vec::new(),
+            credential_headers: Vec::new(),
             stale_if_error: Duration::ZERO,
             wait_timeout: DEFAULT_WAIT_TIMEOUT,
             lease_ttl: DEFAULT_LEASE_TTL,
@@ -265,6 +267,7 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("cacheable_statuses", &self.cacheable_statuses)
             .field("store_timeout", &self.store_timeout)
             .field("key_headers", &self.key_headers)
+            .field("credential_headers", &self.credential_headers)
             .field("stale_if_error", &self.stale_if_error)
             .field("wait_timeout", &self.wait_timeout)
             .field("lease_ttl", &self.lease_ttl)
@@ -598,12 +601,40 @@ impl FenceLayerBuilder {
         self
     }
 
+    /// Adds a request header that carries a credential, as `Cookie` does
+    /// (an API key, a session token, a header set by an auth proxy): a
+    /// response to a request with it may be that user's page, so it is
+    /// stored, and served to other requests, only when it says it may be
+    /// shared (`public` or `s-maxage`), or on a route whose
+    /// [rule](crate::policy::rules::Rule) keys by cookie or
+    /// [shares cookies](crate::policy::rules::Rule::share_cookies); and a
+    /// request with it is served only entries stored that way. May be
+    /// called several times; a name that is not a header name is a
+    /// configuration error.
+    ///
+    /// Defaults to none: `Cookie` alone (`Authorization` has rules of its
+    /// own, RFC 9111 §3.5).
+    ///
+    /// ```
+    /// use tower_fence::FenceLayer;
+    ///
+    /// let layer = FenceLayer::builder()
+    ///     .credential_header("x-api-key")
+    ///     .credential_header("x-forwarded-user")
+    ///     .build()
+    ///     .unwrap();
+    /// ```
+    pub fn credential_header(mut self, name: impl Into<String>) -> Self {
+        self.credential_headers.push(name.into());
+        self
+    }
+
     /// Builds the layer.
     ///
     /// # Errors
     ///
-    /// A [`ConfigError`] when the namespace holds a forbidden character or a
-    /// key header is not a valid header name.
+    /// A [`ConfigError`] when the namespace holds a forbidden character, or
+    /// a key header or credential header is not a valid header name.
     pub fn build(self) -> Result<FenceLayer, ConfigError> {
         if !key::valid_namespace(&self.namespace) {
             return Err(ConfigError::new(format!(
@@ -620,6 +651,15 @@ impl FenceLayerBuilder {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut credential_headers = Vec::with_capacity(self.credential_headers.len());
+        for name in &self.credential_headers {
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                ConfigError::new(format!("credential header {name:?} is not a header name"))
+            })?;
+            if !credential_headers.contains(&name) {
+                credential_headers.push(name);
+            }
+        }
         if !(self.xfetch_beta.is_finite() && self.xfetch_beta >= 0.0) {
             return Err(ConfigError::new(format!(
                 "xfetch_beta must be a finite number >= 0, not {}",
@@ -660,6 +700,7 @@ impl FenceLayerBuilder {
                     grace: self.grace,
                     stale_if_error: self.stale_if_error,
                     cacheable_statuses: self.cacheable_statuses,
+                    credential_headers,
                 },
                 max_body_size: self.max_body_size,
                 wait_timeout: self.wait_timeout,
@@ -706,5 +747,34 @@ mod tests {
             .build()
             .is_err());
         assert!(FenceLayer::builder().namespace("app:v1:").build().is_ok());
+    }
+
+    #[test]
+    fn credential_headers_are_validated_and_kept() {
+        for bad in ["bad header", "", "x:y"] {
+            let err = FenceLayer::builder()
+                .credential_header(bad)
+                .build()
+                .unwrap_err();
+            assert!(err.to_string().contains("credential header"), "{err}");
+        }
+        let layer = FenceLayer::builder()
+            .credential_header("X-Api-Key")
+            .credential_header("x-api-key")
+            .credential_header("x-forwarded-user")
+            .build()
+            .unwrap();
+        assert_eq!(
+            layer.shared.policy.credential_headers,
+            [
+                HeaderName::from_static("x-api-key"),
+                HeaderName::from_static("x-forwarded-user")
+            ]
+        );
+        assert!(FenceLayer::memory()
+            .shared
+            .policy
+            .credential_headers
+            .is_empty());
     }
 }

@@ -108,9 +108,16 @@ impl StoreClient {
             Ok(None) => return Found::Nothing,
             Err(err) => return Found::Failed(err),
         };
-        match Record::decode(&record) {
+        match Record::decode(&record, key) {
             Ok(Record::Entry(entry)) => Found::Entry(entry),
             Ok(Record::Vary(names)) => Found::Vary(names),
+            // Written by a newer instance (a rolling deploy): a miss here,
+            // but still good for the instances that wrote it.
+            Err(err) if err.is_unknown_version() => {
+                tracing::debug!(key, error = %err, "tower-fence: keeping a record of a newer codec; treated as a miss");
+                Found::Nothing
+            }
+            // Corrupt, retired or written for another key: never served.
             Err(err) => {
                 self.decode_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key, error = %err, "tower-fence: deleting a record that does not decode");

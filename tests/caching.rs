@@ -16,6 +16,7 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use support::RedisProcess;
 use tower::ServiceExt;
+use tower_fence::policy::rules::Rule;
 use tower_fence::store::{MemoryStore, RedisStore};
 use tower_fence::{FenceLayer, FenceLayerBuilder};
 
@@ -45,7 +46,9 @@ impl Backend {
 
 /// An origin whose behaviour the query string picks:
 /// `cc=` Cache-Control, `cookie` a Set-Cookie, `vary=` Vary, `status=`,
-/// `size=N` an N-byte body (else `call N`).
+/// `size=N` an N-byte body (else `call N`), `me` a body naming the request's
+/// `Cookie` and `X-Api-Key` (a page personalised by session), `badcc` the
+/// `Cache-Control` `private, x="é"` (not visible ASCII).
 #[derive(Clone, Default)]
 struct Origin {
     calls: Arc<AtomicUsize>,
@@ -61,6 +64,7 @@ impl Origin {
             State(origin): State<Origin>,
             Path(_path): Path<String>,
             RawQuery(query): RawQuery,
+            request_headers: HeaderMap,
         ) -> http::Response<Body> {
             let n = origin.calls.fetch_add(1, Ordering::SeqCst) + 1;
             let mut response = http::Response::builder();
@@ -80,6 +84,25 @@ impl Origin {
                         body = vec![b'x'; value.parse().unwrap()];
                         response
                     }
+                    "me" => {
+                        let named = |name: &str| {
+                            request_headers
+                                .get(name)
+                                .map(|v| v.to_str().unwrap().to_owned())
+                                .unwrap_or_default()
+                        };
+                        body = format!(
+                            "page of {}{} (call {n})",
+                            named("cookie"),
+                            named("x-api-key")
+                        )
+                        .into_bytes();
+                        response
+                    }
+                    "badcc" => response.header(
+                        "cache-control",
+                        http::HeaderValue::from_bytes("private, x=\"é\"".as_bytes()).unwrap(),
+                    ),
                     _ => response,
                 };
             }
@@ -209,6 +232,11 @@ on_both_stores!(
     variants_are_stored_side_by_side,
     authorization_is_shared_only_with_permission,
     status_codes_follow_the_configuration,
+    cookie_requests_never_get_another_users_page,
+    credential_headers_and_rules_decide_sharing,
+    unparseable_cache_control_is_not_shared,
+    a_record_copied_under_another_key_is_not_served,
+    records_of_a_newer_codec_are_misses_but_kept,
 );
 
 async fn second_get_is_a_hit(backend: Backend) {
@@ -546,6 +574,233 @@ async fn status_codes_follow_the_configuration(backend: Backend) {
     settle().await;
     assert!(!get_path(&app, "/s?status=500").await.is_hit());
     assert_eq!(origin.calls(), 5);
+}
+
+/// A request carrying `cookie`.
+fn with_cookie(uri: &str, cookie: &str) -> Request<Body> {
+    Request::get(uri)
+        .header("cookie", cookie)
+        .body(Body::empty())
+        .unwrap()
+}
+
+async fn cookie_requests_never_get_another_users_page(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    // No Cache-Control: the page may depend on the session, so it is
+    // neither stored nor given to the next user.
+    let alice = send(&app, with_cookie("/me?me", "session=alice")).await;
+    assert_eq!(alice.body, "page of session=alice (call 1)");
+    assert_eq!(
+        alice.cache_status(),
+        "tower-fence; fwd=uri-miss; fwd-status=200; detail=cookie"
+    );
+    settle().await;
+    let bob = send(&app, with_cookie("/me?me", "session=bob")).await;
+    assert_eq!(bob.body, "page of session=bob (call 2)");
+    assert!(!bob.is_hit(), "{}", bob.cache_status());
+    settle().await;
+    // Nor to an anonymous request.
+    let anonymous = get_path(&app, "/me?me").await;
+    assert_eq!(anonymous.body, "page of  (call 3)");
+    assert_eq!(origin.calls(), 3);
+
+    // A response that says it may be shared is.
+    let public = "/public?me&cc=public%2C%20max-age%3D60";
+    let alice = send(&app, with_cookie(public, "session=alice")).await;
+    assert!(
+        alice.cache_status().contains("stored"),
+        "{}",
+        alice.cache_status()
+    );
+    settle().await;
+    let bob = send(&app, with_cookie(public, "session=bob")).await;
+    assert!(bob.is_hit(), "{}", bob.cache_status());
+    assert_eq!(bob.body, alice.body);
+    assert!(get_path(&app, public).await.is_hit());
+    assert_eq!(origin.calls(), 4);
+
+    // An entry stored for anonymous requests without `public` is not given
+    // to a request with a cookie (whose page may differ).
+    let anonymous_only = "/anon?me&cc=max-age%3D60";
+    get_path(&app, anonymous_only).await;
+    settle().await;
+    assert!(get_path(&app, anonymous_only).await.is_hit());
+    let bob = send(&app, with_cookie(anonymous_only, "session=bob")).await;
+    assert_eq!(bob.body, "page of session=bob (call 6)");
+    assert!(
+        bob.cache_status().contains("fwd=request"),
+        "{}",
+        bob.cache_status()
+    );
+    assert_eq!(origin.calls(), 6);
+}
+
+async fn credential_headers_and_rules_decide_sharing(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend
+        .builder()
+        .await
+        .credential_header("x-api-key")
+        .rule(Rule::prefix("/keyed").key_cookie("session"))
+        .rule(Rule::prefix("/static").share_cookies())
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer);
+
+    // A rule keyed by the session cookie: each session its own copy.
+    for (session, call) in [("alice", 1), ("bob", 2)] {
+        for _ in 0..2 {
+            let reply = send(
+                &app,
+                with_cookie("/keyed?me", &format!("theme=dark; session={session}")),
+            )
+            .await;
+            assert_eq!(
+                reply.body,
+                format!("page of theme=dark; session={session} (call {call})")
+            );
+            settle().await;
+        }
+    }
+    let alice = send(&app, with_cookie("/keyed?me", "session=alice")).await;
+    assert!(alice.is_hit(), "{}", alice.cache_status());
+    assert_eq!(alice.body, "page of theme=dark; session=alice (call 1)");
+    assert_eq!(origin.calls(), 2);
+
+    // A rule that shares cookies: one copy for everyone.
+    let first = send(&app, with_cookie("/static/app.css?me", "session=alice")).await;
+    settle().await;
+    let second = send(&app, with_cookie("/static/app.css?me", "session=bob")).await;
+    assert!(second.is_hit(), "{}", second.cache_status());
+    assert_eq!(second.body, first.body);
+    assert_eq!(origin.calls(), 3);
+
+    // A configured credential header is a cookie: not shared by default.
+    let with_key = |key: &str| {
+        Request::get("/api?me")
+            .header("x-api-key", key)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let one = send(&app, with_key("one")).await;
+    assert_eq!(one.body, "page of one (call 4)");
+    assert!(one.cache_status().contains("detail=cookie"));
+    settle().await;
+    let two = send(&app, with_key("two")).await;
+    assert_eq!(two.body, "page of two (call 5)");
+    assert_eq!(origin.calls(), 5);
+}
+
+async fn unparseable_cache_control_is_not_shared(backend: Backend) {
+    let origin = Origin::default();
+    let app = origin
+        .router()
+        .layer(backend.builder().await.build().unwrap());
+    // `private, x="é"`: one byte that is not visible ASCII.
+    for n in 1..=2 {
+        let reply = get_path(&app, "/bad?badcc").await;
+        assert_eq!(reply.body, format!("call {n}"));
+        assert_eq!(
+            reply.cache_status(),
+            "tower-fence; fwd=uri-miss; fwd-status=200; detail=cache-control"
+        );
+        settle().await;
+    }
+    assert_eq!(origin.calls(), 2);
+}
+
+async fn a_record_copied_under_another_key_is_not_served(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let key = |uri: &str| layer.cache_key(&Request::get(uri).body(()).unwrap());
+    let (first, second) = ("/first?cc=max-age%3D60", "/second?cc=max-age%3D60");
+    assert_eq!(get_path(&app, first).await.body, "call 1");
+    assert_eq!(get_path(&app, second).await.body, "call 2");
+    settle().await;
+    // A buggy job copies the first record over the second.
+    match &backend.redis {
+        Some(redis) => {
+            let mut conn = redis.conn().await;
+            let copied: i64 = ::redis::cmd("COPY")
+                .arg(key(first))
+                .arg(key(second))
+                .arg("REPLACE")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(copied, 1);
+        }
+        None => {
+            let record = layer.store().get(&key(first)).await.unwrap().unwrap();
+            layer
+                .store()
+                .put(&key(second), record, Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(
+        layer.store().get(&key(first)).await.unwrap(),
+        layer.store().get(&key(second)).await.unwrap()
+    );
+    let reply = get_path(&app, second).await;
+    assert_eq!(reply.body, "call 3");
+    assert!(
+        reply.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        reply.cache_status()
+    );
+    assert_eq!(layer.stats().decode_errors, 1);
+    // The first record is still served under its own key.
+    let reply = get_path(&app, first).await;
+    assert!(reply.is_hit(), "{}", reply.cache_status());
+    assert_eq!(reply.body, "call 1");
+    assert_eq!(origin.calls(), 3);
+}
+
+async fn records_of_a_newer_codec_are_misses_but_kept(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend.builder().await.build().unwrap();
+    let app = origin.router().layer(layer.clone());
+    let key = |uri: &str| layer.cache_key(&Request::get(uri).body(()).unwrap());
+    // Entry magic, then a codec version: 255 is newer than any this build
+    // knows (a newer instance wrote it during a rolling deploy), 1 is
+    // retired. The rest does not matter: the version is read first.
+    let (newer, retired) = ("/newer?cc=no-store", "/retired?cc=no-store");
+    let put = |uri: &'static str, version: u8| {
+        let store = layer.store().clone();
+        let key = key(uri);
+        async move {
+            let mut record = b"TF".to_vec();
+            record.push(version);
+            record.extend_from_slice(&[0; 64]);
+            store
+                .put(&key, Bytes::from(record), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+    };
+    put(newer, 255).await;
+    put(retired, 1).await;
+    for uri in [newer, retired] {
+        let reply = get_path(&app, uri).await;
+        assert!(
+            reply.cache_status().contains("fwd=uri-miss"),
+            "{uri}: {}",
+            reply.cache_status()
+        );
+    }
+    settle().await;
+    assert_eq!(origin.calls(), 2);
+    // The newer record is left for the instances that read it; the retired
+    // one is deleted as any record that does not decode.
+    assert!(layer.store().get(&key(newer)).await.unwrap().is_some());
+    assert!(layer.store().get(&key(retired)).await.unwrap().is_none());
+    assert_eq!(layer.stats().decode_errors, 1);
 }
 
 #[tokio::test]

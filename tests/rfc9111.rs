@@ -103,9 +103,11 @@ impl Answer {
         let mut response = Response::new(Body::from(self.body));
         *response.status_mut() = StatusCode::from_u16(self.status).expect("a valid status");
         for (name, value) in self.headers {
+            // `from_bytes`, not `from_str`: a case may send bytes that are
+            // not visible ASCII (obs-text), as origins do.
             response.headers_mut().append(
                 HeaderName::from_bytes(name.as_bytes()).expect("a valid header name"),
-                HeaderValue::from_str(&value).expect("a valid header value"),
+                HeaderValue::from_bytes(value.as_bytes()).expect("a valid header value"),
             );
         }
         response
@@ -829,6 +831,22 @@ cases! {
         ],
     );
 
+    private_next_to_a_non_ascii_byte_is_not_stored => Case::new(
+        |s| versioned(s, "private, x=\"é\""),
+        vec![
+            get("/r").miss().body("v1").cs("detail=cache-control").calls(1),
+            get("/r").miss().body("v2").calls(2),
+        ],
+    ).default_ttl(60);
+
+    unbalanced_quote_in_cache_control_is_not_stored => Case::new(
+        |s| versioned(s, "max-age=60, no-cache=\"set-cookie"),
+        vec![
+            get("/r").miss().body("v1").cs("detail=cache-control").calls(1),
+            get("/r").miss().body("v2").calls(2),
+        ],
+    );
+
     set_cookie_is_not_stored => Case::new(
         |s| versioned(s, "max-age=60").h("set-cookie", "session=abc"),
         vec![
@@ -917,6 +935,16 @@ cases! {
 // ---------------------------------------------------------------------------
 
 cases! {
+    request_cache_control_that_does_not_parse_bypasses => Case::new(
+        |s| versioned(s, "max-age=60"),
+        vec![
+            get("/r").miss().body("v1").cs("stored").calls(1),
+            get("/r").h("cache-control", "max-stale, x=\"").miss().body("v2")
+                .cs("fwd=bypass").cs("detail=cache-control").calls(2),
+            get("/r").hit().body("v1").calls(2),
+        ],
+    );
+
     request_no_cache_is_forwarded_and_revalidated => Case::new(
         |s| etagged(s, "max-age=60", "max-age=60"),
         vec![
@@ -1172,6 +1200,64 @@ cases! {
             get("/r").miss().body("v1").cs("stored").calls(1),
             get("/r").h("authorization", "Bearer a").miss().body("v2").calls(2),
             get("/r").hit().body("v1").calls(2),
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Cookies: a response to a request with `Cookie` may be that user's page
+// ---------------------------------------------------------------------------
+
+/// `v<n> for <cookie>`: a page personalised by the session cookie.
+fn personal(seen: &Seen, cc: &str) -> Answer {
+    let page = Answer::ok(format!(
+        "v{} for {}",
+        seen.n,
+        seen.header("cookie").unwrap_or("nobody")
+    ));
+    if cc.is_empty() {
+        page
+    } else {
+        page.h("cache-control", cc)
+    }
+}
+
+cases! {
+    cookie_response_without_cache_control_is_not_shared => Case::new(
+        |s| personal(s, ""),
+        vec![
+            get("/r").h("cookie", "session=a").miss().body("v1 for session=a")
+                .cs("detail=cookie").calls(1),
+            get("/r").h("cookie", "session=b").miss().body("v2 for session=b").calls(2),
+            get("/r").miss().body("v3 for nobody").calls(3),
+        ],
+    ).default_ttl(60);
+
+    cookie_response_with_max_age_or_must_revalidate_is_not_shared => Case::new(
+        |s| personal(s, "max-age=60, must-revalidate"),
+        vec![
+            get("/r").h("cookie", "session=a").miss().body("v1 for session=a")
+                .cs("detail=cookie").calls(1),
+            get("/r").h("cookie", "session=b").miss().body("v2 for session=b").calls(2),
+        ],
+    );
+
+    cookie_response_marked_public_is_shared => Case::new(
+        |s| personal(s, "public, max-age=60"),
+        vec![
+            get("/r").h("cookie", "session=a").miss().body("v1 for session=a")
+                .cs("stored").calls(1),
+            get("/r").h("cookie", "session=b").hit().body("v1 for session=a").calls(1),
+            get("/r").hit().body("v1 for session=a").calls(1),
+        ],
+    );
+
+    anonymous_entry_is_not_served_to_a_cookie_request => Case::new(
+        |s| personal(s, "max-age=60"),
+        vec![
+            get("/r").miss().body("v1 for nobody").cs("stored").calls(1),
+            get("/r").h("cookie", "session=a").miss().body("v2 for session=a").calls(2),
+            get("/r").hit().body("v1 for nobody").calls(2),
         ],
     );
 }

@@ -33,6 +33,7 @@ use crate::flow::origin::{self, Head, Teed};
 use crate::flow::settle::{self, Fence, Filled};
 use crate::flow::{Inner, Keyed, SendBody};
 use crate::key::{self, CacheKey};
+use crate::policy;
 use crate::respond::{self, vary_matches};
 use crate::shared::{Landing, Shared};
 use crate::singleflight::Lead;
@@ -118,7 +119,7 @@ where
         match settle::take_lease(&shared, key, &prepared.lease_sets).await {
             Ok(Some(fence)) => fence,
             Ok(None) => {
-                match await_remote_fill(&shared, &lead, key, &prepared.lease_sets, headers).await {
+                match await_remote_fill(&keyed, &lead, &prepared.lease_sets, headers).await {
                     Remote::Filled(entry) => {
                         let entry: Arc<Entry> = Arc::from(entry);
                         lead.land(Landing::Response(entry.clone()));
@@ -167,7 +168,7 @@ where
     // lookup and our lease -- unless the request's own directives
     // (`no-cache`, `max-age`) ruled stored responses out.
     if matches!(fence, Fence::Lease { .. }) && fwd != Fwd::Request {
-        if let Some(entry) = read_usable(&shared, key, headers).await {
+        if let Some(entry) = read_usable(&keyed, headers).await {
             settle::release(&shared, key, &fence).await;
             let entry = Arc::new(entry);
             lead.land(Landing::Response(entry.clone()));
@@ -444,12 +445,12 @@ enum Remote {
 }
 
 async fn await_remote_fill(
-    shared: &Shared,
+    keyed: &Keyed,
     lead: &Lead<Landing>,
-    key: &CacheKey,
     lease_sets: &[String],
     request_headers: &HeaderMap,
 ) -> Remote {
+    let (shared, key) = (&keyed.shared, &keyed.key);
     shared.bump(|c| &c.remote_waits);
     lead.awaiting_remote();
     // Subscribe before reading, so that a fill between the read and the
@@ -457,7 +458,7 @@ async fn await_remote_fill(
     let mut subscription = shared.store.subscribe_fill(key.as_str());
     let deadline = tokio::time::Instant::now() + shared.wait_timeout;
     loop {
-        if let Some(entry) = read_usable(shared, key, request_headers).await {
+        if let Some(entry) = read_usable(keyed, request_headers).await {
             return Remote::Filled(Box::new(entry));
         }
         if let Ok(Some(fence)) = settle::take_lease(shared, key, lease_sets).await {
@@ -478,13 +479,10 @@ async fn await_remote_fill(
     }
 }
 
-/// Reads the key's entry if it is there, decodes, is fresh and matches the
-/// request's `Vary` values.
-async fn read_usable(
-    shared: &Shared,
-    key: &CacheKey,
-    request_headers: &HeaderMap,
-) -> Option<Entry> {
+/// Reads the key's entry if it is there, decodes, is fresh, matches the
+/// request's `Vary` values and may answer the request (its credentials).
+async fn read_usable(keyed: &Keyed, request_headers: &HeaderMap) -> Option<Entry> {
+    let (shared, key) = (&keyed.shared, &keyed.key);
     let entry = match shared.store.read(key.as_str()).await {
         Found::Entry(entry) => entry,
         // The fill was of a varying response: read this request's variant.
@@ -499,6 +497,7 @@ async fn read_usable(
     };
     let usable = entry.is_fresh(shared.clock.now_ms())
         && !entry.has(flags::REVALIDATE)
-        && vary_matches(&entry, request_headers);
+        && vary_matches(&entry, request_headers)
+        && policy::may_answer(&entry, &keyed.facts, keyed.overrides.keyed_by_credential);
     usable.then_some(entry)
 }

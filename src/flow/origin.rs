@@ -137,7 +137,7 @@ pub(crate) fn classify<RB: Body, E>(
                 &keyed.overrides,
                 current.status,
                 &merged,
-                keyed.facts.authorized,
+                &keyed.facts,
                 now,
             );
             let storable = verdict.is_ok();
@@ -172,7 +172,7 @@ pub(crate) fn classify<RB: Body, E>(
         &keyed.overrides,
         parts.status,
         &parts.headers,
-        keyed.facts.authorized,
+        &keyed.facts,
         now,
     );
     let freshness = match verdict {
@@ -183,7 +183,13 @@ pub(crate) fn classify<RB: Body, E>(
             if parts.status.is_server_error()
                 && !matches!(
                     reason,
-                    "private" | "no-store" | "set-cookie" | "vary-star" | "authorization"
+                    "private"
+                        | "no-store"
+                        | "set-cookie"
+                        | "vary-star"
+                        | "authorization"
+                        | "cookie"
+                        | "cache-control"
                 ) =>
         {
             None

@@ -47,7 +47,12 @@ pub(crate) fn plan(shared: &Arc<Shared>, parts: &Parts) -> Plan {
         None if is_read(&parts.method) && declares_body(parts) => {
             RequestPlan::Bypass("request-body")
         }
-        None => policy::plan_request(&parts.method, &parts.headers, shared.client_cache_control),
+        None => policy::plan_request(
+            &parts.method,
+            &parts.headers,
+            shared.client_cache_control,
+            &shared.policy,
+        ),
     };
     let facts = match request_plan {
         RequestPlan::Bypass(detail) => {
@@ -135,6 +140,7 @@ fn key_and_overrides(
         stale_if_error: rule.stale_if_error_setting(),
         strip_set_cookie: rule.strips_set_cookie(),
         keyed_by_credential: rule.authorization_keyed(),
+        cookies_shared: rule.cookies_shared(),
     };
     (key, overrides)
 }

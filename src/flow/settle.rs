@@ -117,11 +117,20 @@ pub(crate) async fn fill(
     let names: Vec<HeaderName> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
     // Headers the route declared to vary on are in the key already.
     let filled = if names.iter().all(|name| declared_vary.contains(name)) {
-        write(shared, key, entry.encode(), ttl, Some((key, fence)), sets).await
+        write(
+            shared,
+            key,
+            entry.encode(key.as_str()),
+            ttl,
+            Some((key, fence)),
+            sets,
+        )
+        .await
     } else if key != base {
         // Already the variant's key (the stub was found): refresh the stub.
-        let stub = Record::encode_vary(&names);
-        let filled = write(shared, key, entry.encode(), ttl, Some((key, fence)), sets).await;
+        let stub = Record::encode_vary(&names, base.as_str());
+        let record = entry.encode(key.as_str());
+        let filled = write(shared, key, record, ttl, Some((key, fence)), sets).await;
         if filled == Filled::Stored {
             write(shared, base, stub, ttl, None, &[]).await;
         }
@@ -133,8 +142,9 @@ pub(crate) async fn fill(
             .filter_map(|(name, value)| Some((name.clone(), value.clone()?)))
             .collect();
         let variant = key::variant(base, &names, &request_values);
-        let stub = Record::encode_vary(&names);
-        match write(shared, &variant, entry.encode(), ttl, None, sets).await {
+        let stub = Record::encode_vary(&names, base.as_str());
+        let record = entry.encode(variant.as_str());
+        match write(shared, &variant, record, ttl, None, sets).await {
             Filled::Stored => {
                 // The stub joins no set: an invalidation removes the
                 // variants (they joined the sets), and a stub whose variant

@@ -27,19 +27,31 @@ pub(crate) struct CacheControl {
     pub(crate) only_if_cached: bool,
 }
 
+/// A `Cache-Control` (or `CDN-Cache-Control`) field that cannot be read: a
+/// byte that is not visible ASCII, an unbalanced quote, a directive name that
+/// is not a token, a value that is neither a token nor a quoted string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Unparseable;
+
 impl CacheControl {
-    /// Parses every field line. Unknown directives are ignored; a duration
-    /// that is not a number counts as 0 (stale), the conservative reading;
-    /// numbers saturate at [`MAX_DELTA_SECONDS`].
-    pub(crate) fn parse(values: GetAll<'_, HeaderValue>) -> Self {
+    /// Parses every field line (RFC 9111 §5.2, the list syntax of RFC 9110
+    /// §5.6.1): `#( token [ "=" ( token / quoted-string ) ] )`, empty list
+    /// members and optional whitespace around them allowed. Unknown
+    /// directives are ignored; a duration that is not a number counts as 0
+    /// (stale), the conservative reading; numbers saturate at
+    /// [`MAX_DELTA_SECONDS`].
+    ///
+    /// A field line that does not follow the syntax makes the whole field
+    /// [`Unparseable`]: what it would have said (`private`, `no-store`) is
+    /// unknown, so the caller must not read it as saying nothing.
+    /// Obsolete text (bytes 0x80–0xFF, RFC 9110 §5.5) counts as unparseable
+    /// too, even inside a quoted string.
+    pub(crate) fn parse(values: GetAll<'_, HeaderValue>) -> Result<Self, Unparseable> {
         let mut cc = CacheControl::default();
         for value in values {
-            let Ok(text) = value.to_str() else { continue };
-            for directive in split_directives(text) {
-                let (name, arg) = match directive.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (directive.trim(), None),
-                };
+            let text = value.to_str().map_err(|_| Unparseable)?;
+            for (name, arg) in directives(text)? {
+                let arg = arg.as_deref();
                 let seconds = || arg.map(delta_seconds).unwrap_or(0);
                 match name.to_ascii_lowercase().as_str() {
                     "no-store" => cc.no_store = true,
@@ -64,7 +76,7 @@ impl CacheControl {
                 }
             }
         }
-        cc
+        Ok(cc)
     }
 }
 
@@ -73,23 +85,100 @@ fn min_opt(current: Option<u64>, new: u64) -> u64 {
     current.map_or(new, |c| c.min(new))
 }
 
-/// Splits on commas outside quoted strings.
-fn split_directives(text: &str) -> impl Iterator<Item = &str> {
-    let mut parts = Vec::new();
-    let mut in_quotes = false;
-    let mut start = 0;
-    for (i, b) in text.bytes().enumerate() {
-        match b {
-            b'"' => in_quotes = !in_quotes,
-            b',' if !in_quotes => {
-                parts.push(&text[start..i]);
-                start = i + 1;
+/// The directives of one field line, names as given and arguments
+/// unquoted; `Err` when the line does not follow the syntax.
+fn directives(text: &str) -> Result<Vec<(&str, Option<String>)>, Unparseable> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        // OWS, then a directive or nothing (an empty list member).
+        i = skip_ows(bytes, i);
+        if i == bytes.len() {
+            return Ok(out);
+        }
+        if bytes[i] != b',' {
+            let start = i;
+            i = skip_token(bytes, i);
+            if i == start {
+                return Err(Unparseable);
             }
-            _ => {}
+            let name = &text[start..i];
+            let mut arg = None;
+            if bytes.get(i) == Some(&b'=') {
+                i += 1;
+                if bytes.get(i) == Some(&b'"') {
+                    let (value, end) = quoted_string(bytes, i)?;
+                    arg = Some(value);
+                    i = end;
+                } else {
+                    let start = i;
+                    i = skip_token(bytes, i);
+                    if i == start {
+                        return Err(Unparseable);
+                    }
+                    arg = Some(text[start..i].to_owned());
+                }
+            }
+            out.push((name, arg));
+            i = skip_ows(bytes, i);
+            if i == bytes.len() {
+                return Ok(out);
+            }
+        }
+        // Only a comma may follow a directive.
+        if bytes[i] != b',' {
+            return Err(Unparseable);
+        }
+        i += 1;
+    }
+}
+
+fn skip_ows(bytes: &[u8], mut i: usize) -> usize {
+    while matches!(bytes.get(i), Some(b' ' | b'\t')) {
+        i += 1;
+    }
+    i
+}
+
+fn skip_token(bytes: &[u8], mut i: usize) -> usize {
+    while bytes.get(i).is_some_and(|&b| is_tchar(b)) {
+        i += 1;
+    }
+    i
+}
+
+/// `tchar` (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The quoted string starting at `bytes[start]` (a `"`), unescaped, and the
+/// index just past its closing quote (RFC 9110 §5.6.4).
+fn quoted_string(bytes: &[u8], start: usize) -> Result<(String, usize), Unparseable> {
+    let mut value = Vec::new();
+    let mut i = start + 1;
+    loop {
+        match bytes.get(i) {
+            None => return Err(Unparseable),
+            Some(b'"') => break,
+            Some(b'\\') => {
+                match bytes.get(i + 1) {
+                    Some(&b) if b == b'\t' || (b' '..=b'~').contains(&b) => value.push(b),
+                    _ => return Err(Unparseable),
+                }
+                i += 2;
+            }
+            Some(&b) if b == b'\t' || (b' '..=b'~').contains(&b) => {
+                value.push(b);
+                i += 1;
+            }
+            Some(_) => return Err(Unparseable),
         }
     }
-    parts.push(&text[start..]);
-    parts.into_iter().filter(|p| !p.trim().is_empty())
+    // Only visible ASCII, space and tab were taken: valid UTF-8.
+    let value = String::from_utf8(value).map_err(|_| Unparseable)?;
+    Ok((value, i + 1))
 }
 
 /// Parses delta-seconds: digits only, saturating.
@@ -110,12 +199,17 @@ mod tests {
     use super::*;
     use http::HeaderMap;
 
-    fn parse(lines: &[&str]) -> CacheControl {
+    fn try_parse(lines: &[&[u8]]) -> Result<CacheControl, Unparseable> {
         let mut headers = HeaderMap::new();
         for line in lines {
-            headers.append("cache-control", HeaderValue::from_str(line).unwrap());
+            headers.append("cache-control", HeaderValue::from_bytes(line).unwrap());
         }
         CacheControl::parse(headers.get_all("cache-control"))
+    }
+
+    fn parse(lines: &[&str]) -> CacheControl {
+        let lines: Vec<&[u8]> = lines.iter().map(|l| l.as_bytes()).collect();
+        try_parse(&lines).unwrap()
     }
 
     #[test]
@@ -159,5 +253,73 @@ mod tests {
     #[test]
     fn duplicate_max_age_takes_the_smaller() {
         assert_eq!(parse(&["max-age=60, max-age=5"]).max_age, Some(5));
+    }
+
+    #[test]
+    fn a_byte_beyond_visible_ascii_makes_the_field_unparseable() {
+        // `private, x="é"`: `é` is obs-text, and the field's `private` must
+        // not be lost with it.
+        assert_eq!(
+            try_parse(&["private, x=\"é\"".as_bytes()]),
+            Err(Unparseable)
+        );
+        assert_eq!(try_parse(&[b"max-age=60, \xff"]), Err(Unparseable));
+        // One bad line spoils the whole field.
+        assert_eq!(
+            try_parse(&[b"max-age=60", "no-store, x=\"é\"".as_bytes()]),
+            Err(Unparseable)
+        );
+    }
+
+    #[test]
+    fn unbalanced_quotes_are_unparseable() {
+        for line in [
+            "private=\"set-cookie, max-age=60",
+            "max-age=60, x=\"",
+            "x=\"a\\\"",
+            "x=\"a\"b\"",
+        ] {
+            assert_eq!(try_parse(&[line.as_bytes()]), Err(Unparseable), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_directive_name_that_is_not_a_token_is_unparseable() {
+        for line in [
+            "=60",
+            "max age=60",
+            "max-age=60; private",
+            "(private)",
+            "\"private\"",
+            "max-age=60 private",
+            "max-age = 60",
+            "max-age=",
+            "max-age==60",
+            "no-cache=a b",
+            "private=a\"b\"",
+        ] {
+            assert_eq!(try_parse(&[line.as_bytes()]), Err(Unparseable), "{line}");
+        }
+    }
+
+    #[test]
+    fn valid_list_syntax_is_accepted() {
+        // Empty list members, optional whitespace (spaces and tabs).
+        let cc = parse(&[",, public ,\tmax-age=60 ,", "", " "]);
+        assert!(cc.public);
+        assert_eq!(cc.max_age, Some(60));
+        // Quoted strings hold commas, escaped quotes, spaces and `=`.
+        let cc = parse(&["no-cache=\"set-cookie, x-a\", x=\"a \\\" = b\", s-maxage=5"]);
+        assert!(cc.no_cache);
+        assert_eq!(cc.s_maxage, Some(5));
+        // Unknown extension directives, with or without arguments.
+        let cc = parse(&["community=\"UCI\", x-ext, y=token.1, max-age=3"]);
+        assert_eq!(cc.max_age, Some(3));
+        assert_eq!(parse(&[""]), CacheControl::default());
+    }
+
+    #[test]
+    fn quoted_arguments_are_unescaped() {
+        assert_eq!(parse(&["max-age=\"6\\0\""]).max_age, Some(60));
     }
 }

@@ -15,7 +15,7 @@ mod cache_control;
 pub mod rules;
 
 use cache_control::delta_seconds;
-pub(crate) use cache_control::CacheControl;
+pub(crate) use cache_control::{CacheControl, Unparseable};
 
 use crate::entry::{flags, unix_ms, Entry};
 
@@ -45,6 +45,9 @@ pub(crate) struct PolicyConfig {
     /// Stale-if-error window when the response states none.
     pub(crate) stale_if_error: Duration,
     pub(crate) cacheable_statuses: Vec<StatusCode>,
+    /// Request headers that, like `Cookie`, may make a response personal
+    /// (`FenceLayerBuilder::credential_header`).
+    pub(crate) credential_headers: Vec<HeaderName>,
 }
 
 /// How far a client's own `Cache-Control` (and `Pragma`) is obeyed.
@@ -73,6 +76,9 @@ pub enum ClientCacheControl {
 pub(crate) struct RequestFacts {
     /// The request carries `Authorization` (RFC 9111 §3.5).
     pub(crate) authorized: bool,
+    /// The request carries `Cookie` or one of the layer's credential
+    /// headers: its response may be personal, as with `Authorization`.
+    pub(crate) cookie: bool,
     /// The response may be stored (no `no-store`).
     pub(crate) may_store: bool,
     /// The stored response may not be used without validation.
@@ -84,11 +90,26 @@ pub(crate) struct RequestFacts {
 }
 
 impl RequestFacts {
-    /// Whether the request's answer may be given to other requests only
-    /// when the response says it is shareable.
+    /// Whether this request's response may not be given to other requests
+    /// unless the response says it may be shared (`public`, `s-maxage`;
+    /// `must-revalidate` too for `Authorization`, RFC 9111 §3.5): it
+    /// carries `Authorization` on a route that does not key by it, or
+    /// `Cookie` (or a credential header) on a route that neither keys by
+    /// cookie nor shares cookies.
     pub(crate) fn personal(&self, overrides: &Overrides) -> bool {
-        self.authorized && !overrides.keyed_by_credential
+        (self.authorized && !overrides.keyed_by_credential)
+            || (self.cookie && !overrides.cookies_shared)
     }
+}
+
+/// Whether a request carries `Cookie` or one of `config`'s credential
+/// headers.
+pub(crate) fn carries_cookie(config: &PolicyConfig, headers: &HeaderMap) -> bool {
+    headers.contains_key(header::COOKIE)
+        || config
+            .credential_headers
+            .iter()
+            .any(|name| headers.contains_key(name))
 }
 
 /// What to do with a request.
@@ -102,11 +123,13 @@ pub(crate) enum RequestPlan {
 }
 
 /// Decides whether a request may be answered from the cache, and reads its
-/// directives (obeyed as far as `client` says).
+/// directives (obeyed as far as `client` says) and credentials (`config`'s
+/// credential headers).
 pub(crate) fn plan_request(
     method: &Method,
     headers: &HeaderMap,
     client: ClientCacheControl,
+    config: &PolicyConfig,
 ) -> RequestPlan {
     if method != Method::GET && method != Method::HEAD {
         return RequestPlan::Bypass("method");
@@ -121,6 +144,7 @@ pub(crate) fn plan_request(
     }
     let mut facts = RequestFacts {
         authorized: headers.contains_key(header::AUTHORIZATION),
+        cookie: carries_cookie(config, headers),
         may_store: true,
         ..RequestFacts::default()
     };
@@ -131,7 +155,12 @@ pub(crate) fn plan_request(
     if !has_cc && !headers.contains_key(header::PRAGMA) {
         return RequestPlan::Lookup(facts);
     }
-    let cc = CacheControl::parse(headers.get_all(header::CACHE_CONTROL));
+    // A request `Cache-Control` that does not parse may say `no-store` or
+    // `no-cache`: neither serve the request from the cache nor store its
+    // response.
+    let Ok(cc) = CacheControl::parse(headers.get_all(header::CACHE_CONTROL)) else {
+        return RequestPlan::Bypass("cache-control");
+    };
     // RFC 9111 §5.2.1.5: no-store forbids storing the response.
     facts.may_store = !cc.no_store;
     facts.max_stale = cc.max_stale;
@@ -164,8 +193,22 @@ pub(crate) enum Usability {
     StaleAccepted,
     /// Must be validated with (or fetched again from) the origin first.
     Validate,
-    /// May not answer this request at all (`Authorization`, RFC 9111 §3.5).
+    /// May not answer this request at all (`Authorization`, RFC 9111 §3.5;
+    /// `Cookie` or a credential header).
     NotShared,
+}
+
+/// Whether `entry` may answer a request with `facts` at all, fresh or not:
+/// a request with `Authorization` (on a route not keyed by it) only from an
+/// entry whose response allowed it (RFC 9111 §3.5), a request with `Cookie`
+/// or a credential header only from an entry that was shareable among such
+/// requests (`public`, `s-maxage`, or stored on a route that keys by cookie
+/// or shares cookies: [`flags::COOKIE_OK`]).
+pub(crate) fn may_answer(entry: &Entry, facts: &RequestFacts, keyed_by_credential: bool) -> bool {
+    let authorization_ok =
+        !facts.authorized || keyed_by_credential || entry.has(flags::AUTHORIZED_OK);
+    let cookie_ok = !facts.cookie || entry.has(flags::COOKIE_OK);
+    authorization_ok && cookie_ok
 }
 
 /// Decides whether `entry` may answer a request with `facts` at `now_ms`
@@ -176,7 +219,7 @@ pub(crate) fn usability(
     keyed_by_credential: bool,
     now_ms: u64,
 ) -> Usability {
-    if facts.authorized && !keyed_by_credential && !entry.has(flags::AUTHORIZED_OK) {
+    if !may_answer(entry, facts, keyed_by_credential) {
         return Usability::NotShared;
     }
     if facts.no_cache || entry.has(flags::REVALIDATE) {
@@ -225,6 +268,10 @@ pub(crate) struct Overrides {
     pub(crate) strip_set_cookie: bool,
     /// Requests with `Authorization` are keyed by their credential.
     pub(crate) keyed_by_credential: bool,
+    /// Requests with `Cookie` (or a credential header) are keyed by cookie,
+    /// or the route's responses do not depend on cookies: such requests
+    /// share responses like requests without them.
+    pub(crate) cookies_shared: bool,
 }
 
 /// The times that make a response an entry.
@@ -256,25 +303,32 @@ impl Freshness {
 /// The `Cache-Control` that governs a shared cache: `CDN-Cache-Control`
 /// when the response has one (RFC 9213 §2.1: the targeted field wins and the
 /// general one is then ignored), else `Cache-Control`.
-pub(crate) fn governing_cache_control(headers: &HeaderMap) -> CacheControl {
+///
+/// `Err` when either field does not parse. RFC 9213 would fall back to
+/// `Cache-Control` past a `CDN-Cache-Control` that does not parse, and would
+/// ignore a `Cache-Control` it overrides; here a field that cannot be read
+/// may say `private` or `no-store`, so doubt wins.
+pub(crate) fn governing_cache_control(headers: &HeaderMap) -> Result<CacheControl, Unparseable> {
+    let general = CacheControl::parse(headers.get_all(header::CACHE_CONTROL))?;
     let targeted = headers.get_all(&CDN_CACHE_CONTROL);
     if targeted.iter().next().is_some() {
         return CacheControl::parse(targeted);
     }
-    CacheControl::parse(headers.get_all(header::CACHE_CONTROL))
+    Ok(general)
 }
 
 /// `CDN-Cache-Control` (RFC 9213).
 static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
 
-/// Decides whether a response to a `GET` may be stored, and its freshness.
-/// `Err` carries the reason for `Cache-Status` `detail`.
+/// Decides whether a response to a `GET` request with `facts` may be
+/// stored, and its freshness. `Err` carries the reason for `Cache-Status`
+/// `detail`.
 pub(crate) fn storability(
     config: &PolicyConfig,
     overrides: &Overrides,
     status: StatusCode,
     headers: &HeaderMap,
-    authorized: bool,
+    facts: &RequestFacts,
     now: SystemTime,
 ) -> Result<Freshness, &'static str> {
     if status.is_informational()
@@ -283,7 +337,9 @@ pub(crate) fn storability(
     {
         return Err("status");
     }
-    let cc = governing_cache_control(headers);
+    let Ok(cc) = governing_cache_control(headers) else {
+        return Err("cache-control");
+    };
     if cc.no_store {
         return Err("no-store");
     }
@@ -299,8 +355,17 @@ pub(crate) fn storability(
     // RFC 9111 §3.5: a response to a request with Authorization is shared
     // only when it says so.
     let authorized_ok = cc.public || cc.s_maxage.is_some() || cc.must_revalidate;
-    if authorized && !authorized_ok && !overrides.keyed_by_credential {
+    if facts.authorized && !authorized_ok && !overrides.keyed_by_credential {
         return Err("authorization");
+    }
+    // A response to a request with Cookie (or a credential header) may be
+    // that user's page: shared only when it says so, `must-revalidate` not
+    // counting (it says nothing of sharing; §3.5 lets it stand for
+    // Authorization alone), or when the route keys by cookie or shares
+    // cookies.
+    let cookie_ok = cc.public || cc.s_maxage.is_some() || overrides.cookies_shared;
+    if facts.cookie && !cookie_ok {
+        return Err("cookie");
     }
 
     let now_ms = unix_ms(now);
@@ -353,6 +418,9 @@ pub(crate) fn storability(
     }
     if authorized_ok {
         entry_flags |= flags::AUTHORIZED_OK;
+    }
+    if cookie_ok {
+        entry_flags |= flags::COOKIE_OK;
     }
     Ok(Freshness {
         stored_at_ms,
@@ -482,6 +550,7 @@ mod tests {
             grace: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
+            credential_headers: vec![HeaderName::from_static("x-api-key")],
         }
     }
 
@@ -496,13 +565,37 @@ mod tests {
         map
     }
 
+    /// A request without credentials.
+    fn anonymous() -> RequestFacts {
+        RequestFacts {
+            may_store: true,
+            ..RequestFacts::default()
+        }
+    }
+
+    /// A request with `Authorization`.
+    fn authorized() -> RequestFacts {
+        RequestFacts {
+            authorized: true,
+            ..anonymous()
+        }
+    }
+
+    /// A request with `Cookie` (or a credential header).
+    fn with_cookie() -> RequestFacts {
+        RequestFacts {
+            cookie: true,
+            ..anonymous()
+        }
+    }
+
     fn store(status: u16, pairs: &[(&str, &str)]) -> Result<Freshness, &'static str> {
         storability(
             &config(),
             &Overrides::default(),
             StatusCode::from_u16(status).unwrap(),
             &headers(pairs),
-            false,
+            &anonymous(),
             now(),
         )
     }
@@ -535,7 +628,7 @@ mod tests {
                 &Overrides::default(),
                 StatusCode::OK,
                 &HeaderMap::new(),
-                false,
+                &anonymous(),
                 now()
             ),
             Err("stale")
@@ -545,7 +638,7 @@ mod tests {
             &Overrides::default(),
             StatusCode::OK,
             &headers(&[("cache-control", "max-age=5")]),
-            false,
+            &anonymous(),
             now()
         )
         .is_ok());
@@ -616,7 +709,7 @@ mod tests {
             &Overrides::default(),
             StatusCode::OK,
             &HeaderMap::new(),
-            false,
+            &anonymous(),
             now(),
         )
         .unwrap();
@@ -631,7 +724,7 @@ mod tests {
             &Overrides::default(),
             StatusCode::OK,
             &stated,
-            false,
+            &anonymous(),
             now(),
         )
         .unwrap();
@@ -655,7 +748,7 @@ mod tests {
                 &Overrides::default(),
                 StatusCode::OK,
                 &headers(&[("cache-control", directive)]),
-                false,
+                &anonymous(),
                 now(),
             )
             .unwrap();
@@ -667,7 +760,7 @@ mod tests {
     #[test]
     fn requests_that_bypass() {
         let plan = |m: Method, pairs: &[(&str, &str)]| {
-            plan_request(&m, &headers(pairs), ClientCacheControl::Obey)
+            plan_request(&m, &headers(pairs), ClientCacheControl::Obey, &config())
         };
         assert_eq!(plan(Method::POST, &[]), RequestPlan::Bypass("method"));
         assert_eq!(
@@ -694,6 +787,7 @@ mod tests {
             &Method::GET,
             &headers(pairs),
             client,
+            &config(),
         ) {
             RequestPlan::Lookup(facts) => facts,
             RequestPlan::Bypass(d) => panic!("{d}"),
@@ -861,23 +955,23 @@ mod tests {
 
     #[test]
     fn authorized_responses_need_explicit_permission() {
-        let authorized = |pairs: &[(&str, &str)]| {
+        let store_authorized = |pairs: &[(&str, &str)]| {
             storability(
                 &config(),
                 &Overrides::default(),
                 StatusCode::OK,
                 &headers(pairs),
-                true,
+                &authorized(),
                 now(),
             )
         };
         assert_eq!(
-            authorized(&[("cache-control", "max-age=60")]),
+            store_authorized(&[("cache-control", "max-age=60")]),
             Err("authorization")
         );
-        assert!(authorized(&[("cache-control", "public, max-age=60")]).is_ok());
-        assert!(authorized(&[("cache-control", "s-maxage=60")]).is_ok());
-        assert!(authorized(&[("cache-control", "must-revalidate, max-age=60")]).is_ok());
+        assert!(store_authorized(&[("cache-control", "public, max-age=60")]).is_ok());
+        assert!(store_authorized(&[("cache-control", "s-maxage=60")]).is_ok());
+        assert!(store_authorized(&[("cache-control", "must-revalidate, max-age=60")]).is_ok());
         let keyed = Overrides {
             keyed_by_credential: true,
             ..Overrides::default()
@@ -887,10 +981,262 @@ mod tests {
             &keyed,
             StatusCode::OK,
             &headers(&[("cache-control", "max-age=60")]),
-            true,
+            &authorized(),
             now()
         )
         .is_ok());
+    }
+
+    #[test]
+    fn cookie_responses_are_stored_only_when_shareable() {
+        let store_with = |facts: &RequestFacts, overrides: &Overrides, pairs: &[(&str, &str)]| {
+            storability(
+                &config(),
+                overrides,
+                StatusCode::OK,
+                &headers(pairs),
+                facts,
+                now(),
+            )
+        };
+        let plain = Overrides::default();
+        // A personal page: neither a default TTL nor max-age makes it shared.
+        assert_eq!(store_with(&with_cookie(), &plain, &[]), Err("cookie"));
+        assert_eq!(
+            store_with(&with_cookie(), &plain, &[("cache-control", "max-age=60")]),
+            Err("cookie")
+        );
+        // must-revalidate lets Authorization through (RFC 9111 §3.5), not
+        // cookies.
+        assert_eq!(
+            store_with(
+                &with_cookie(),
+                &plain,
+                &[("cache-control", "must-revalidate, max-age=60")]
+            ),
+            Err("cookie")
+        );
+        for shareable in ["public, max-age=60", "s-maxage=60"] {
+            let f = store_with(&with_cookie(), &plain, &[("cache-control", shareable)]).unwrap();
+            assert!(f.flags & flags::COOKIE_OK != 0, "{shareable}");
+        }
+        // A route that keys by cookie or shares cookies stores it, and
+        // marks every entry it stores as fit for cookie requests.
+        let shared = Overrides {
+            cookies_shared: true,
+            ..Overrides::default()
+        };
+        for facts in [with_cookie(), anonymous()] {
+            let f = store_with(&facts, &shared, &[]).unwrap();
+            assert!(f.flags & flags::COOKIE_OK != 0);
+        }
+        // An anonymous response that does not say it is shareable is
+        // stored, but not for cookie requests.
+        let f = store_with(&anonymous(), &plain, &[("cache-control", "max-age=60")]).unwrap();
+        assert_eq!(f.flags & flags::COOKIE_OK, 0);
+        // Keying by the Authorization credential does not share cookies.
+        let keyed = Overrides {
+            keyed_by_credential: true,
+            ..Overrides::default()
+        };
+        let both = RequestFacts {
+            cookie: true,
+            ..authorized()
+        };
+        assert_eq!(store_with(&both, &keyed, &[]), Err("cookie"));
+        assert_eq!(store_with(&both, &shared, &[]), Err("authorization"));
+    }
+
+    #[test]
+    fn cookies_and_credential_headers_make_a_request_personal() {
+        let facts = |client, pairs: &[(&str, &str)]| match plan_request(
+            &Method::GET,
+            &headers(pairs),
+            client,
+            &config(),
+        ) {
+            RequestPlan::Lookup(facts) => facts,
+            RequestPlan::Bypass(d) => panic!("{d}"),
+        };
+        let obey = ClientCacheControl::Obey;
+        assert!(facts(obey, &[("cookie", "session=a")]).cookie);
+        // `x-api-key` is the test configuration's credential header.
+        assert!(facts(obey, &[("x-api-key", "k")]).cookie);
+        assert!(facts(ClientCacheControl::Ignore, &[("cookie", "session=a")]).cookie);
+        let anonymous = facts(obey, &[("x-other", "1"), ("set-cookie", "a=b")]);
+        assert!(!anonymous.cookie && !anonymous.authorized);
+
+        let plain = Overrides::default();
+        let keyed = Overrides {
+            keyed_by_credential: true,
+            ..Overrides::default()
+        };
+        let shared = Overrides {
+            cookies_shared: true,
+            ..Overrides::default()
+        };
+        assert!(!anonymous.personal(&plain));
+        assert!(with_cookie().personal(&plain));
+        assert!(with_cookie().personal(&keyed));
+        assert!(!with_cookie().personal(&shared));
+        assert!(authorized().personal(&plain));
+        assert!(authorized().personal(&shared));
+        assert!(!authorized().personal(&keyed));
+        let both = RequestFacts {
+            cookie: true,
+            ..authorized()
+        };
+        assert!(both.personal(&keyed) && both.personal(&shared));
+        let both_shared = Overrides {
+            keyed_by_credential: true,
+            cookies_shared: true,
+            ..Overrides::default()
+        };
+        assert!(!both.personal(&both_shared));
+    }
+
+    #[test]
+    fn cookie_requests_are_served_only_entries_fit_for_them() {
+        let cookie = with_cookie();
+        assert_eq!(
+            usability(&entry_with(5, 0), &cookie, false, NOW_MS),
+            Usability::NotShared
+        );
+        // Fit for Authorization (must-revalidate) is not fit for cookies,
+        // and keying Authorization does not change that.
+        assert_eq!(
+            usability(&entry_with(5, flags::AUTHORIZED_OK), &cookie, true, NOW_MS),
+            Usability::NotShared
+        );
+        assert_eq!(
+            usability(&entry_with(5, flags::COOKIE_OK), &cookie, false, NOW_MS),
+            Usability::Fresh
+        );
+        assert_eq!(
+            usability(&entry_with(-1, flags::COOKIE_OK), &cookie, false, NOW_MS),
+            Usability::Validate
+        );
+        // Both credentials: the entry must be fit for both.
+        let both = RequestFacts {
+            cookie: true,
+            ..authorized()
+        };
+        assert_eq!(
+            usability(&entry_with(5, flags::COOKIE_OK), &both, false, NOW_MS),
+            Usability::NotShared
+        );
+        assert_eq!(
+            usability(
+                &entry_with(5, flags::COOKIE_OK | flags::AUTHORIZED_OK),
+                &both,
+                false,
+                NOW_MS
+            ),
+            Usability::Fresh
+        );
+        assert!(may_answer(&entry_with(5, 0), &anonymous(), false));
+    }
+
+    fn raw_headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (n, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn unparseable_response_cache_control_is_not_stored() {
+        let store_raw = |pairs: &[(&str, &[u8])]| {
+            storability(
+                &config(),
+                &Overrides::default(),
+                StatusCode::OK,
+                &raw_headers(pairs),
+                &anonymous(),
+                now(),
+            )
+        };
+        // `private` next to a byte that is not visible ASCII is not lost.
+        assert_eq!(
+            store_raw(&[("cache-control", "private, x=\"é\"".as_bytes())]),
+            Err("cache-control")
+        );
+        for bad in ["max-age=60, x=\"open", "max-age=60; private", "max age=60"] {
+            assert_eq!(
+                store(200, &[("cache-control", bad)]),
+                Err("cache-control"),
+                "{bad}"
+            );
+            // Either field spoils it: a targeted field does not hide a
+            // general one that cannot be read, nor the other way round.
+            assert_eq!(
+                store(
+                    200,
+                    &[("cache-control", bad), ("cdn-cache-control", "max-age=60")]
+                ),
+                Err("cache-control"),
+                "{bad}"
+            );
+            assert_eq!(
+                store(
+                    200,
+                    &[("cache-control", "max-age=60"), ("cdn-cache-control", bad)]
+                ),
+                Err("cache-control"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn valid_cache_control_syntax_stays_storable() {
+        for good in [
+            "max-age=60",
+            "public, max-age=60, community=\"UCI\"",
+            "no-cache=\"set-cookie, x-a\", max-age=60",
+            " ,max-age=60 ,\t, x-ext",
+            "max-age=\"60\"",
+        ] {
+            let f =
+                store(200, &[("cache-control", good)]).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(f.fresh_until_ms, NOW_MS + 60_000, "{good}");
+        }
+    }
+
+    #[test]
+    fn unparseable_request_cache_control_bypasses() {
+        let plan = |client, pairs: &[(&str, &[u8])]| {
+            plan_request(&Method::GET, &raw_headers(pairs), client, &config())
+        };
+        for client in [
+            ClientCacheControl::Obey,
+            ClientCacheControl::IgnoreRevalidation,
+        ] {
+            assert_eq!(
+                plan(client, &[("cache-control", b"no-store, x=\"")]),
+                RequestPlan::Bypass("cache-control")
+            );
+            assert_eq!(
+                plan(client, &[("cache-control", "no-store, x=\"é\"".as_bytes())]),
+                RequestPlan::Bypass("cache-control")
+            );
+            assert!(matches!(
+                plan(client, &[("cache-control", b"max-stale, x=\"a, b\"")]),
+                RequestPlan::Lookup(_)
+            ));
+        }
+        // Told to ignore every request directive, the layer reads none.
+        assert!(matches!(
+            plan(
+                ClientCacheControl::Ignore,
+                &[("cache-control", b"no-store, x=\"")]
+            ),
+            RequestPlan::Lookup(_)
+        ));
     }
 
     #[test]
@@ -904,7 +1250,7 @@ mod tests {
             &o,
             StatusCode::OK,
             &headers(&[("cache-control", "max-age=600")]),
-            false,
+            &anonymous(),
             now(),
         )
         .unwrap();
@@ -918,7 +1264,7 @@ mod tests {
             &o,
             StatusCode::OK,
             &HeaderMap::new(),
-            false,
+            &anonymous(),
             now(),
         )
         .unwrap();
@@ -932,7 +1278,7 @@ mod tests {
             &o,
             StatusCode::OK,
             &headers(&[("set-cookie", "a=b")]),
-            false,
+            &anonymous(),
             now()
         )
         .is_ok());

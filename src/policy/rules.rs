@@ -81,6 +81,7 @@ pub struct Rule {
     no_invalidation: bool,
     off: bool,
     authorization_keyed: bool,
+    share_cookies: bool,
     strip_set_cookie: bool,
     /// The first mistake met while building the rule.
     error: Option<String>,
@@ -157,6 +158,7 @@ impl Rule {
             no_invalidation: false,
             off: false,
             authorization_keyed: false,
+            share_cookies: false,
             strip_set_cookie: false,
             error: None,
         }
@@ -248,6 +250,14 @@ impl Rule {
     /// `Cookie` header of the request; names are case-sensitive). A name
     /// that is not a cookie name (RFC 6265 token) is a configuration error.
     /// Defaults to none.
+    ///
+    /// A route keyed by a cookie declares that its responses depend on no
+    /// other cookie (nor on the layer's
+    /// [credential headers](crate::FenceLayerBuilder::credential_header)):
+    /// responses to requests with cookies are stored and shared among the
+    /// requests with the same values of the keyed cookies, as with
+    /// [`share_cookies`](Rule::share_cookies). So does a route that keys by
+    /// (or declares it [varies](Rule::vary) on) the whole `Cookie` header.
     pub fn key_cookie(mut self, name: &str) -> Rule {
         if !is_token(name) {
             self.fail(format!("key cookie {name:?} is not a cookie name"));
@@ -322,6 +332,19 @@ impl Rule {
     /// `must-revalidate`, RFC 9111 §3.5). Defaults to `false`.
     pub fn authorization(mut self, keyed: bool) -> Rule {
         self.authorization_keyed = keyed;
+        self
+    }
+
+    /// Responses to requests with cookies are shared: only for routes whose
+    /// responses do not depend on the cookie (nor on the layer's
+    /// [credential headers](crate::FenceLayerBuilder::credential_header)).
+    /// A response to a request with `Cookie` is then stored, and served to
+    /// every request, as if the request had none; without this (nor a
+    /// [cookie key](Rule::key_cookie)) it is stored only when it says it
+    /// may be shared (`public` or `s-maxage`), since it may be that user's
+    /// page. Defaults to off.
+    pub fn share_cookies(mut self) -> Rule {
+        self.share_cookies = true;
         self
     }
 
@@ -415,6 +438,20 @@ impl Rule {
     /// Requests with `Authorization` are keyed by their credential.
     pub(crate) fn authorization_keyed(&self) -> bool {
         self.authorization_keyed
+    }
+
+    /// Requests with cookies (or credential headers) share responses: the
+    /// rule [shares cookies](Rule::share_cookies) or keys by cookie (a
+    /// [cookie key](Rule::key_cookie), or the whole `Cookie` header as a
+    /// key or declared vary header).
+    pub(crate) fn cookies_shared(&self) -> bool {
+        self.share_cookies
+            || !self.key_cookies.is_empty()
+            || self
+                .vary
+                .iter()
+                .chain(&self.key_headers)
+                .any(|name| name == header::COOKIE)
     }
 
     /// `Set-Cookie` is removed from responses so that they can be stored.
@@ -1297,6 +1334,22 @@ mod tests {
         assert_eq!(plain.ttl_setting(), None);
         assert!(!plain.authorization_keyed() && !plain.strips_set_cookie());
         assert!(plain.key_parts(&get("/")).is_empty());
+    }
+
+    #[test]
+    fn cookies_are_shared_only_when_keyed_or_declared() {
+        assert!(!Rule::prefix("/").cookies_shared());
+        assert!(!Rule::prefix("/")
+            .key_header("x-tenant")
+            .vary(["accept-language"])
+            .authorization(true)
+            .cookies_shared());
+        assert!(Rule::prefix("/").share_cookies().cookies_shared());
+        assert!(Rule::prefix("/").key_cookie("session").cookies_shared());
+        assert!(Rule::prefix("/").key_header("Cookie").cookies_shared());
+        assert!(Rule::prefix("/").vary(["cookie"]).cookies_shared());
+        // A cookie name that is not valid keys nothing, shares nothing.
+        assert!(!Rule::prefix("/").key_cookie("a b").cookies_shared());
     }
 
     #[test]
