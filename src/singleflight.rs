@@ -10,6 +10,12 @@
 //! becoming the next leader, instead of hanging (moka's `WaiterGuard` works
 //! the same way).
 //!
+//! A waiter's wait is bounded. When it runs out, the first waiter of the
+//! flight to notice becomes one more leader of the *same* flight (a relief
+//! leader) and the others wait again: whichever leader lands first answers
+//! every waiter. An origin slower than the wait so costs one call per
+//! wait, not one per waiter.
+//!
 //! Each flight remembers the *epoch* it started in. A request may join only
 //! a flight that started in its own epoch or later: when a write of this
 //! process finishes, the layer moves the epoch on, and requests that arrive
@@ -18,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -30,17 +36,25 @@ struct State<T> {
     /// The leader waits for something bounded on its own (another
     /// process's rebuild): the waiters do not time out meanwhile.
     leader_waits: bool,
+    /// How many leaders the flight has had: one, plus one per wait that
+    /// ran out and was relieved.
+    leaders: u32,
 }
+
+type Sender<T> = Arc<watch::Sender<State<T>>>;
 
 struct Slot<T> {
     rx: watch::Receiver<State<T>>,
+    /// The leaders' side, for a relief leader to share.
+    tx: Weak<watch::Sender<State<T>>>,
     epoch: u64,
     /// A background refresh (the entry is still served meanwhile).
     refresh: bool,
 }
 
 impl<T> Slot<T> {
-    /// The leader is still there (or landed and the slot is on its way out).
+    /// Some leader is still there (or one landed and the slot is on its
+    /// way out).
     fn live(&self) -> bool {
         self.rx.has_changed().is_ok()
     }
@@ -82,49 +96,70 @@ impl<T> SingleFlight<T> {
         // Nothing is left half-done under this lock: recover from poison.
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Number of running flights.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
 }
 
 impl<T: Clone> SingleFlight<T> {
     /// Leads the flight for `key`, or waits on the one that runs, if it
     /// started in `epoch` or later.
     pub(crate) fn join(self: &Arc<Self>, key: &Arc<str>, epoch: u64) -> Role<T> {
-        self.join_unless(key, epoch, None)
+        let mut running = self.lock();
+        if let Some(slot) = running.get(key) {
+            if slot.live() && slot.epoch >= epoch {
+                return Role::Waiter(Wait::on(&slot.rx));
+            }
+        } else if running.len() >= self.capacity {
+            return Role::Full;
+        }
+        Role::Leader(self.lead(&mut running, key, epoch, false))
     }
 
-    /// Like [`join`](Self::join), but the flight `gave_up` is not joined
-    /// again: it is replaced, and its waiters' relief leader is this
-    /// request (after a wait ran out).
+    /// After `gave_up`'s wait ran out: the first of the flight's waiters
+    /// to get here becomes one more leader of the same flight (a relief
+    /// leader: whichever leader lands first answers every waiter); the
+    /// others wait again. A flight that ended meanwhile is joined afresh.
     pub(crate) fn take_over(
         self: &Arc<Self>,
         key: &Arc<str>,
         epoch: u64,
         gave_up: &Wait<T>,
     ) -> Role<T> {
-        self.join_unless(key, epoch, Some(&gave_up.rx))
-    }
-
-    fn join_unless(
-        self: &Arc<Self>,
-        key: &Arc<str>,
-        epoch: u64,
-        not: Option<&watch::Receiver<State<T>>>,
-    ) -> Role<T> {
-        let mut running = self.lock();
+        let running = self.lock();
         if let Some(slot) = running.get(key) {
-            let excluded = not.is_some_and(|rx| rx.same_channel(&slot.rx));
-            if slot.live() && slot.epoch >= epoch && !excluded {
-                return Role::Waiter(Wait {
-                    rx: slot.rx.clone(),
-                });
+            if slot.rx.same_channel(&gave_up.rx) {
+                let relieved = slot.rx.borrow().leaders != gave_up.leaders;
+                return match slot.tx.upgrade() {
+                    // Another waiter took it over already: wait for them.
+                    Some(_) if relieved => Role::Waiter(Wait::on(&slot.rx)),
+                    Some(tx) => {
+                        tx.send_modify(|state| {
+                            state.leaders += 1;
+                            state.leader_waits = false;
+                        });
+                        Role::Leader(Lead {
+                            flights: self.clone(),
+                            key: key.clone(),
+                            tx: Some(tx),
+                        })
+                    }
+                    None => {
+                        drop(running);
+                        self.join(key, epoch)
+                    }
+                };
             }
-        } else if running.len() >= self.capacity {
-            return Role::Full;
         }
-        Role::Leader(Self::lead(self, &mut running, key, epoch, false))
+        drop(running);
+        self.join(key, epoch)
     }
 
     fn lead(
-        this: &Arc<Self>,
+        self: &Arc<Self>,
         running: &mut HashMap<Arc<str>, Slot<T>>,
         key: &Arc<str>,
         epoch: u64,
@@ -133,10 +168,20 @@ impl<T: Clone> SingleFlight<T> {
         let (tx, rx) = watch::channel(State {
             landed: None,
             leader_waits: false,
+            leaders: 1,
         });
-        running.insert(key.clone(), Slot { rx, epoch, refresh });
+        let tx = Arc::new(tx);
+        running.insert(
+            key.clone(),
+            Slot {
+                rx,
+                tx: Arc::downgrade(&tx),
+                epoch,
+                refresh,
+            },
+        );
         Lead {
-            flights: this.clone(),
+            flights: self.clone(),
             key: key.clone(),
             tx: Some(tx),
         }
@@ -147,9 +192,7 @@ impl<T: Clone> SingleFlight<T> {
     pub(crate) fn join_running(&self, key: &str, epoch: u64) -> Option<Wait<T>> {
         let running = self.lock();
         let slot = running.get(key)?;
-        (slot.live() && !slot.refresh && slot.epoch >= epoch).then(|| Wait {
-            rx: slot.rx.clone(),
-        })
+        (slot.live() && !slot.refresh && slot.epoch >= epoch).then(|| Wait::on(&slot.rx))
     }
 
     /// Leads a background refresh of `key`, only if no flight runs for it.
@@ -162,22 +205,17 @@ impl<T: Clone> SingleFlight<T> {
         match running.get(key) {
             Some(slot) if slot.live() => None,
             _ if running.len() >= self.capacity => None,
-            _ => Some(Self::lead(self, &mut running, key, epoch, true)),
+            _ => Some(self.lead(&mut running, key, epoch, true)),
         }
-    }
-
-    /// Number of running flights.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
     }
 }
 
-/// The leader's side of a flight.
+/// A leader's side of a flight (a flight may have several: see
+/// [`SingleFlight::take_over`]).
 pub(crate) struct Lead<T> {
     flights: Arc<SingleFlight<T>>,
     key: Arc<str>,
-    tx: Option<watch::Sender<State<T>>>,
+    tx: Option<Sender<T>>,
 }
 
 impl<T> fmt::Debug for Lead<T> {
@@ -209,45 +247,53 @@ impl<T> Lead<T> {
         self.tx.as_ref().is_some_and(|tx| tx.receiver_count() > 1)
     }
 
-    /// Ends the flight: every waiter gets `value`.
+    /// Ends the flight: every waiter gets `value` (unless another leader
+    /// of the flight landed first).
     pub(crate) fn land(mut self, value: T) {
-        self.finish(Some(value));
-    }
-
-    fn finish(&mut self, value: Option<T>) {
-        let Some(tx) = self.tx.take() else {
-            return;
-        };
-        {
-            let mut running = self.flights.lock();
-            // Remove our slot only: a later flight may own the key by now.
-            if running
-                .get(&self.key)
-                .is_some_and(|slot| slot.rx.same_channel(&tx.subscribe()))
-            {
-                running.remove(&self.key);
-            }
-        }
-        // Sent after removal, so a waiter that retries finds no stale slot.
-        if let Some(value) = value {
-            tx.send_modify(|state| {
+        if let Some(tx) = self.tx.take() {
+            self.forget(&tx);
+            // Sent after removal, so a waiter that retries finds no stale
+            // slot.
+            tx.send_if_modified(|state| {
+                if state.landed.is_some() {
+                    return false;
+                }
                 state.landed = Some(value);
                 state.leader_waits = false;
+                true
             });
         }
-        // Dropping `tx` closes the channel: waiters without a value retry.
+    }
+
+    /// Removes the flight's slot, if it is still this flight's.
+    fn forget(&self, tx: &Sender<T>) {
+        let mut running = self.flights.lock();
+        if running
+            .get(&self.key)
+            .is_some_and(|slot| slot.rx.same_channel(&tx.subscribe()))
+        {
+            running.remove(&self.key);
+        }
     }
 }
 
 impl<T> Drop for Lead<T> {
     fn drop(&mut self) {
-        self.finish(None);
+        // The last leader gone without landing ends the flight: dropping
+        // the sender closes the channel, and the waiters retry.
+        if let Some(tx) = self.tx.take() {
+            if Arc::strong_count(&tx) == 1 {
+                self.forget(&tx);
+            }
+        }
     }
 }
 
 /// A waiter's side of a flight.
 pub(crate) struct Wait<T> {
     rx: watch::Receiver<State<T>>,
+    /// How many leaders the flight had when this wait last looked.
+    leaders: u32,
 }
 
 impl<T> fmt::Debug for Wait<T> {
@@ -259,17 +305,24 @@ impl<T> fmt::Debug for Wait<T> {
 /// How a wait ended.
 #[derive(Debug)]
 pub(crate) enum Waited<T> {
-    /// The leader landed this.
+    /// A leader landed this.
     Landed(T),
-    /// The leader went away without landing: join again.
+    /// The leaders went away without landing: join again.
     Retry,
     /// The wait ran out; the flight is handed back for [`SingleFlight::take_over`].
     TimedOut(Wait<T>),
 }
 
 impl<T: Clone> Wait<T> {
-    /// The flight's value; `timeout` (timed from the leader's last phase
-    /// change) bounds the wait, `None` waits for as long as the leader.
+    fn on(rx: &watch::Receiver<State<T>>) -> Self {
+        Wait {
+            rx: rx.clone(),
+            leaders: rx.borrow().leaders,
+        }
+    }
+
+    /// The flight's value; `timeout` (timed from the leaders' last phase
+    /// change) bounds the wait, `None` waits for as long as the leaders.
     pub(crate) async fn landing(mut self, timeout: Option<Duration>) -> Waited<T> {
         loop {
             let leader_waits = {
@@ -277,6 +330,7 @@ impl<T: Clone> Wait<T> {
                 if let Some(value) = &state.landed {
                     return Waited::Landed(value.clone());
                 }
+                self.leaders = state.leaders;
                 state.leader_waits
             };
             let changed = match timeout {
@@ -289,7 +343,7 @@ impl<T: Clone> Wait<T> {
                 _ => self.rx.changed().await,
             };
             if changed.is_err() {
-                // The sender is gone: its last value, or the leader vanished.
+                // The senders are gone: their last value, or they vanished.
                 return match self.rx.borrow().landed.clone() {
                     Some(value) => Waited::Landed(value),
                     None => Waited::Retry,
@@ -394,6 +448,61 @@ mod tests {
         assert_eq!(leaders.len(), 1, "one relief leader, not ten");
         assert_eq!(waiters, 9);
         drop(slow);
+    }
+
+    #[tokio::test]
+    async fn the_first_leader_to_land_answers_every_waiter() {
+        let flights = flights();
+        let k = key("k");
+        let Role::Leader(first) = flights.join(&k, 0) else {
+            panic!()
+        };
+        let Role::Waiter(wait) = flights.join(&k, 0) else {
+            panic!()
+        };
+        let Waited::TimedOut(gave_up) = wait.landing(Some(Duration::from_millis(1))).await else {
+            panic!("nobody landed")
+        };
+        let Role::Leader(relief) = flights.take_over(&k, 0, &gave_up) else {
+            panic!("the first to give up relieves")
+        };
+        let Role::Waiter(again) = flights.take_over(&k, 0, &gave_up) else {
+            panic!("the flight was relieved already")
+        };
+        let waiting = tokio::spawn(again.landing(LONG));
+        // The slow first leader lands after all: its value answers.
+        first.land(1);
+        relief.land(2);
+        assert!(matches!(waiting.await.unwrap(), Waited::Landed(1)));
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn waiters_retry_only_when_every_leader_is_gone() {
+        let flights = flights();
+        let k = key("k");
+        let Role::Leader(first) = flights.join(&k, 0) else {
+            panic!()
+        };
+        let Role::Waiter(wait) = flights.join(&k, 0) else {
+            panic!()
+        };
+        let Waited::TimedOut(gave_up) = wait.landing(Some(Duration::from_millis(1))).await else {
+            panic!()
+        };
+        let Role::Leader(relief) = flights.take_over(&k, 0, &gave_up) else {
+            panic!()
+        };
+        let Role::Waiter(again) = flights.join(&k, 0) else {
+            panic!()
+        };
+        let waiting = tokio::spawn(again.landing(LONG));
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(relief);
+        assert!(matches!(waiting.await.unwrap(), Waited::Retry));
+        assert!(matches!(flights.join(&k, 0), Role::Leader(_)));
     }
 
     #[tokio::test]

@@ -36,6 +36,10 @@ struct Versioned {
 }
 
 impl Versioned {
+    fn current(&self) -> String {
+        format!("v{}", self.version.load(Ordering::SeqCst))
+    }
+
     fn router(&self) -> Router {
         async fn read(State(o): State<Versioned>, headers: HeaderMap) -> impl IntoResponse {
             o.gets.fetch_add(1, Ordering::SeqCst);
@@ -98,6 +102,51 @@ async fn stores() -> Vec<(&'static str, FenceLayerBuilder, Option<RedisProcess>)
             Some(redis),
         ),
     ]
+}
+
+/// A `GET` that arrives after a `POST` completed never gets data read
+/// before it: neither by joining a rebuild that started before the write,
+/// nor from a fill of such a rebuild. 20 rounds on each store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_read_after_a_completed_write_is_older_than_it() {
+    for (name, builder, _redis) in stores().await {
+        let origin = Versioned::default();
+        // Joining the stalled rebuild would wait this long: the reads below
+        // must not.
+        let layer = builder
+            .wait_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let app = origin.router().layer(layer);
+        for round in 0..20 {
+            // Start from a miss: a write clears what the last round stored.
+            send(&app, Method::POST, "/item", false).await;
+            // A rebuild starts and stalls inside the origin.
+            origin.gated.store(true, Ordering::SeqCst);
+            let early = tokio::spawn({
+                let app = app.clone();
+                async move { send(&app, Method::GET, "/item", false).await }
+            });
+            origin.entered.notified().await;
+            origin.gated.store(false, Ordering::SeqCst);
+            // The write completes meanwhile.
+            let (status, _, _) = send(&app, Method::POST, "/item", false).await;
+            assert_eq!(status, StatusCode::NO_CONTENT);
+            let after_write = origin.current();
+            // A read that starts now must see the write: it does not join
+            // the stalled rebuild (it would hang there).
+            let late = send(&app, Method::GET, "/item", false);
+            let (_, body, cache_status) = tokio::time::timeout(Duration::from_secs(10), late)
+                .await
+                .expect("a read after a write joins no rebuild from before it");
+            assert_eq!(body, after_write, "{name} round {round}: {cache_status}");
+            origin.gate.notify_one();
+            let _ = early.await.unwrap();
+            // And nothing older was stored.
+            let (_, body, cache_status) = send(&app, Method::GET, "/item", false).await;
+            assert_eq!(body, after_write, "{name} round {round}: {cache_status}");
+        }
+    }
 }
 
 /// A request with credentials rebuilds alone; its fill is fenced by a
@@ -176,6 +225,46 @@ async fn an_inner_error_is_shared_with_the_waiters() {
     let calls = calls.load(Ordering::SeqCst);
     assert!(calls <= 3, "{calls} inner calls for 200 requests");
     assert!(bad_gateway >= 190, "{bad_gateway} waiters shared the error");
+}
+
+/// An origin slower than `wait_timeout`: when the wait runs out, one
+/// waiter becomes a second leader of the same flight and the others wait
+/// for whichever leader answers first, so 200 requests cost about origin
+/// time / wait timeout calls, not 200.
+#[tokio::test(start_paused = true)]
+async fn a_wait_that_runs_out_does_not_stampede() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = service_fn({
+        let calls = calls.clone();
+        move |_req: Request<Body>| {
+            let calls = calls.clone();
+            async move {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok::<_, Infallible>(http::Response::new(Body::from(format!("call {n}"))))
+            }
+        }
+    });
+    let layer = FenceLayer::builder()
+        .wait_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new().layer(layer).service(svc);
+    let requests: Vec<_> = (0..200)
+        .map(|_| {
+            let request = Request::get("/slow").body(Body::empty()).unwrap();
+            tokio::spawn(svc.clone().oneshot(request))
+        })
+        .collect();
+    for request in requests {
+        let response = request.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.starts_with(b"call "));
+    }
+    // Leaders start at 0, 300, 600 and 900 ms; the first answers at 1 s.
+    let calls = calls.load(Ordering::SeqCst);
+    assert!(calls <= 4, "{calls} origin calls for 200 requests");
 }
 
 /// The leader streams: its client gets the head and the first bytes when
