@@ -216,6 +216,32 @@ fn check_key(buf: &mut Bytes, key: &str) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// The times that make a response an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Freshness {
+    /// When the response was generated: now minus its `Age` (ms since epoch).
+    pub(crate) stored_at_ms: u64,
+    pub(crate) fresh_until_ms: u64,
+    pub(crate) stale_until_ms: u64,
+    pub(crate) error_until_ms: u64,
+    /// Entry flags ([`flags`]).
+    pub(crate) flags: u8,
+}
+
+impl Freshness {
+    /// Stale from `now_ms` on, with no stale window: for responses given
+    /// to the requests that waited for them but not stored.
+    pub(crate) fn expired(now_ms: u64) -> Freshness {
+        Freshness {
+            stored_at_ms: now_ms,
+            fresh_until_ms: now_ms,
+            stale_until_ms: now_ms,
+            error_until_ms: now_ms,
+            flags: 0,
+        }
+    }
+}
+
 impl Entry {
     /// An entry of a response, with the times `freshness` gives and the
     /// rebuild time since `started`.
@@ -224,7 +250,7 @@ impl Entry {
         headers: HeaderMap,
         body: Bytes,
         trailers: Option<HeaderMap>,
-        freshness: &crate::policy::Freshness,
+        freshness: &Freshness,
         started: std::time::Instant,
         vary: Vec<(HeaderName, Option<HeaderValue>)>,
     ) -> Entry {

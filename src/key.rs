@@ -25,8 +25,6 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};
 
-use crate::store::{After, KeyPattern};
-
 /// Longest escaped path kept readable in a key, in bytes.
 pub(crate) const MAX_READABLE_PATH: usize = 512;
 
@@ -352,6 +350,151 @@ pub(crate) fn valid_namespace(namespace: &str) -> bool {
     namespace
         .chars()
         .all(|c| !matches!(c, '*' | '?' | '[' | ']' | '\\' | '{' | '}' | '#') && !c.is_control())
+}
+
+/// A selection of keys: the entries (and rebuild leases) of a path prefix,
+/// of one path, or of one key and its variants. Usable as a Redis
+/// `SCAN MATCH` glob ([`glob`](Self::glob)) and as a predicate
+/// ([`matches`](Self::matches)); both select the same keys.
+///
+/// Keys read `{namespace}{escaped path}#{{hash}}` (see the crate docs), so:
+///
+/// - a path prefix selects `{ns}{path}[#/]*`: the path itself (`#`) and the
+///   paths under it (`/`), never `/users/420` for `/users/42`;
+/// - one path selects `{ns}{path}#*`: all its query strings and variants,
+///   nothing under it;
+/// - one key selects `{key}*`: the key, its variants (`{key}.v…`) and their
+///   leases.
+///
+/// A key keeps at most 512 bytes of its escaped path readable and marks a
+/// cut with `~`. A path (or prefix) longer than that selects
+/// `{ns}{cut}~#*`: its own keys, those under it and those of every other
+/// path that shares the cut (more than asked, never less). A prefix whose
+/// escaped form is exactly 512 bytes also selects the keys `{ns}{path}~#…`,
+/// where its children's keys are cut (and siblings' that share the cut).
+///
+/// [`leases`](Self::leases) narrows any of these to the keys ending in
+/// `:lease` under the selected ones.
+///
+/// ```
+/// use tower_fence::store::KeyPattern;
+///
+/// let users_42 = KeyPattern::prefix("tf:", "/users/42");
+/// assert_eq!(users_42.glob(), "tf:/users/42[#/]*");
+/// assert!(users_42.matches("tf:/users/42/posts#{0f3c}"));
+/// assert!(!users_42.matches("tf:/users/420#{0f3c}"));
+///
+/// let exactly = KeyPattern::path("tf:", "/users/42");
+/// assert_eq!(exactly.glob(), "tf:/users/42#*");
+/// assert!(exactly.matches("tf:/users/42#{0f3c}.v9a1b"));
+/// assert!(!exactly.matches("tf:/users/42/posts#{0f3c}"));
+/// assert_eq!(exactly.leases().glob(), "tf:/users/42#*:lease");
+///
+/// // Glob characters in a path are escaped in keys: they select nothing more.
+/// assert_eq!(KeyPattern::prefix("tf:", "/a*").glob(), "tf:/a%2A[#/]*");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPattern {
+    /// Matched literally: a namespace and escaped path, or a whole key.
+    stem: String,
+    /// What must follow the stem.
+    after: After,
+    /// Only keys ending so (`:lease`), when set.
+    suffix: &'static str,
+}
+
+/// What a [`KeyPattern`] wants right after its stem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum After {
+    /// Anything.
+    Anything,
+    /// `#`: the stem is one path's readable part.
+    Hash,
+    /// `#` or `/`: a path and what is under it; `~` too when the keys of
+    /// the paths under it are cut right after the stem.
+    Subtree { cut_here: bool },
+}
+
+impl KeyPattern {
+    /// The keys (in `namespace`) of `path` and of every path under it. A
+    /// trailing `/` is ignored; `/` selects the whole namespace.
+    pub fn prefix(namespace: &str, path: &str) -> Self {
+        prefix_pattern(namespace, path)
+    }
+
+    /// The keys (in `namespace`) of exactly `path`: all its query strings
+    /// and variants, nothing under it.
+    pub fn path(namespace: &str, path: &str) -> Self {
+        path_pattern(namespace, path)
+    }
+
+    /// `key` and the keys made from it: its variants and their leases.
+    pub fn key(key: &str) -> Self {
+        key_pattern(key)
+    }
+
+    pub(crate) fn new(stem: String, after: After) -> Self {
+        KeyPattern {
+            stem,
+            after,
+            suffix: "",
+        }
+    }
+
+    /// The same selection, narrowed to the rebuild leases (every selected
+    /// key that ends in `:lease`).
+    pub fn leases(&self) -> KeyPattern {
+        KeyPattern {
+            suffix: LEASE_SUFFIX,
+            ..self.clone()
+        }
+    }
+
+    /// The pattern as a Redis `MATCH` glob, e.g. `tf:/users/42[#/]*`. Glob
+    /// characters in the stem (there are none in the layer's own keys) are
+    /// escaped with `\`: they never widen the selection.
+    pub fn glob(&self) -> String {
+        let mut glob = String::with_capacity(self.stem.len() + 16);
+        for ch in self.stem.chars() {
+            if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+                glob.push('\\');
+            }
+            glob.push(ch);
+        }
+        glob.push_str(match self.after {
+            After::Anything => "",
+            After::Hash => "#",
+            After::Subtree { cut_here: false } => "[#/]",
+            After::Subtree { cut_here: true } => "[#/~]",
+        });
+        glob.push('*');
+        glob.push_str(self.suffix);
+        glob
+    }
+
+    /// Whether `key` is selected.
+    pub fn matches(&self, key: &str) -> bool {
+        let Some(rest) = key.strip_prefix(self.stem.as_str()) else {
+            return false;
+        };
+        let rest = match self.after {
+            After::Anything => Some(rest),
+            After::Hash => rest.strip_prefix('#'),
+            After::Subtree { cut_here } => rest
+                .strip_prefix(['#', '/'])
+                .or_else(|| rest.strip_prefix('~').filter(|_| cut_here)),
+        };
+        rest.is_some_and(|rest| rest.ends_with(self.suffix))
+    }
+}
+
+const LEASE_SUFFIX: &str = ":lease";
+
+/// The key of the rebuild lease of the entry under `key`. It shares the
+/// entry's readable path (so a path-prefix invalidation removes it too) and
+/// its hash tag (so it lives in the entry's cluster slot).
+pub fn lease_key(key: &str) -> String {
+    format!("{key}{LEASE_SUFFIX}")
 }
 
 #[cfg(test)]

@@ -159,16 +159,9 @@ impl FenceLayer {
     /// assert!(key.starts_with("tf:/users/42#{"));
     /// ```
     pub fn cache_key<B>(&self, request: &Request<B>) -> String {
-        let mut parts = Request::new(()).into_parts().0;
-        parts.method = request.method().clone();
-        parts.uri = request.uri().clone();
-        parts.headers = request.headers().clone();
-        match plan::key_of(&self.shared, &parts) {
-            Some(key) => key.as_str().to_owned(),
-            None => key::derive_from(&self.shared.key, &parts.method, &parts.uri, &parts.headers)
-                .as_str()
-                .to_owned(),
-        }
+        plan::key_of_request(&self.shared, request)
+            .as_str()
+            .to_owned()
     }
 }
 

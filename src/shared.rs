@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::entry::Entry;
-use crate::invalidate::InvalidationConfig;
+use crate::invalidate::config::InvalidationConfig;
 use crate::key::KeyConfig;
 use crate::policy::rules::Rules;
 use crate::policy::{ClientCacheControl, PolicyConfig};

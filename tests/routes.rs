@@ -395,3 +395,59 @@ async fn invalid_rules_are_configuration_errors() {
         assert!(FenceLayer::builder().rule(rule).build().is_err());
     }
 }
+
+/// `cache_key` and `Invalidator::invalidate_request` use the route's key
+/// parts: the entry a tenant's request is served from is the one removed.
+#[tokio::test]
+async fn invalidate_request_uses_the_rules_key_parts() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = calls.clone();
+        move |headers: HeaderMap| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let tenant = headers
+                    .get("x-tenant")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                format!("for {tenant}")
+            }
+        }
+    };
+    let layer = FenceLayer::builder()
+        .rule(Rule::path("/report").key_header("x-tenant"))
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/report", get(handler))
+        .layer(layer.clone());
+    let request = |tenant: &str| {
+        Request::get("/report")
+            .header("x-tenant", tenant)
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_ne!(
+        layer.cache_key(&request("a")),
+        layer.cache_key(&request("b"))
+    );
+    for tenant in ["a", "b", "a", "b"] {
+        let response = app.clone().oneshot(request(tenant)).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, Bytes::from(format!("for {tenant}")));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let removed = layer
+        .invalidator()
+        .invalidate_request(&request("a"))
+        .await
+        .unwrap();
+    assert!(removed >= 1);
+    for tenant in ["a", "b"] {
+        app.clone().oneshot(request(tenant)).await.unwrap();
+    }
+    // Tenant a's entry went; tenant b's stayed.
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}

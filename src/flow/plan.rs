@@ -8,7 +8,7 @@ use http::request::Parts;
 use http::Uri;
 
 use crate::flow::Keyed;
-use crate::invalidate;
+
 use crate::key::{self, CacheKey};
 use crate::policy::rules::Matched;
 use crate::policy::{self, Overrides, RequestPlan};
@@ -57,7 +57,7 @@ pub(crate) fn plan(shared: &Arc<Shared>, parts: &Parts) -> Plan {
     let facts = match request_plan {
         RequestPlan::Bypass(detail) => {
             shared.bump(|c| &c.bypasses);
-            let write = invalidate::is_write(shared, &parts.method, &parts.headers)
+            let write = shared.invalidation.is_write(&parts.method, &parts.headers)
                 && !matched
                     .as_ref()
                     .is_some_and(|m| m.rule.invalidates_nothing());
@@ -104,6 +104,19 @@ pub(crate) fn key_of(shared: &Shared, parts: &Parts) -> Option<CacheKey> {
         return None;
     }
     Some(key_and_overrides(shared, parts, matched.as_ref()).0)
+}
+
+/// The key `request` is cached under, with its route's key parts (see
+/// [`key_of`]); a request its rule never caches by key gets the key it
+/// would have without the rule.
+pub(crate) fn key_of_request<B>(shared: &Shared, request: &http::Request<B>) -> CacheKey {
+    let mut parts = http::Request::new(()).into_parts().0;
+    parts.method = request.method().clone();
+    parts.uri = request.uri().clone();
+    parts.headers = request.headers().clone();
+    parts.extensions = request.extensions().clone();
+    key_of(shared, &parts)
+        .unwrap_or_else(|| key::derive_from(&shared.key, &parts.method, &parts.uri, &parts.headers))
 }
 
 fn matched_rule<'a>(shared: &'a Shared, parts: &Parts) -> Option<Matched<'a>> {

@@ -17,6 +17,7 @@ pub mod rules;
 use cache_control::delta_seconds;
 pub(crate) use cache_control::{CacheControl, Unparseable};
 
+pub(crate) use crate::entry::Freshness;
 use crate::entry::{flags, unix_ms, Entry};
 
 /// Status codes a response may be cached with under the default TTL when it
@@ -272,32 +273,6 @@ pub(crate) struct Overrides {
     /// or the route's responses do not depend on cookies: such requests
     /// share responses like requests without them.
     pub(crate) cookies_shared: bool,
-}
-
-/// The times that make a response an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Freshness {
-    /// When the response was generated: now minus its `Age` (ms since epoch).
-    pub(crate) stored_at_ms: u64,
-    pub(crate) fresh_until_ms: u64,
-    pub(crate) stale_until_ms: u64,
-    pub(crate) error_until_ms: u64,
-    /// Entry flags (`crate::entry::flags`).
-    pub(crate) flags: u8,
-}
-
-impl Freshness {
-    /// Stale from `now_ms` on, with no stale window: for responses given
-    /// to the requests that waited for them but not stored.
-    pub(crate) fn expired(now_ms: u64) -> Freshness {
-        Freshness {
-            stored_at_ms: now_ms,
-            fresh_until_ms: now_ms,
-            stale_until_ms: now_ms,
-            error_until_ms: now_ms,
-            flags: 0,
-        }
-    }
 }
 
 /// The `Cache-Control` that governs a shared cache: `CDN-Cache-Control`

@@ -70,84 +70,25 @@
 //! fails is counted, logged and kept as a [`DeadLetter`]. Either way a
 //! failed invalidation never turns a successful write into an error.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap};
-use http::{Method, Request, StatusCode, Uri};
+use http::{Request, StatusCode, Uri};
 use tokio::sync::mpsc;
 
 use crate::error::StoreError;
+use crate::flow::plan;
 use crate::key;
 use crate::shared::Shared;
 
-/// How a path prefix is invalidated. See the [module docs](self).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum PrefixStrategy {
-    /// `SCAN MATCH` + `UNLINK` over the keyspace.
-    #[default]
-    Scan,
-    /// Per-prefix index sets written with each fill, read with `SSCAN`.
-    Index,
-}
-
-/// When a write's invalidation runs. See the [module docs](self).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum InvalidationMode {
-    /// Before the write's response is returned.
-    #[default]
-    Inline,
-    /// In a bounded background queue, with retries.
-    Background,
-}
-
-/// Which request methods invalidate.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) enum WriteMethods {
-    /// Every method but the safe ones (RFC 9110 §9.2.1).
-    #[default]
-    Unsafe,
-    Only(Vec<Method>),
-    None,
-}
-
-impl WriteMethods {
-    fn includes(&self, method: &Method) -> bool {
-        match self {
-            WriteMethods::Unsafe => !matches!(
-                *method,
-                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-            ),
-            WriteMethods::Only(methods) => methods.contains(method),
-            WriteMethods::None => false,
-        }
-    }
-}
-
-/// Invalidation settings of a layer.
-#[derive(Debug)]
-pub(crate) struct InvalidationConfig {
-    pub(crate) strategy: PrefixStrategy,
-    pub(crate) mode: InvalidationMode,
-    pub(crate) methods: WriteMethods,
-    /// The budget of one write's inline invalidation (all its targets),
-    /// and of each attempt of the queue or of an [`Invalidator`] call.
-    pub(crate) timeout: Duration,
-    /// Whether a write to `/` invalidates the whole cache (else `/` only).
-    pub(crate) root_prefix: bool,
-    pub(crate) queue_capacity: usize,
-    pub(crate) max_attempts: u32,
-    pub(crate) tag_header: Option<http::HeaderName>,
-    pub(crate) queue: OnceLock<mpsc::Sender<Job>>,
-    pub(crate) dead_letters: Mutex<VecDeque<DeadLetter>>,
-}
+pub(crate) mod config;
+pub use config::{DeadLetter, InvalidationMode, PrefixStrategy, Target};
+pub(crate) use config::{InvalidationConfig, Job, WriteMethods};
 
 /// Most dead letters kept; the oldest go first.
 const DEAD_LETTER_CAPACITY: usize = 1_000;
@@ -155,63 +96,6 @@ const DEAD_LETTER_CAPACITY: usize = 1_000;
 const RETRY_BASE: Duration = Duration::from_millis(100);
 /// Longest retry delay of the background queue.
 const RETRY_MAX: Duration = Duration::from_secs(10);
-
-/// What to invalidate. Each removes the rebuild leases of what it selects
-/// first, then the entries.
-///
-/// ```
-/// use tower_fence::invalidate::Target;
-///
-/// let home = Target::Path("/".to_owned());
-/// assert_eq!(home.to_string(), "path /");
-/// assert_ne!(home, Target::Prefix("/".to_owned()));
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Target {
-    /// A path and every path under it: `/users/42` is `/users/42` (any
-    /// query, any variant), `/users/42/posts`, never `/users/420`. `/` is
-    /// the whole cache.
-    Prefix(String),
-    /// Exactly one path, as `Location` and `Content-Location` name it (RFC
-    /// 9111 §4.4): all its query strings and variants, nothing under it.
-    Path(String),
-    /// The entries tagged so.
-    Tag(String),
-    /// One stored key (see [`FenceLayer::cache_key`](crate::FenceLayer::cache_key)),
-    /// every variant of it (when its responses vary) and their leases.
-    Key(String),
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Prefix(path) => write!(f, "prefix {path}"),
-            Target::Path(path) => write!(f, "path {path}"),
-            Target::Tag(tag) => write!(f, "tag {tag}"),
-            Target::Key(key) => write!(f, "key {key}"),
-        }
-    }
-}
-
-/// An invalidation that still failed after its last attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DeadLetter {
-    /// What was to be invalidated.
-    pub target: Target,
-    /// How often it was tried.
-    pub attempts: u32,
-    /// The last error, as text.
-    pub error: String,
-}
-
-/// A queued invalidation.
-#[derive(Debug)]
-pub(crate) struct Job {
-    target: Target,
-    attempt: u32,
-}
 
 /// Invalidates cached entries from application code: by path prefix, by
 /// exact path, by exact request, or by tag. Each call is bounded by the
@@ -278,18 +162,14 @@ impl Invalidator {
         run(&self.shared, &Target::Tag(tag.to_owned())).await
     }
 
-    /// Removes the entry `request` would be served from, every variant of
-    /// it when its responses vary (`Vary`), whatever the request's own
-    /// header values, and their leases. Other query strings of the path are
+    /// Removes the entry `request` would be served from (its key with the
+    /// route rule's key parts, as [`FenceLayer::cache_key`](crate::FenceLayer::cache_key)
+    /// derives it), every variant of it when its responses vary (`Vary`),
+    /// whatever the request's own header values, and their leases. Other query strings of the path are
     /// other entries. Returns how many keys were removed (the request's own
     /// key counts as one).
     pub async fn invalidate_request<B>(&self, request: &Request<B>) -> Result<u64, StoreError> {
-        let key = key::derive_from(
-            &self.shared.key,
-            request.method(),
-            request.uri(),
-            request.headers(),
-        );
+        let key = plan::key_of_request(&self.shared, request);
         run(&self.shared, &Target::Key(key.as_str().to_owned())).await
     }
 
@@ -377,18 +257,6 @@ fn record(shared: &Shared, target: &Target, result: &Result<u64, StoreError>) {
             tracing::warn!(%target, error = %err, "tower-fence: invalidation failed");
         }
     }
-}
-
-/// Whether a request is a write whose success invalidates.
-pub(crate) fn is_write(shared: &Shared, method: &Method, headers: &HeaderMap) -> bool {
-    shared.invalidation.methods.includes(method) && !is_grpc(headers)
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
 /// What a write touched: its path and what is under it (`/` exactly,
@@ -726,6 +594,7 @@ pub(crate) fn lease_sets(shared: &Shared, path: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Method;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -845,11 +714,14 @@ mod tests {
 
     #[test]
     fn grpc_is_not_a_write() {
-        assert!(is_grpc(&headers(&[(
+        assert!(config::is_grpc(&headers(&[(
             "content-type",
             "application/grpc+proto"
         )])));
-        assert!(!is_grpc(&headers(&[("content-type", "application/json")])));
+        assert!(!config::is_grpc(&headers(&[(
+            "content-type",
+            "application/json"
+        )])));
     }
 
     #[test]
