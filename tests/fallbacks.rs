@@ -351,3 +351,70 @@ mod futures_core_stream {
         FromReceiver(rx)
     }
 }
+
+/// A `GET` that declares a body is passed: it leads no flight, so a body
+/// that never arrives stalls nobody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_with_a_body_is_passed() {
+    let origin = Versioned::default();
+    let app = origin.router().layer(FenceLayer::memory());
+    let request = Request::get("/item")
+        .header("content-length", "5")
+        .body(Body::from("hello"))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let cache_status = response.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        cache_status.contains("detail=request-body"),
+        "{cache_status}"
+    );
+    // Nothing was stored by it: the next plain GET is a miss.
+    let (_, _, cache_status) = send(&app, Method::GET, "/item", false).await;
+    assert!(cache_status.contains("fwd=uri-miss"), "{cache_status}");
+    assert_eq!(origin.gets.load(Ordering::SeqCst), 2);
+}
+
+/// A rebuild whose origin hangs holds its lease for `rebuild_timeout`, not
+/// for ever: then the lease is no longer extended and expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_rebuild_lets_its_lease_go() {
+    let svc = service_fn(|_req: Request<Body>| async {
+        std::future::pending::<()>().await;
+        Ok::<_, Infallible>(http::Response::new(Body::empty()))
+    });
+    let layer = FenceLayer::builder()
+        .lease_ttl(Duration::from_millis(150))
+        .rebuild_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let key = layer.cache_key(&Request::get("/hang").body(()).unwrap());
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(svc);
+    let hanging = tokio::spawn(svc.oneshot(Request::get("/hang").body(Body::empty()).unwrap()));
+    let store = layer.store().clone();
+    // While the rebuild runs its lease is held...
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!store
+        .try_lease(&key, "another", Duration::from_secs(1), &[])
+        .await
+        .unwrap());
+    // ...and some time after the rebuild timeout it is free.
+    let mut free = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if store
+            .try_lease(&key, "another", Duration::from_secs(1), &[])
+            .await
+            .unwrap()
+        {
+            free = true;
+            break;
+        }
+    }
+    assert!(free, "the lease outlived the rebuild timeout");
+    hanging.abort();
+}
