@@ -64,25 +64,24 @@ impl Recorder {
         }
     }
 
-    /// Adds a data frame; `false` when the body outgrew the cap (the
-    /// recording must then be dropped).
-    pub(crate) fn push_data(&mut self, data: &Bytes) -> bool {
-        self.len = self.len.saturating_add(data.len());
-        if self.len > self.max {
-            return false;
-        }
-        if !data.is_empty() {
-            self.chunks.push(data.clone());
+    /// Adds a frame (data or trailers); `false` when the body outgrew the
+    /// cap (the recording must then be dropped).
+    pub(crate) fn push(&mut self, frame: &Frame<Bytes>) -> bool {
+        if let Some(data) = frame.data_ref() {
+            self.len = self.len.saturating_add(data.len());
+            if self.len > self.max {
+                return false;
+            }
+            if !data.is_empty() {
+                self.chunks.push(data.clone());
+            }
+        } else if let Some(trailers) = frame.trailers_ref() {
+            match &mut self.trailers {
+                Some(existing) => existing.extend(trailers.clone()),
+                None => self.trailers = Some(trailers.clone()),
+            }
         }
         true
-    }
-
-    /// Adds a trailers frame.
-    pub(crate) fn push_trailers(&mut self, trailers: &HeaderMap) {
-        match &mut self.trailers {
-            Some(existing) => existing.extend(trailers.clone()),
-            None => self.trailers = Some(trailers.clone()),
-        }
     }
 
     /// The body so far, as one value.
@@ -211,7 +210,8 @@ impl<B: Body> fmt::Debug for FenceBody<B> {
     }
 }
 
-fn into_bytes<D: Buf>(mut data: D) -> Bytes {
+/// A data chunk as `Bytes` (no copy when it is `Bytes` already).
+pub(crate) fn into_bytes<D: Buf>(mut data: D) -> Bytes {
     data.copy_to_bytes(data.remaining())
 }
 
@@ -253,15 +253,9 @@ where
                     }
                     Some(Ok(frame)) => {
                         let frame = frame.map_data(into_bytes);
-                        if let Some(rec) = recorder.as_mut() {
-                            if let Some(data) = frame.data_ref() {
-                                if !rec.push_data(data) {
-                                    // Too large: stop recording, keep streaming.
-                                    recorder.take();
-                                }
-                            } else if let Some(trailers) = frame.trailers_ref() {
-                                rec.push_trailers(trailers);
-                            }
+                        if recorder.as_mut().is_some_and(|rec| !rec.push(&frame)) {
+                            // Too large: stop recording, keep streaming.
+                            recorder.take();
                         }
                         if body.is_end_stream() {
                             if let Some(recorder) = recorder.take() {

@@ -5,13 +5,12 @@
 use std::pin::Pin;
 use std::time::Instant;
 
-use bytes::{Buf, Bytes};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};
-use http_body::{Body, Frame};
+use http_body::Body;
 use http_body_util::BodyExt;
 
-use crate::body::{Piece, PieceSender, Recorded, Recorder};
+use crate::body::{into_bytes, Piece, PieceSender, Recorded, Recorder};
 use crate::entry::Entry;
 use crate::flow::Keyed;
 use crate::invalidate;
@@ -288,16 +287,8 @@ pub(crate) fn read_ready<B: Body>(body: B, max: usize) -> Early<B> {
                 break Some("body-error");
             }
             std::task::Poll::Ready(Some(Ok(frame))) => {
-                let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
-                let over = match frame.data_ref() {
-                    Some(data) => !recorder.push_data(data),
-                    None => {
-                        if let Some(trailers) = frame.trailers_ref() {
-                            recorder.push_trailers(trailers);
-                        }
-                        false
-                    }
-                };
+                let frame = frame.map_data(into_bytes);
+                let over = !recorder.push(&frame);
                 read.push(Piece::Frame(frame));
                 if over {
                     break Some("too-large");
@@ -342,17 +333,13 @@ where
                 let _ = tx.send(Piece::Failed(err));
                 return Teed::Incomplete("body-error");
             }
-            Some(Ok(frame)) => frame.map_data(|mut d| d.copy_to_bytes(d.remaining())),
+            Some(Ok(frame)) => frame.map_data(into_bytes),
         };
-        if let Some(data) = frame.data_ref() {
-            if !recorder.push_data(data) {
-                let _ = tx.send(Piece::Frame(frame));
-                return hand_over(body, tx, "too-large");
-            }
-        } else if let Some(trailers) = frame.trailers_ref() {
-            recorder.push_trailers(trailers);
-        }
+        let recorded = recorder.push(&frame);
         let _ = tx.send(Piece::Frame(frame));
+        if !recorded {
+            return hand_over(body, tx, "too-large");
+        }
     }
 }
 
@@ -380,13 +367,8 @@ pub(crate) async fn read<B: Body>(
         let Some(frame) = frame else {
             return Some(recorder.into_recorded());
         };
-        let frame: Frame<Bytes> = frame.ok()?.map_data(|mut d| d.copy_to_bytes(d.remaining()));
-        if let Some(data) = frame.data_ref() {
-            if !recorder.push_data(data) {
-                return None;
-            }
-        } else if let Some(trailers) = frame.trailers_ref() {
-            recorder.push_trailers(trailers);
+        if !recorder.push(&frame.ok()?.map_data(into_bytes)) {
+            return None;
         }
     }
 }
