@@ -418,3 +418,70 @@ async fn a_hanging_rebuild_lets_its_lease_go() {
     assert!(free, "the lease outlived the rebuild timeout");
     hanging.abort();
 }
+
+/// TTL and grace on paused time: with `Clock::tokio`, `advance` ages
+/// entries, so these tests wait for nothing.
+#[tokio::test(start_paused = true)]
+async fn ttl_and_grace_run_on_paused_time() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = service_fn({
+        let calls = calls.clone();
+        move |_req: Request<Body>| {
+            let calls = calls.clone();
+            async move {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                let response = http::Response::builder()
+                    .header("cache-control", "max-age=60, stale-while-revalidate=30")
+                    .body(Body::from(format!("v{n}")))
+                    .unwrap();
+                Ok::<_, Infallible>(response)
+            }
+        }
+    });
+    let layer = FenceLayer::builder()
+        .clock(tower_fence::Clock::tokio())
+        .xfetch_beta(0.0)
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new().layer(layer).service(svc);
+    let get = || async {
+        let response = svc
+            .clone()
+            .oneshot(Request::get("/t").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (String::from_utf8_lossy(&body).into_owned(), status)
+    };
+    assert_eq!(get().await.0, "v0");
+    tokio::time::advance(Duration::from_secs(59)).await;
+    let (body, status) = get().await;
+    assert_eq!(
+        (body.as_str(), status.contains("hit")),
+        ("v0", true),
+        "{status}"
+    );
+    // Stale, within grace: served stale while one refresh runs behind.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let (body, status) = get().await;
+    assert_eq!(body, "v0");
+    assert!(status.contains("stale-while-revalidate"), "{status}");
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let (body, status) = get().await;
+    assert_eq!(body, "v1", "{status}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Past freshness and grace: a miss.
+    tokio::time::advance(Duration::from_secs(100)).await;
+    let (body, status) = get().await;
+    assert_eq!(body, "v2");
+    assert!(
+        status.contains("fwd=stale") || status.contains("fwd=uri-miss"),
+        "{status}"
+    );
+}
