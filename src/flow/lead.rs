@@ -256,11 +256,7 @@ where
                 stored: filled == Filled::Stored,
                 ..CacheStatus::forward(fwd)
             };
-            if filled == Filled::FencedOut {
-                drop(lead);
-            } else {
-                lead.land(Landing::Response(entry.clone()));
-            }
+            settle_flight(lead, filled, entry.clone());
             respond(Ok(respond::shared_entry_response(
                 entry,
                 now_ms,
@@ -331,13 +327,7 @@ where
                     // done.
                     let (entry, filled) = settle(recorded).await;
                     status.stored = filled == Filled::Stored;
-                    if filled == Filled::FencedOut {
-                        // Read before an invalidation: not for requests
-                        // that may have come after the write.
-                        drop(lead);
-                    } else {
-                        lead.land(Landing::Response(entry.clone()));
-                    }
+                    settle_flight(lead, filled, entry.clone());
                     respond(Ok(respond::shared_entry_response(
                         entry,
                         now_ms,
@@ -380,11 +370,7 @@ where
             match teed {
                 Teed::Complete(recorded) => {
                     let (entry, filled) = settle(recorded).await;
-                    if filled == Filled::FencedOut {
-                        drop(lead);
-                    } else {
-                        lead.land(Landing::Response(entry));
-                    }
+                    settle_flight(lead, filled, entry);
                     let _ = tx.send(Piece::End);
                 }
                 Teed::Incomplete(why) => {
@@ -398,6 +384,17 @@ where
                 }
             }
         }
+    }
+}
+
+/// Lands the flight with the rebuilt `entry`, unless its fill was fenced
+/// out: then the entry was read before an invalidation, and is not for
+/// requests that may have come after the write (they look again).
+fn settle_flight(lead: Lead<Landing>, filled: Filled, entry: Arc<Entry>) {
+    if filled == Filled::FencedOut {
+        drop(lead);
+    } else {
+        lead.land(Landing::Response(entry));
     }
 }
 
