@@ -224,6 +224,13 @@ impl Freshness {
 }
 
 impl Entry {
+    /// When the origin started to produce this entry (ms since the epoch):
+    /// its generation time less its rebuild time. What the origin had
+    /// before then may be in it; nothing later than then is sure to be.
+    pub(crate) fn generated_ms(&self) -> u64 {
+        self.stored_at_ms.saturating_sub(u64::from(self.rebuild_ms))
+    }
+
     /// An entry of a response, with the times `freshness` gives and the
     /// rebuild time since `started`.
     pub(crate) fn new(

@@ -22,6 +22,8 @@ enum Kind {
     Timeout,
     Unavailable,
     Backend,
+    /// Not called: the circuit breaker is open.
+    Skipped,
 }
 
 impl StoreError {
@@ -49,6 +51,27 @@ impl StoreError {
         }
     }
 
+    /// The store was not called: the layer's circuit breaker is open after
+    /// repeated failures (see
+    /// [`breaker_failures`](crate::FenceLayerBuilder::breaker_failures)).
+    pub fn skipped() -> Self {
+        StoreError {
+            kind: Kind::Skipped,
+            source: None,
+        }
+    }
+
+    /// True when the store was not called because the breaker is open.
+    pub fn is_skipped(&self) -> bool {
+        self.kind == Kind::Skipped
+    }
+
+    /// True when the store is sick: it timed out or could not be reached
+    /// (an error reply is an answer, not a sign of sickness).
+    pub(crate) fn is_sick(&self) -> bool {
+        matches!(self.kind, Kind::Timeout | Kind::Unavailable)
+    }
+
     /// True when the store did not answer within the store timeout.
     pub fn is_timeout(&self) -> bool {
         self.kind == Kind::Timeout
@@ -72,7 +95,7 @@ impl StoreError {
     pub(crate) fn detail(&self) -> &'static str {
         match self.kind {
             Kind::Timeout => "store-timeout",
-            Kind::Unavailable => "store-unavailable",
+            Kind::Unavailable | Kind::Skipped => "store-unavailable",
             Kind::Backend => "store-error",
         }
     }
@@ -84,6 +107,7 @@ impl fmt::Display for StoreError {
             Kind::Timeout => f.write_str("cache store timed out"),
             Kind::Unavailable => f.write_str("cache store unavailable"),
             Kind::Backend => f.write_str("cache store error"),
+            Kind::Skipped => f.write_str("cache store skipped: circuit breaker open"),
         }
     }
 }

@@ -380,7 +380,14 @@ where
     match shared.invalidation.mode {
         InvalidationMode::Background => {
             for target in targets {
-                invalidate::enqueue(&shared, target, 0);
+                invalidate::enqueue(
+                    &shared,
+                    invalidate::Job {
+                        target,
+                        attempt: 0,
+                        debt: None,
+                    },
+                );
             }
             shared.write_done();
             Step::Respond(response)

@@ -22,6 +22,9 @@ use crate::singleflight::SingleFlight;
 use crate::store::{MemoryStore, Store};
 use crate::store_client::StoreClient;
 
+use crate::breaker::Breaker;
+pub use crate::breaker::{DEFAULT_BREAKER_COOL_DOWN, DEFAULT_BREAKER_FAILURES};
+
 /// Default key namespace: `tf:`.
 pub const DEFAULT_NAMESPACE: &str = "tf:";
 /// Default TTL for responses that state no freshness of their own: 60 s.
@@ -40,8 +43,11 @@ pub const DEFAULT_FILL_POLL_INTERVAL: Duration = Duration::from_millis(50);
 pub const DEFAULT_XFETCH_BETA: f64 = 1.0;
 /// Default time a key stays hit-for-miss: 10 s.
 pub const DEFAULT_HIT_FOR_MISS_TTL: Duration = Duration::from_secs(10);
-/// Default time budget of a write's invalidation (all its targets): 10 s.
+/// Default bound of one invalidation attempt (one target, inline or
+/// queued, or an [`Invalidator`] call): 10 s.
 pub const DEFAULT_INVALIDATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a write's response waits for its invalidation: 50 ms.
+pub const DEFAULT_WRITE_BUDGET: Duration = Duration::from_millis(50);
 /// Default capacity of the background invalidation queue: 10,000.
 pub const DEFAULT_INVALIDATION_QUEUE: usize = 10_000;
 /// Default attempts of a background invalidation: 8.
@@ -204,6 +210,9 @@ pub struct FenceLayerBuilder {
     invalidation_mode: InvalidationMode,
     write_methods: WriteMethods,
     invalidation_timeout: Duration,
+    write_budget: Duration,
+    breaker_failures: u32,
+    breaker_cool_down: Duration,
     invalidate_root_prefix: bool,
     invalidation_queue: usize,
     invalidation_attempts: u32,
@@ -237,6 +246,9 @@ impl Default for FenceLayerBuilder {
             invalidation_mode: InvalidationMode::default(),
             write_methods: WriteMethods::default(),
             invalidation_timeout: DEFAULT_INVALIDATION_TIMEOUT,
+            write_budget: DEFAULT_WRITE_BUDGET,
+            breaker_failures: DEFAULT_BREAKER_FAILURES,
+            breaker_cool_down: DEFAULT_BREAKER_COOL_DOWN,
             invalidate_root_prefix: false,
             invalidation_queue: DEFAULT_INVALIDATION_QUEUE,
             invalidation_attempts: DEFAULT_INVALIDATION_ATTEMPTS,
@@ -272,6 +284,9 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("invalidation_mode", &self.invalidation_mode)
             .field("write_methods", &self.write_methods)
             .field("invalidation_timeout", &self.invalidation_timeout)
+            .field("write_budget", &self.write_budget)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cool_down", &self.breaker_cool_down)
             .field("invalidate_root_prefix", &self.invalidate_root_prefix)
             .field("invalidation_queue", &self.invalidation_queue)
             .field("invalidation_attempts", &self.invalidation_attempts)
@@ -399,13 +414,66 @@ impl FenceLayerBuilder {
         self
     }
 
-    /// The time budget of a write's inline invalidation: all its targets
-    /// (its path, `Location`, `Content-Location`, a rule's prefixes) share
-    /// it. Past it the write's response is returned anyway and what has not
-    /// finished goes to the background queue. It also bounds each attempt
-    /// of the queue and each [`Invalidator`] call. Defaults to 10 s.
+    /// The bound of one invalidation attempt: one target of a write (which
+    /// runs on past the [write budget](Self::write_budget)), one attempt of
+    /// the background queue, one [`Invalidator`] call. Defaults to 10 s.
     pub fn invalidation_timeout(mut self, timeout: Duration) -> Self {
         self.invalidation_timeout = timeout;
+        self
+    }
+
+    /// How long a write's response waits for its inline invalidation: all
+    /// its targets (its path, `Location`, `Content-Location`, a rule's
+    /// prefixes) run side by side within it. Past it the response is
+    /// returned and the targets run on in the background (then, failing,
+    /// in the queue); while the store's breaker is open the response does
+    /// not wait at all. Until a write's targets are applied, this process
+    /// serves no entry generated before the write (they are rebuilt), so
+    /// its own reads never see older data; other processes see the write
+    /// once the invalidation is applied. Defaults to 50 ms.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = tower_fence::FenceLayer::builder()
+    ///     .write_budget(Duration::from_millis(200))
+    ///     .build()?;
+    /// # Ok::<(), tower_fence::ConfigError>(())
+    /// ```
+    pub fn write_budget(mut self, budget: Duration) -> Self {
+        self.write_budget = budget;
+        self
+    }
+
+    /// Consecutive failed store calls (timeouts, connection errors; not
+    /// error replies) that open the circuit breaker: while it is open the
+    /// store is skipped, requests go to the inner service (still one per
+    /// key in this process) with `Cache-Status: …; detail=store-unavailable`,
+    /// and writes do not wait for their invalidation. After the
+    /// [cool-down](Self::breaker_cool_down) one call probes the store; if
+    /// it answers, the breaker closes. Opening also drops the store's
+    /// connection ([`Store::reconnect`]), so a half-open one is not used
+    /// again. `0` turns the breaker off. Defaults to 5.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = tower_fence::FenceLayer::builder()
+    ///     .breaker_failures(3)
+    ///     .breaker_cool_down(Duration::from_millis(500))
+    ///     .build()?;
+    /// # Ok::<(), tower_fence::ConfigError>(())
+    /// ```
+    pub fn breaker_failures(mut self, failures: u32) -> Self {
+        self.breaker_failures = failures;
+        self
+    }
+
+    /// How long an open circuit breaker skips the store before it lets one
+    /// probe through (see [`breaker_failures`](Self::breaker_failures)).
+    /// Defaults to 1 s.
+    pub fn breaker_cool_down(mut self, cool_down: Duration) -> Self {
+        self.breaker_cool_down = cool_down;
         self
     }
 
@@ -683,7 +751,11 @@ impl FenceLayerBuilder {
             .build();
         Ok(FenceLayer {
             shared: Arc::new(Shared {
-                store: Arc::new(StoreClient::new(store, self.store_timeout)),
+                store: Arc::new(StoreClient::new(
+                    store,
+                    self.store_timeout,
+                    Breaker::new(self.breaker_failures, self.breaker_cool_down),
+                )),
                 key: KeyConfig {
                     namespace: self.namespace,
                     headers,
@@ -710,6 +782,7 @@ impl FenceLayerBuilder {
                     mode: self.invalidation_mode,
                     methods: self.write_methods,
                     timeout: self.invalidation_timeout,
+                    write_budget: self.write_budget,
                     root_prefix: self.invalidate_root_prefix,
                     queue_capacity: self.invalidation_queue,
                     max_attempts: self.invalidation_attempts.max(1),

@@ -96,6 +96,11 @@ impl Shared {
         let mut stats = self.counters.snapshot();
         stats.store_errors = self.store.errors();
         stats.decode_errors = self.store.decode_errors();
+        stats.breaker_opened = self.store.breaker().opened();
+        stats.store_skipped = self.store.breaker().skipped();
+        stats.breaker_open = self.store.breaker().is_open();
+        stats.invalidations_owed = self.store.owed().len() as u64;
+        stats.distrusted = self.store.distrusted();
         stats
     }
 }
@@ -199,6 +204,18 @@ pub struct Stats {
     pub revalidated: u64,
     /// Waiters given the error of the rebuild they waited for (as a `502`).
     pub shared_errors: u64,
+    /// Times the store's circuit breaker opened.
+    pub breaker_opened: u64,
+    /// Store calls skipped because the breaker was open.
+    pub store_skipped: u64,
+    /// Whether the breaker is open now.
+    pub breaker_open: bool,
+    /// Invalidations of writes not applied yet (the queue retries them);
+    /// meanwhile entries generated before them are not served.
+    pub invalidations_owed: u64,
+    /// Entries found but rebuilt instead of served: generated before a
+    /// write whose invalidation was not applied yet.
+    pub distrusted: u64,
 }
 
 #[derive(Debug, Default)]
@@ -243,6 +260,11 @@ impl Counters {
             invalidations_dead: get(&self.invalidations_dead),
             revalidated: get(&self.revalidated),
             shared_errors: get(&self.shared_errors),
+            breaker_opened: 0,
+            store_skipped: 0,
+            breaker_open: false,
+            invalidations_owed: 0,
+            distrusted: 0,
         }
     }
 }

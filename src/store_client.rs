@@ -1,6 +1,8 @@
-//! Every store call of the layer goes through [`StoreClient`]: it bounds the
-//! call by the store timeout, counts failures and decodes records. This is
-//! the one place where a sick store is noticed.
+//! Every store call of the layer goes through [`StoreClient`]: it asks the
+//! circuit breaker, bounds the call by the store timeout, counts failures
+//! and decodes records. This is the one place where a sick store is
+//! noticed, and where the invalidations it still owes keep old entries from
+//! being served.
 
 use std::fmt;
 use std::future::Future;
@@ -10,8 +12,10 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+use crate::breaker::{Admission, Breaker, Turn};
 use crate::entry::{Entry, Record};
 use crate::error::StoreError;
+use crate::owed::Owed;
 use crate::store::{Fill, FillSubscription, KeyPattern, Store};
 
 /// What a read of one key found.
@@ -41,8 +45,13 @@ impl Found {
 pub(crate) struct StoreClient {
     store: Arc<dyn Store>,
     timeout: Option<Duration>,
+    breaker: Breaker,
+    /// Invalidations not applied yet: entries older than them are not
+    /// served.
+    owed: Owed,
     errors: AtomicU64,
     decode_errors: AtomicU64,
+    distrusted: AtomicU64,
 }
 
 impl fmt::Debug for StoreClient {
@@ -55,13 +64,32 @@ impl fmt::Debug for StoreClient {
 }
 
 impl StoreClient {
-    pub(crate) fn new(store: Arc<dyn Store>, timeout: Option<Duration>) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>, timeout: Option<Duration>, breaker: Breaker) -> Self {
         StoreClient {
             store,
             timeout,
+            breaker,
+            owed: Owed::new(crate::owed::OWED_CAPACITY),
             errors: AtomicU64::new(0),
             decode_errors: AtomicU64::new(0),
+            distrusted: AtomicU64::new(0),
         }
+    }
+
+    /// The circuit breaker of this store.
+    pub(crate) fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// The invalidations this store still owes.
+    pub(crate) fn owed(&self) -> &Owed {
+        &self.owed
+    }
+
+    /// Entries found but not served because an invalidation newer than
+    /// them was not applied yet.
+    pub(crate) fn distrusted(&self) -> u64 {
+        self.distrusted.load(Ordering::Relaxed)
     }
 
     /// The store itself.
@@ -87,12 +115,50 @@ impl StoreClient {
         key: &str,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let result = match self.timeout {
+        self.guarded(doing, key, self.timeout, call).await
+    }
+
+    /// Runs `call` if the breaker lets it, under `timeout`; tells the
+    /// breaker how it went. A skipped call fails at once with
+    /// [`StoreError::skipped`], without a log line of its own.
+    async fn guarded<T>(
+        &self,
+        doing: &'static str,
+        key: &str,
+        timeout: Option<Duration>,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let admission = self.breaker.admit();
+        if admission == Admission::Skip {
+            return Err(StoreError::skipped());
+        }
+        // A probe whose call is dropped before it ends lets the next call
+        // probe.
+        let mut probe = ProbeGuard {
+            breaker: &self.breaker,
+            admission,
+        };
+        let result = match timeout {
             None => call.await,
             Some(limit) => tokio::time::timeout(limit, call)
                 .await
                 .unwrap_or_else(|_| Err(StoreError::timeout())),
         };
+        probe.admission = Admission::Call;
+        let healthy = result.as_ref().map_or_else(|err| !err.is_sick(), |_| true);
+        match self.breaker.record(admission, healthy) {
+            Turn::Opened => {
+                self.store.reconnect();
+                tracing::warn!(
+                    cool_down = ?self.breaker.cool_down(),
+                    "tower-fence: the store keeps failing; skipping it (circuit breaker open)"
+                );
+            }
+            Turn::Closed => {
+                tracing::info!("tower-fence: the store answers again (circuit breaker closed)");
+            }
+            Turn::Stayed => {}
+        }
         if let Err(err) = &result {
             self.errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(key, error = %err, "tower-fence: {doing} failed");
@@ -109,6 +175,16 @@ impl StoreClient {
             Err(err) => return Found::Failed(err),
         };
         match Record::decode(&record, key) {
+            Ok(Record::Entry(entry)) if !self.owed.trusts(entry.generated_ms()) => {
+                // Maybe older than a write whose invalidation is not
+                // applied yet: rebuilt, not served.
+                self.distrusted.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    key,
+                    "tower-fence: entry older than an unapplied invalidation; treated as a miss"
+                );
+                Found::Nothing
+            }
             Ok(Record::Entry(entry)) => Found::Entry(entry),
             Ok(Record::Vary(names)) => Found::Vary(names),
             // Written by a newer instance (a rolling deploy): a miss here,
@@ -187,12 +263,16 @@ impl StoreClient {
     /// Deletes what `pattern` selects (no store timeout: invalidations have
     /// their own budget).
     pub(crate) async fn delete_matching(&self, pattern: &KeyPattern) -> Result<u64, StoreError> {
-        self.store.delete_matching(pattern).await
+        let call = self.store.delete_matching(pattern);
+        self.guarded("deleting by pattern", &pattern.glob(), None, call)
+            .await
     }
 
     /// Deletes the members of `set` (no store timeout, as above).
     pub(crate) async fn delete_members(&self, set: &str) -> Result<u64, StoreError> {
-        self.store.delete_members(set).await
+        let call = self.store.delete_members(set);
+        self.guarded("deleting a set's members", set, None, call)
+            .await
     }
 
     /// Deletes the members of `set` that `pattern` selects (no store
@@ -202,6 +282,20 @@ impl StoreClient {
         set: &str,
         pattern: &KeyPattern,
     ) -> Result<u64, StoreError> {
-        self.store.delete_members_matching(set, pattern).await
+        let call = self.store.delete_members_matching(set, pattern);
+        self.guarded("deleting a set's members", set, None, call)
+            .await
+    }
+}
+
+/// Gives a probe back to the breaker when its call is dropped mid-way.
+struct ProbeGuard<'a> {
+    breaker: &'a Breaker,
+    admission: Admission,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.breaker.abandon(self.admission);
     }
 }

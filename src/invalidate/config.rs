@@ -61,10 +61,13 @@ pub(crate) struct InvalidationConfig {
     pub(crate) strategy: PrefixStrategy,
     pub(crate) mode: InvalidationMode,
     pub(crate) methods: WriteMethods,
-    /// The budget of one write's inline invalidation (all its targets),
-    /// and of each attempt of the queue or of an
+    /// The bound of each attempt of one target: inline (it goes on past
+    /// the write's budget), in the queue, or an
     /// [`Invalidator`](crate::Invalidator) call.
     pub(crate) timeout: Duration,
+    /// How long a write's response waits for its inline invalidation (all
+    /// its targets); zero while the store's breaker is open.
+    pub(crate) write_budget: Duration,
     /// Whether a write to `/` invalidates the whole cache (else `/` only).
     pub(crate) root_prefix: bool,
     pub(crate) queue_capacity: usize,
@@ -129,6 +132,9 @@ pub struct DeadLetter {
 pub(crate) struct Job {
     pub(crate) target: Target,
     pub(crate) attempt: u32,
+    /// The debt a write left while this target was not applied: paid when
+    /// it is, written off when it is given up.
+    pub(crate) debt: Option<crate::owed::Debt>,
 }
 
 impl InvalidationConfig {

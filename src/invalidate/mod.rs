@@ -137,7 +137,7 @@ impl Invalidator {
     /// removes everything), and the rebuild leases there. Returns how many
     /// keys were removed.
     pub async fn invalidate_prefix(&self, path: &str) -> Result<u64, StoreError> {
-        run(&self.shared, &Target::Prefix(path.to_owned())).await
+        invalidate_now(&self.shared, Target::Prefix(path.to_owned())).await
     }
 
     /// Removes the entries of exactly `path` (with any query string, every
@@ -154,12 +154,12 @@ impl Invalidator {
     /// # }
     /// ```
     pub async fn invalidate_path(&self, path: &str) -> Result<u64, StoreError> {
-        run(&self.shared, &Target::Path(path.to_owned())).await
+        invalidate_now(&self.shared, Target::Path(path.to_owned())).await
     }
 
     /// Removes the entries tagged `tag`.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, StoreError> {
-        run(&self.shared, &Target::Tag(tag.to_owned())).await
+        invalidate_now(&self.shared, Target::Tag(tag.to_owned())).await
     }
 
     /// Removes the entry `request` would be served from (its key with the
@@ -170,7 +170,7 @@ impl Invalidator {
     /// key counts as one).
     pub async fn invalidate_request<B>(&self, request: &Request<B>) -> Result<u64, StoreError> {
         let key = plan::key_of_request(&self.shared, request);
-        run(&self.shared, &Target::Key(key.as_str().to_owned())).await
+        invalidate_now(&self.shared, Target::Key(key.as_str().to_owned())).await
     }
 
     /// Invalidations that failed after every retry of the background queue,
@@ -373,42 +373,52 @@ fn normalize_dots(path: &str) -> String {
     format!("/{}", out.join("/"))
 }
 
-/// One target's work, owning what it needs.
-type Work = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
-
-/// Invalidates `targets` now, side by side, all within one budget (the
-/// invalidation timeout). What fails, what the budget does not cover and,
-/// when this future is dropped before it ends, what has not completed,
-/// goes to the background queue for retries.
+/// Invalidates `targets` now, side by side, each in a task of its own. The
+/// write's response waits for them up to the write budget (not at all
+/// while the store's breaker is open). A target that fails is queued for
+/// retries; one still running when the budget ends, or when this future is
+/// dropped (the client hung up), runs on. Either way the write leaves a
+/// debt until the target is applied: this process serves no entry
+/// generated before the write meanwhile.
 pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
-    let mut work: Vec<Option<Work>> = targets
-        .iter()
-        .map(|target| {
-            let shared = shared.clone();
-            let target = target.clone();
-            let work: Work = Box::pin(async move { execute(&shared, &target).await });
-            Some(work)
-        })
-        .collect();
-    let mut unfinished = Unfinished {
+    let since_ms = shared.clock.now_ms();
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        for target in targets {
+            owe(&shared, target, since_ms);
+        }
+        return;
+    };
+    if shared.store.breaker().is_open() {
+        // A sick store: the write does not wait for it at all.
+        for target in targets {
+            owe(&shared, target, since_ms);
+        }
+        return;
+    }
+    let mut running = Running {
         shared: shared.clone(),
-        targets: targets.into_iter().map(Some).collect(),
-        ended: false,
+        since_ms,
+        tasks: targets
+            .into_iter()
+            .map(|target| {
+                let shared = shared.clone();
+                let work = target.clone();
+                let task = runtime.spawn(async move { run(&shared, &work).await.is_ok() });
+                Some((target, task))
+            })
+            .collect(),
     };
     let all = std::future::poll_fn(|cx| {
         let mut pending = false;
-        for (slot, target) in work.iter_mut().zip(&mut unfinished.targets) {
-            let Some(future) = slot else { continue };
-            let Poll::Ready(result) = future.as_mut().poll(cx) else {
+        for slot in &mut running.tasks {
+            let Some((_, task)) = slot else { continue };
+            let Poll::Ready(done) = Pin::new(task).poll(cx) else {
                 pending = true;
                 continue;
             };
-            *slot = None;
-            if let Some(done) = target.as_ref() {
-                record(&shared, done, &result);
-            }
-            if result.is_ok() {
-                *target = None;
+            let (target, _) = slot.take().expect("a running task");
+            if !done.unwrap_or(false) {
+                owe(&shared, target, since_ms);
             }
         }
         if pending {
@@ -417,69 +427,99 @@ pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
             Poll::Ready(())
         }
     });
-    if tokio::time::timeout(shared.invalidation.timeout, all)
+    if tokio::time::timeout(shared.invalidation.write_budget, all)
         .await
         .is_err()
     {
-        for target in unfinished.targets.iter().flatten() {
-            shared.bump(|c| &c.invalidation_errors);
-            tracing::warn!(
+        for (target, _) in running.tasks.iter().flatten() {
+            tracing::debug!(
                 %target,
-                budget = ?shared.invalidation.timeout,
-                "tower-fence: invalidation did not finish within the write's budget"
+                budget = ?shared.invalidation.write_budget,
+                "tower-fence: invalidation runs on past the write's budget"
             );
         }
     }
-    unfinished.ended = true;
-    // Dropping `unfinished` hands what is left to the queue.
+    // Dropping `running` leaves a debt for each target still running.
 }
 
-/// The targets of an inline invalidation that have not completed. Dropped,
-/// it hands them to the background queue: at the end of [`inline`] the
-/// failed and timed-out ones, and every one not yet completed (the one in
-/// progress included) when the response future is dropped mid-way.
-struct Unfinished {
+/// The targets of an inline invalidation still running, each with its
+/// task. Dropped (at the end of [`inline`], or with the write's future),
+/// it opens a debt for each and lets the task run on: paid when the task
+/// succeeds, queued for retries when it fails.
+struct Running {
     shared: Arc<Shared>,
-    targets: Vec<Option<Target>>,
-    /// Whether [`inline`] ran to its end (else its future was dropped).
-    ended: bool,
+    since_ms: u64,
+    tasks: Vec<Option<(Target, tokio::task::JoinHandle<bool>)>>,
 }
 
-impl Drop for Unfinished {
+impl Drop for Running {
     fn drop(&mut self) {
-        for target in self.targets.drain(..).flatten() {
-            if !self.ended {
-                tracing::debug!(
-                    %target,
-                    "tower-fence: write dropped mid-invalidation; finishing in the background"
-                );
-            }
-            enqueue(&self.shared, target, 1);
+        for (target, task) in self.tasks.drain(..).flatten() {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                owe(&self.shared, target, self.since_ms);
+                continue;
+            };
+            let debt = self.shared.store.owed().owe(self.since_ms);
+            let shared = self.shared.clone();
+            runtime.spawn(async move {
+                if task.await.unwrap_or(false) {
+                    shared.store.owed().pay(debt);
+                } else {
+                    enqueue(
+                        &shared,
+                        Job {
+                            target,
+                            attempt: 1,
+                            debt: Some(debt),
+                        },
+                    );
+                }
+            });
         }
     }
 }
 
-/// Hands `target` to the background queue (started on first use).
-pub(crate) fn enqueue(shared: &Arc<Shared>, target: Target, attempt: u32) {
+/// A write's target that was not applied: a debt until the queue applies
+/// it.
+fn owe(shared: &Arc<Shared>, target: Target, since_ms: u64) {
+    let debt = shared.store.owed().owe(since_ms);
+    enqueue(
+        shared,
+        Job {
+            target,
+            attempt: 1,
+            debt: Some(debt),
+        },
+    );
+}
+
+/// A target of an [`Invalidator`] call, bounded by the invalidation
+/// timeout. If it fails, it is also queued, and until it is applied this
+/// process serves no entry generated before the call.
+async fn invalidate_now(shared: &Arc<Shared>, target: Target) -> Result<u64, StoreError> {
+    let since_ms = shared.clock.now_ms();
+    let result = run(shared, &target).await;
+    if result.is_err() {
+        owe(shared, target, since_ms);
+    }
+    result
+}
+
+/// Hands `job` to the background queue (started on first use).
+pub(crate) fn enqueue(shared: &Arc<Shared>, job: Job) {
     let Some(queue) = queue(shared) else {
         dead_letter(
             shared,
-            target,
-            attempt,
+            job,
             "no tokio runtime for the invalidation queue".into(),
         );
         return;
     };
-    if let Err(err) = queue.try_send(Job { target, attempt }) {
+    if let Err(err) = queue.try_send(job) {
         let job = match err {
             mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => job,
         };
-        dead_letter(
-            shared,
-            job.target,
-            job.attempt,
-            "invalidation queue full".into(),
-        );
+        dead_letter(shared, job, "invalidation queue full".into());
     }
 }
 
@@ -496,25 +536,38 @@ fn queue(shared: &Arc<Shared>) -> Option<&mpsc::Sender<Job>> {
 }
 
 /// Runs queued invalidations one at a time; a failed one is retried after
-/// an exponential, jittered delay, up to the configured attempts.
+/// an exponential, jittered delay, up to the configured attempts. While the
+/// store's breaker is open a job waits for the cool-down without using an
+/// attempt, and its retry is the breaker's probe: the queue applies what
+/// the store owes as soon as the store answers again.
 async fn worker(shared: std::sync::Weak<Shared>, mut rx: mpsc::Receiver<Job>) {
-    while let Some(job) = rx.recv().await {
+    while let Some(mut job) = rx.recv().await {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let Err(err) = run(&shared, &job.target).await else {
-            continue;
+        let err = match run(&shared, &job.target).await {
+            Ok(_) => {
+                if let Some(debt) = job.debt {
+                    shared.store.owed().pay(debt);
+                }
+                continue;
+            }
+            Err(err) => err,
         };
-        let attempts = job.attempt + 1;
-        if attempts >= shared.invalidation.max_attempts {
-            dead_letter(&shared, job.target, attempts, err.to_string());
-            continue;
-        }
-        let delay = backoff(job.attempt);
+        let delay = if err.is_skipped() {
+            shared.store.breaker().cool_down()
+        } else {
+            job.attempt += 1;
+            if job.attempt >= shared.invalidation.max_attempts {
+                dead_letter(&shared, job, err.to_string());
+                continue;
+            }
+            backoff(job.attempt - 1)
+        };
         let retry_shared = shared.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            enqueue(&retry_shared, job.target, attempts);
+            enqueue(&retry_shared, job);
         });
     }
 }
@@ -529,8 +582,19 @@ fn backoff(attempt: u32) -> Duration {
     half + half.mul_f64(fastrand::f64())
 }
 
-fn dead_letter(shared: &Shared, target: Target, attempts: u32, error: String) {
+/// Gives `job` up: counted, logged, kept as a dead letter; its debt is
+/// written off (entries generated before its write are never served again
+/// by this process).
+fn dead_letter(shared: &Shared, job: Job, error: String) {
     shared.bump(|c| &c.invalidations_dead);
+    let Job {
+        target,
+        attempt: attempts,
+        debt,
+    } = job;
+    if let Some(debt) = debt {
+        shared.store.owed().write_off(debt);
+    }
     tracing::error!(%target, attempts, %error, "tower-fence: invalidation given up");
     let mut dead = lock(&shared.invalidation.dead_letters);
     if dead.len() >= DEAD_LETTER_CAPACITY {

@@ -139,6 +139,12 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
         None
     }
 
+    /// Drops connections that may be dead: called by the layer when its
+    /// circuit breaker opens after repeated timeouts or connection errors,
+    /// so that a half-open connection (a failover without a reset) is not
+    /// used again. The next call connects afresh. The default does nothing.
+    fn reconnect(&self) {}
+
     /// Deletes every key `pattern` selects (entries and their leases)
     /// without blocking the store: on Redis `SCAN MATCH … COUNT …` and
     /// `UNLINK` in batches, never `KEYS`. Returns how many were deleted.
@@ -334,6 +340,10 @@ impl<T: Store + ?Sized> Store for Arc<T> {
 
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
         (**self).subscribe_fill(key)
+    }
+
+    fn reconnect(&self) {
+        (**self).reconnect();
     }
 
     fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {

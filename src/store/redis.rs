@@ -67,6 +67,9 @@ pub struct RedisStore {
     /// Held while a connection is checked out of the pool, so that a burst
     /// of requests on a cold store waits for one checkout, not one each.
     connecting: Arc<tokio::sync::Mutex<()>>,
+    /// Set by [`Store::reconnect`]: the next connection is a new one, not
+    /// one from the pool (whose idle connections may be as dead).
+    fresh: Arc<std::sync::atomic::AtomicBool>,
     feed: Arc<FillFeed>,
 }
 
@@ -78,6 +81,7 @@ impl RedisStore {
             pool,
             connection: Arc::new(Mutex::new(None)),
             connecting: Arc::new(tokio::sync::Mutex::new(())),
+            fresh: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             feed: Arc::new(FillFeed::new(DEFAULT_FILL_FEED_KEY.to_owned())),
         };
         store.start_feed_reader();
@@ -93,6 +97,7 @@ impl RedisStore {
             pool: self.pool,
             connection: self.connection,
             connecting: self.connecting,
+            fresh: self.fresh,
             feed: Arc::new(FillFeed::new(key.into())),
         };
         store.start_feed_reader();
@@ -124,9 +129,21 @@ impl RedisStore {
         if let Some(conn) = self.cached() {
             return Ok(conn);
         }
-        let pooled = self.pool.get().await.map_err(StoreError::unavailable)?;
-        let conn = (*pooled).clone();
-        drop(pooled);
+        let conn = if self.fresh.load(std::sync::atomic::Ordering::Acquire) {
+            let conn = self
+                .pool
+                .dedicated_connection()
+                .await
+                .map_err(StoreError::unavailable)?;
+            self.fresh
+                .store(false, std::sync::atomic::Ordering::Release);
+            conn
+        } else {
+            let pooled = self.pool.get().await.map_err(StoreError::unavailable)?;
+            let conn = (*pooled).clone();
+            drop(pooled);
+            conn
+        };
         if let Ok(mut slot) = self.connection.lock() {
             *slot = Some(conn.clone());
         }
@@ -223,6 +240,13 @@ impl fmt::Debug for RedisStore {
 }
 
 impl Store for RedisStore {
+    fn reconnect(&self) {
+        if let Ok(mut slot) = self.connection.lock() {
+            *slot = None;
+        }
+        self.fresh.store(true, std::sync::atomic::Ordering::Release);
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
         Box::pin(async move {
             let value: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key)).await?;
