@@ -788,6 +788,7 @@ impl FenceLayerBuilder {
                     max_attempts: self.invalidation_attempts.max(1),
                     tag_header,
                     queue: std::sync::OnceLock::new(),
+                    running: std::sync::atomic::AtomicUsize::new(0),
                     dead_letters: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 },
                 client_cache_control: self.client_cache_control,

@@ -260,30 +260,38 @@ impl StoreClient {
         self.store.subscribe_fill(key)
     }
 
-    /// Deletes what `pattern` selects (no store timeout: invalidations have
-    /// their own budget).
-    pub(crate) async fn delete_matching(&self, pattern: &KeyPattern) -> Result<u64, StoreError> {
+    /// Deletes what `pattern` selects, within `limit` (invalidations have
+    /// their own bound, not the store timeout).
+    pub(crate) async fn delete_matching(
+        &self,
+        pattern: &KeyPattern,
+        limit: Duration,
+    ) -> Result<u64, StoreError> {
         let call = self.store.delete_matching(pattern);
-        self.guarded("deleting by pattern", &pattern.glob(), None, call)
+        self.guarded("deleting by pattern", &pattern.glob(), Some(limit), call)
             .await
     }
 
-    /// Deletes the members of `set` (no store timeout, as above).
-    pub(crate) async fn delete_members(&self, set: &str) -> Result<u64, StoreError> {
+    /// Deletes the members of `set`, within `limit`.
+    pub(crate) async fn delete_members(
+        &self,
+        set: &str,
+        limit: Duration,
+    ) -> Result<u64, StoreError> {
         let call = self.store.delete_members(set);
-        self.guarded("deleting a set's members", set, None, call)
+        self.guarded("deleting a set's members", set, Some(limit), call)
             .await
     }
 
-    /// Deletes the members of `set` that `pattern` selects (no store
-    /// timeout, as above).
+    /// Deletes the members of `set` that `pattern` selects, within `limit`.
     pub(crate) async fn delete_members_matching(
         &self,
         set: &str,
         pattern: &KeyPattern,
+        limit: Duration,
     ) -> Result<u64, StoreError> {
         let call = self.store.delete_members_matching(set, pattern);
-        self.guarded("deleting a set's members", set, None, call)
+        self.guarded("deleting a set's members", set, Some(limit), call)
             .await
     }
 }

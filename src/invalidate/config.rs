@@ -74,6 +74,9 @@ pub(crate) struct InvalidationConfig {
     pub(crate) max_attempts: u32,
     pub(crate) tag_header: Option<http::HeaderName>,
     pub(crate) queue: OnceLock<mpsc::Sender<Job>>,
+    /// Inline invalidation tasks running now (bounded: past the bound a
+    /// write's targets go straight to the queue).
+    pub(crate) running: std::sync::atomic::AtomicUsize,
     pub(crate) dead_letters: Mutex<VecDeque<DeadLetter>>,
 }
 

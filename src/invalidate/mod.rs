@@ -73,6 +73,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -90,6 +91,9 @@ pub(crate) mod config;
 pub use config::{DeadLetter, InvalidationMode, PrefixStrategy, Target};
 pub(crate) use config::{InvalidationConfig, Job, WriteMethods};
 
+/// Most inline invalidation targets running at once (each bounded by the
+/// invalidation timeout); past it a write's targets go to the queue.
+const MAX_INLINE_RUNNING: usize = 1_024;
 /// Most dead letters kept; the oldest go first.
 const DEAD_LETTER_CAPACITY: usize = 1_000;
 /// First retry delay of the background queue; doubled per attempt.
@@ -202,30 +206,31 @@ async fn execute(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
     let namespace = &shared.key.namespace;
     let strategy = shared.invalidation.strategy;
     let store = &shared.store;
+    let limit = shared.invalidation.timeout;
     match target {
         Target::Prefix(path) => match strategy {
             PrefixStrategy::Scan => {
                 let pattern = key::prefix_pattern(namespace, path);
-                store.delete_matching(&pattern).await
+                store.delete_matching(&pattern, limit).await
             }
             PrefixStrategy::Index => {
                 let set = key::index_set(namespace, path);
-                store.delete_members(&set).await
+                store.delete_members(&set, limit).await
             }
         },
         Target::Path(path) => {
             let pattern = key::path_pattern(namespace, path);
             match strategy {
-                PrefixStrategy::Scan => store.delete_matching(&pattern).await,
+                PrefixStrategy::Scan => store.delete_matching(&pattern, limit).await,
                 PrefixStrategy::Index => {
                     let set = key::path_index_set(namespace, path);
-                    store.delete_members_matching(&set, &pattern).await
+                    store.delete_members_matching(&set, &pattern, limit).await
                 }
             }
         }
         Target::Tag(tag) => {
             let set = key::tag_set(namespace, tag);
-            store.delete_members(&set).await
+            store.delete_members(&set, limit).await
         }
         Target::Key(key) => {
             // The key, its variants (`{key}.v…`, filled by requests with
@@ -235,11 +240,11 @@ async fn execute(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
                 (PrefixStrategy::Index, Some(set)) => {
                     // Variants and leases joined the path's index set; a
                     // vary stub joins none.
-                    let deleted = store.delete_members_matching(&set, &pattern).await?;
+                    let deleted = store.delete_members_matching(&set, &pattern, limit).await?;
                     store.delete(key).await?;
                     Ok(deleted + 1)
                 }
-                _ => store.delete_matching(&pattern).await,
+                _ => store.delete_matching(&pattern, limit).await,
             }
         }
     }
@@ -388,8 +393,10 @@ pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
         }
         return;
     };
-    if shared.store.breaker().is_open() {
-        // A sick store: the write does not wait for it at all.
+    let running_now = shared.invalidation.running.load(Ordering::Relaxed);
+    if shared.store.breaker().is_open() || running_now + targets.len() > MAX_INLINE_RUNNING {
+        // A sick store (or a backlog of writes waiting on a slow one): the
+        // write does not wait for it at all.
         for target in targets {
             owe(&shared, target, since_ms);
         }
@@ -403,7 +410,12 @@ pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
             .map(|target| {
                 let shared = shared.clone();
                 let work = target.clone();
-                let task = runtime.spawn(async move { run(&shared, &work).await.is_ok() });
+                shared.invalidation.running.fetch_add(1, Ordering::Relaxed);
+                let task = runtime.spawn(async move {
+                    let done = run(&shared, &work).await.is_ok();
+                    shared.invalidation.running.fetch_sub(1, Ordering::Relaxed);
+                    done
+                });
                 Some((target, task))
             })
             .collect(),
