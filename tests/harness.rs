@@ -166,3 +166,29 @@ async fn origin_counts_every_call() {
     assert_eq!(get(twin.router(), "/count/y").await, "4");
     assert_eq!(origin.calls(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_cluster_fails_over_when_a_master_is_killed() {
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with_replicas(3, 1))
+        .await
+        .unwrap();
+    assert_eq!(cluster.nodes().len(), 6);
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3);
+    assert_eq!(cluster.replicas().len(), 3);
+
+    tokio::task::block_in_place(|| {
+        cluster.wait_replicas_synced(Duration::from_secs(10));
+        let victim = masters[0];
+        let port = cluster.processes()[victim].port();
+        assert!(!cluster.is_flagged_failed(port));
+        cluster.kill(victim);
+        assert!(!cluster.processes()[victim].is_running());
+        cluster.wait_failed_over(Duration::from_secs(30));
+        assert!(cluster.is_flagged_failed(port));
+        // A replica took the killed master's place.
+        assert_eq!(cluster.masters().len(), 3);
+        assert!(!cluster.masters().contains(&victim));
+        assert_eq!(cluster.replicas().len(), 2);
+    });
+}

@@ -25,8 +25,16 @@ use bb8_redis::{bb8, redis, RedisConnectionManager};
 const SPAWN_ATTEMPTS: usize = 5;
 /// How long a freshly spawned server gets to answer PING.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a freshly created cluster gets to report `cluster_state:ok`.
+/// How long a freshly created cluster gets to report `cluster_state:ok`
+/// (and, with replicas, to have every replica in sync).
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(20);
+/// `cluster-node-timeout` of a cluster without replicas: nothing fails
+/// over, so it only needs to be long enough not to flap on a busy machine.
+const CLUSTER_NODE_TIMEOUT_MS: u64 = 2000;
+/// `cluster-node-timeout` of a cluster with replicas: short, so that a
+/// killed master is failed over in a few seconds, yet long enough that a
+/// busy two-core machine does not make healthy nodes look dead.
+const REPLICATED_NODE_TIMEOUT_MS: u64 = 1000;
 /// Polling step while waiting; short so a sync wait inside a
 /// `#[tokio::test]` never blocks the runtime for long at a time.
 const POLL_STEP: Duration = Duration::from_millis(20);
@@ -219,6 +227,7 @@ fn wait_ready(child: &mut Child, port: u16, timeout: Duration) -> Ready {
 #[derive(Clone, Copy, Debug)]
 struct ClusterMode {
     bus_port: u16,
+    node_timeout_ms: u64,
 }
 
 /// A private `redis-server` on a free loopback port, killed and cleaned up on
@@ -237,7 +246,7 @@ impl RedisProcess {
     /// Blocking, but only in short sleeps, so it is fine to call from inside
     /// a `#[tokio::test]`.
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(None)
     }
 
     /// [`RedisProcess::start`] on a blocking thread, for tests that must not
@@ -248,16 +257,19 @@ impl RedisProcess {
             .expect("RedisProcess::start panicked")
     }
 
-    fn start_cluster_node() -> Self {
-        Self::start_with(true)
+    fn start_cluster_node(node_timeout_ms: u64) -> Self {
+        Self::start_with(Some(node_timeout_ms))
     }
 
-    fn start_with(cluster: bool) -> Self {
+    /// Starts a server; in cluster mode with `cluster-node-timeout` set to
+    /// `cluster_node_timeout_ms` when that is given.
+    fn start_with(cluster_node_timeout_ms: Option<u64>) -> Self {
         let mut last_failure = String::new();
         for _ in 0..SPAWN_ATTEMPTS {
             let port = free_port();
-            let cluster = cluster.then(|| ClusterMode {
+            let cluster = cluster_node_timeout_ms.map(|node_timeout_ms| ClusterMode {
                 bus_port: free_port(),
+                node_timeout_ms,
             });
             let dir = fresh_tmpdir(
                 if cluster.is_some() {
@@ -322,7 +334,12 @@ impl RedisProcess {
             cmd.args(["--cluster-enabled", "yes"])
                 .arg("--cluster-config-file")
                 .arg(self.dir.join("nodes.conf"))
-                .args(["--cluster-node-timeout", "2000"])
+                .arg("--cluster-node-timeout")
+                .arg(cluster.node_timeout_ms.to_string())
+                // A replica may take over however long its link to the
+                // master was down: a test that kills a master wants the
+                // failover, whatever the machine's load did to the link.
+                .args(["--cluster-replica-validity-factor", "0"])
                 .arg("--cluster-port")
                 .arg(cluster.bus_port.to_string());
         }
@@ -515,8 +532,8 @@ impl Drop for RedisProcess {
 // RedisCluster
 // ---------------------------------------------------------------------------
 
-/// A Redis Cluster of `masters` primaries (no replicas) on free loopback
-/// ports, all killed on drop.
+/// A Redis Cluster on free loopback ports, all killed on drop: `masters`
+/// primaries, each with as many replicas as asked for (none by default).
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<RedisProcess>,
@@ -527,9 +544,27 @@ impl RedisCluster {
     /// `redis-cli --cluster create`, and waits until every node reports
     /// `cluster_state:ok`.
     pub fn start(masters: usize) -> Self {
+        Self::create(masters, 0, CLUSTER_NODE_TIMEOUT_MS)
+    }
+
+    /// Starts `masters` primaries with `replicas` replicas each, with a
+    /// short `cluster-node-timeout` (1 s) so that a killed master fails over
+    /// within seconds, and waits until every node reports
+    /// `cluster_state:ok` and every replica's link to its master is up.
+    /// Which node became a master is for [`masters`](Self::masters) to say.
+    pub fn start_with_replicas(masters: usize, replicas: usize) -> Self {
+        assert!(
+            replicas >= 1,
+            "start_with_replicas needs at least one replica per master"
+        );
+        Self::create(masters, replicas, REPLICATED_NODE_TIMEOUT_MS)
+    }
+
+    fn create(masters: usize, replicas: usize, node_timeout_ms: u64) -> Self {
         assert!(masters >= 3, "a Redis Cluster needs at least 3 masters");
-        let nodes: Vec<RedisProcess> = (0..masters)
-            .map(|_| RedisProcess::start_cluster_node())
+        let total = masters * (1 + replicas);
+        let nodes: Vec<RedisProcess> = (0..total)
+            .map(|_| RedisProcess::start_cluster_node(node_timeout_ms))
             .collect();
         let cluster = RedisCluster { nodes };
 
@@ -541,7 +576,9 @@ impl RedisCluster {
                     .iter()
                     .map(|n| format!("127.0.0.1:{}", n.port)),
             )
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .arg("--cluster-replicas")
+            .arg(replicas.to_string())
+            .arg("--cluster-yes")
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("{MISSING_CLI_HINT} (spawning {:?}: {e})", cli_bin()));
@@ -558,15 +595,24 @@ impl RedisCluster {
         let deadline = Instant::now() + CLUSTER_TIMEOUT;
         loop {
             let all_ok = cluster.nodes.iter().all(|n| {
-                raw_command(n.port, &["CLUSTER", "INFO"], Duration::from_millis(500))
-                    .is_ok_and(|info| info.lines().any(|l| l.trim() == "cluster_state:ok"))
+                let info = raw_command(n.port, &["CLUSTER", "INFO"], Duration::from_millis(500));
+                info.is_ok_and(|info| {
+                    info_field(&info, "cluster_state") == Some("ok")
+                        && info_field(&info, "cluster_known_nodes") == Some(&total.to_string())
+                })
             });
-            if all_ok {
+            let replicated = replicas == 0 || cluster.replicas_linked(masters, replicas);
+            if all_ok && replicated {
                 return cluster;
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "cluster did not reach cluster_state:ok within {CLUSTER_TIMEOUT:?}\n{}",
+                    "cluster did not reach cluster_state:ok{} within {CLUSTER_TIMEOUT:?}\n{}",
+                    if replicas > 0 {
+                        " with every replica linked"
+                    } else {
+                        ""
+                    },
                     cluster.logs()
                 );
             }
@@ -574,7 +620,36 @@ impl RedisCluster {
         }
     }
 
-    /// `redis://127.0.0.1:<port>` for every node.
+    /// Whether there are `masters` masters with `replicas` linked replicas
+    /// each.
+    fn replicas_linked(&self, masters: usize, replicas: usize) -> bool {
+        let mut seen_masters = 0;
+        for node in &self.nodes {
+            let Some(info) = replication_info(node.port) else {
+                return false;
+            };
+            match info_field(&info, "role") {
+                Some("master") => {
+                    let slaves: usize = info_field(&info, "connected_slaves")
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                    if slaves < replicas {
+                        return false;
+                    }
+                    seen_masters += 1;
+                }
+                Some("slave") => {
+                    if info_field(&info, "master_link_status") != Some("up") {
+                        return false;
+                    }
+                }
+                _ => return false,
+            }
+        }
+        seen_masters == masters
+    }
+
+    /// `redis://127.0.0.1:<port>` for every node (killed ones included).
     pub fn nodes(&self) -> Vec<String> {
         self.nodes.iter().map(RedisProcess::url).collect()
     }
@@ -584,6 +659,137 @@ impl RedisCluster {
         &self.nodes
     }
 
+    /// Indexes into [`processes`](Self::processes) of the running nodes
+    /// that are masters now (a failover changes this).
+    pub fn masters(&self) -> Vec<usize> {
+        self.running_with_role("master")
+    }
+
+    /// Indexes into [`processes`](Self::processes) of the running nodes
+    /// that are replicas now.
+    pub fn replicas(&self) -> Vec<usize> {
+        self.running_with_role("slave")
+    }
+
+    fn running_with_role(&self, role: &str) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, node)| node.is_running())
+            .filter(|(_, node)| {
+                replication_info(node.port)
+                    .is_some_and(|info| info_field(&info, "role") == Some(role))
+            })
+            .map(|(index, _)| index)
+            .collect()
+    }
+
+    /// Kills node `index` (SIGKILL) and waits for it. The others carry on:
+    /// a killed master's replica takes its slots over once the others
+    /// agree it failed (see [`wait_failed_over`](Self::wait_failed_over)).
+    pub fn kill(&mut self, index: usize) {
+        self.nodes[index].stop();
+    }
+
+    /// Waits until every running replica has acknowledged everything its
+    /// master had written when this was called (replication offsets), so
+    /// that what was written before is still there after a failover.
+    /// Panics with the logs after `timeout`.
+    pub fn wait_replicas_synced(&self, timeout: Duration) {
+        let targets: Vec<(u16, u64)> = self
+            .masters()
+            .into_iter()
+            .filter_map(|index| {
+                let port = self.nodes[index].port;
+                let info = replication_info(port)?;
+                let offset = info_field(&info, "master_repl_offset")?.parse().ok()?;
+                Some((port, offset))
+            })
+            .collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let synced = targets.iter().all(|&(port, target)| {
+                let Some(info) = replication_info(port) else {
+                    return false;
+                };
+                let replicas: Vec<&str> = info
+                    .lines()
+                    .filter(|l| l.starts_with("slave") && l.contains("offset="))
+                    .collect();
+                !replicas.is_empty()
+                    && replicas.iter().all(|line| {
+                        let offset = line
+                            .split(',')
+                            .find_map(|f| f.strip_prefix("offset="))
+                            .and_then(|o| o.trim().parse::<u64>().ok());
+                        line.contains("state=online") && offset.is_some_and(|o| o >= target)
+                    })
+            });
+            if synced {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "replicas did not catch up with their masters within {timeout:?}\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(POLL_STEP);
+        }
+    }
+
+    /// Whether some running node flags the node on `port` as failed
+    /// (`fail`: the cluster agreed; not the local suspicion `fail?`).
+    pub fn is_flagged_failed(&self, port: u16) -> bool {
+        self.running_ports().iter().any(|&own| {
+            cluster_nodes(own).is_some_and(|nodes| {
+                nodes
+                    .iter()
+                    .any(|node| node.port == port && node.flags.iter().any(|flag| flag == "fail"))
+            })
+        })
+    }
+
+    /// Waits until the cluster works without the killed nodes: every
+    /// running node reports `cluster_state:ok` and sees every slot served
+    /// by a running master. Returns how long it waited; panics with the
+    /// logs after `timeout`.
+    pub fn wait_failed_over(&self, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        loop {
+            let running = self.running_ports();
+            let ok = running.iter().all(|&port| {
+                let state_ok = raw_command(port, &["CLUSTER", "INFO"], Duration::from_millis(500))
+                    .is_ok_and(|info| info_field(&info, "cluster_state") == Some("ok"));
+                state_ok
+                    && cluster_nodes(port).is_some_and(|nodes| {
+                        nodes.iter().filter(|node| node.serves_slots).all(|node| {
+                            node.flags.iter().any(|f| f == "master") && running.contains(&node.port)
+                        })
+                    })
+            });
+            if ok {
+                return started.elapsed();
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the cluster did not fail over within {timeout:?}\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(POLL_STEP);
+        }
+    }
+
+    fn running_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|node| node.is_running())
+            .map(|node| node.port)
+            .collect()
+    }
+
     fn logs(&self) -> String {
         self.nodes
             .iter()
@@ -591,6 +797,58 @@ impl RedisCluster {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// The value of `name:` in an `INFO` or `CLUSTER INFO` reply.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(':'))
+    })
+}
+
+/// `INFO replication` of the server on `port`, if it answers.
+fn replication_info(port: u16) -> Option<String> {
+    raw_command(port, &["INFO", "replication"], Duration::from_millis(500)).ok()
+}
+
+/// One line of `CLUSTER NODES`.
+struct ClusterNode {
+    port: u16,
+    flags: Vec<String>,
+    serves_slots: bool,
+}
+
+/// `CLUSTER NODES` as seen by the server on `port`, if it answers.
+fn cluster_nodes(port: u16) -> Option<Vec<ClusterNode>> {
+    let reply = raw_command(port, &["CLUSTER", "NODES"], Duration::from_millis(500)).ok()?;
+    if reply.starts_with('-') {
+        return None;
+    }
+    let nodes = reply
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // `<id> <ip:port@cport[,hostname]> <flags> <master> <ping-sent>
+            // <pong-recv> <config-epoch> <link-state> <slot> <slot> ...`
+            let address = fields.get(1)?;
+            let port = address
+                .split('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()?;
+            let flags = fields.get(2)?.split(',').map(str::to_owned).collect();
+            Some(ClusterNode {
+                port,
+                flags,
+                serves_slots: fields.len() > 8,
+            })
+        })
+        .collect();
+    Some(nodes)
 }
 
 // ---------------------------------------------------------------------------
