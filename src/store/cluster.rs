@@ -297,15 +297,25 @@ impl RedisClusterStore {
 
     /// One slot served by each master of the cluster, read from
     /// `CLUSTER NODES`: routing a command to that slot reaches that master.
+    /// An error unless the masters that are not failed serve every slot: a
+    /// walk that missed a failed master's keys would report success while
+    /// its replica, once promoted, still holds them; as an error, the
+    /// invalidation is retried after the failover.
     async fn master_slots(&self) -> Result<Vec<Slot>, StoreError> {
         let nodes: String = self.query(rds::cmd("CLUSTER").arg("NODES")).await?;
-        let slots = parse_master_slots(&nodes);
-        if slots.is_empty() {
+        let masters = parse_masters(&nodes);
+        if masters.first_slots.is_empty() {
             return Err(StoreError::backend(
                 "CLUSTER NODES names no master serving a slot",
             ));
         }
-        Ok(slots)
+        if masters.covered < SLOTS {
+            return Err(StoreError::unavailable(format!(
+                "the cluster's live masters serve {} of {SLOTS} slots (a master failed)",
+                masters.covered
+            )));
+        }
+        Ok(masters.first_slots)
     }
 
     /// `SCAN MATCH glob COUNT …` over the keyspace of the master serving
@@ -374,10 +384,22 @@ impl RedisClusterStore {
     }
 }
 
-/// For each master in a `CLUSTER NODES` reply that serves slots and is not
-/// failed, the first slot it serves.
-fn parse_master_slots(nodes: &str) -> Vec<Slot> {
-    let mut slots = Vec::new();
+/// Slots of a Redis Cluster.
+const SLOTS: u32 = 16_384;
+
+/// The masters of a `CLUSTER NODES` reply that serve slots and are not
+/// failed.
+#[derive(Debug, PartialEq, Eq)]
+struct Masters {
+    /// The first slot each serves.
+    first_slots: Vec<Slot>,
+    /// How many slots they serve together.
+    covered: u32,
+}
+
+fn parse_masters(nodes: &str) -> Masters {
+    let mut first_slots = Vec::new();
+    let mut covered = 0u32;
     for line in nodes.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let Some(flags) = fields.get(2) else {
@@ -389,18 +411,30 @@ fn parse_master_slots(nodes: &str) -> Vec<Slot> {
         }
         // Fields 8.. are slots or ranges (`0-5460`, `5461`), or slots
         // being migrated (`[…]`).
-        let first = fields.iter().skip(8).find_map(|range| {
-            if range.starts_with('[') {
-                return None;
+        let mut first = None;
+        for range in fields.iter().skip(8).filter(|r| !r.starts_with('[')) {
+            let mut ends = range.splitn(2, '-').map(str::parse::<u16>);
+            let Some(Ok(start)) = ends.next() else {
+                continue;
+            };
+            let end = match ends.next() {
+                None => start,
+                Some(Ok(end)) if end >= start => end,
+                Some(_) => continue,
+            };
+            if first.is_none() {
+                first = Slot::new(start);
             }
-            let start = range.split('-').next()?;
-            start.parse::<u16>().ok().and_then(Slot::new)
-        });
+            covered += u32::from(end - start) + 1;
+        }
         if let Some(slot) = first {
-            slots.push(slot);
+            first_slots.push(slot);
         }
     }
-    slots
+    Masters {
+        first_slots,
+        covered: covered.min(SLOTS),
+    }
 }
 
 impl fmt::Debug for RedisClusterStore {
@@ -596,14 +630,18 @@ d4 127.0.0.1:7003@17003 slave a1 0 1 1 connected
 e5 127.0.0.1:7004@17004 master - 0 1 5 connected 16000
 f6 127.0.0.1:7005@17005 master - 0 1 6 connected
 ";
-        let slots = parse_master_slots(nodes);
+        let masters = parse_masters(nodes);
         assert_eq!(
-            slots,
+            masters.first_slots,
             vec![
                 Slot::new(0).unwrap(),
                 Slot::new(5461).unwrap(),
                 Slot::new(16000).unwrap()
             ]
         );
+        // The failed master's 10923-16383 are not covered.
+        assert_eq!(masters.covered, 5461 + 5462 + 1);
+        let healthy = nodes.replace("master,fail", "master");
+        assert_eq!(parse_masters(&healthy).covered, SLOTS);
     }
 }
