@@ -78,7 +78,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tower_fence::{FenceLayer, FenceService};
+use tower_fence::{Clock, FenceLayer, FenceService};
 use tower_layer::Layer as _;
 use tower_service::Service;
 
@@ -122,6 +122,9 @@ pub(crate) struct Args {
     /// Whether the client's `X-Forwarded-*` and `Forwarded` headers are kept
     /// (and keyed) instead of replaced.
     pub(crate) trust_forwarded: bool,
+    /// Where the cache reads the time of day: the system's clock; not an
+    /// option, a test in this process may set a manual one.
+    pub(crate) clock: Clock,
 }
 
 /// Parses the command line, without the program name (`std::env::args()
@@ -203,6 +206,7 @@ where
         redis,
         default_ttl,
         trust_forwarded,
+        clock: Clock::system(),
     })
 }
 
@@ -731,7 +735,9 @@ fn strip_named_header(headers: &mut HeaderMap, name: &'static str) {
 /// built from `X-Forwarded-Host` are the usual case), and an unkeyed one
 /// would let one request poison the entry for everyone.
 async fn fence_layer(args: &Args) -> Result<FenceLayer, BoxError> {
-    let mut builder = FenceLayer::builder().default_ttl(args.default_ttl);
+    let mut builder = FenceLayer::builder()
+        .default_ttl(args.default_ttl)
+        .clock(args.clock.clone());
     if args.trust_forwarded {
         for name in &FORWARDING_HEADERS {
             builder = builder.key_header(name.as_str());

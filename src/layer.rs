@@ -611,7 +611,8 @@ impl FenceLayerBuilder {
     }
 
     /// Where the time of day comes from. Defaults to [`Clock::system`];
-    /// tests that pause Tokio's time use [`Clock::tokio`].
+    /// tests that pause Tokio's time use [`Clock::tokio`], tests over real
+    /// sockets [`Clock::manual`].
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self

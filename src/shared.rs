@@ -108,25 +108,67 @@ impl Shared {
 /// Where the layer reads the time of day from.
 ///
 /// Entries carry wall-clock times (they are shared between processes), so
-/// the default is the system clock. [`Clock::tokio`] follows Tokio's clock
-/// instead, from the wall-clock time at which it was made: under
-/// `tokio::time::pause()` a test moves it with `tokio::time::advance`, so
-/// TTL and grace tests need no sleeping.
+/// the default is the system clock. Two clocks are for tests, so that TTL,
+/// grace and `Age` need no sleeping:
+///
+/// - [`Clock::tokio`] follows Tokio's clock, from the wall-clock time at
+///   which it was made: under `tokio::time::pause()` a test moves it with
+///   `tokio::time::advance`.
+/// - [`Clock::manual`] stands still until [`Clock::advance`] moves it. It
+///   suits tests that talk over real sockets, where paused Tokio time
+///   would fire IO timeouts while a read is pending.
+///
+/// Only the cache's notion of "now" follows the clock: how old an entry is,
+/// whether it is fresh, in grace or usable on error. Timeouts, leases and
+/// the stores' own expiry run on real time.
 ///
 /// ```
 /// use tower_fence::{Clock, FenceLayer};
 ///
 /// let layer = FenceLayer::builder().clock(Clock::tokio()).build().unwrap();
 /// ```
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Clock {
-    tokio: Option<(u64, tokio::time::Instant)>,
+    source: Source,
 }
+
+#[derive(Debug, Clone, Default)]
+enum Source {
+    #[default]
+    System,
+    Tokio {
+        base_ms: u64,
+        base: tokio::time::Instant,
+    },
+    /// Milliseconds since the Unix epoch, shared by every clone.
+    Manual(Arc<AtomicU64>),
+}
+
+impl PartialEq for Source {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Source::System, Source::System) => true,
+            (
+                Source::Tokio { base_ms, base },
+                Source::Tokio {
+                    base_ms: other_ms,
+                    base: other_base,
+                },
+            ) => base_ms == other_ms && base == other_base,
+            (Source::Manual(now), Source::Manual(other)) => Arc::ptr_eq(now, other),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Source {}
 
 impl Clock {
     /// The system's wall clock (the default).
     pub fn system() -> Clock {
-        Clock { tokio: None }
+        Clock {
+            source: Source::System,
+        }
     }
 
     /// Tokio's clock, started at the current wall-clock time. Must be made
@@ -134,24 +176,82 @@ impl Clock {
     /// `tokio::time::Instant::now()`).
     pub fn tokio() -> Clock {
         Clock {
-            tokio: Some((system_ms(SystemTime::now()), tokio::time::Instant::now())),
+            source: Source::Tokio {
+                base_ms: system_ms(SystemTime::now()),
+                base: tokio::time::Instant::now(),
+            },
         }
+    }
+
+    /// A clock that stands still until [`advance`](Clock::advance) moves
+    /// it, started at the current wall-clock time rounded down to a whole
+    /// second (HTTP dates have whole seconds, so a `Date` made from this
+    /// clock is exact). Its clones share its time: give one to the layer,
+    /// keep one to move it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use axum::{body::Body, routing::get, Router};
+    /// use http::Request;
+    /// use tower::ServiceExt;
+    /// use tower_fence::{Clock, FenceLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let clock = Clock::manual();
+    /// let layer = FenceLayer::builder().clock(clock.clone()).build().unwrap();
+    /// let app = Router::new()
+    ///     .route("/", get(|| async { ([("cache-control", "max-age=60")], "hello") }))
+    ///     .layer(layer);
+    /// let get = || async {
+    ///     let request = Request::get("/").body(Body::empty()).unwrap();
+    ///     let response = app.clone().oneshot(request).await.unwrap();
+    ///     let status = response.headers()["cache-status"].to_str().unwrap().to_owned();
+    ///     let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    ///     status
+    /// };
+    ///
+    /// assert!(get().await.contains("fwd=uri-miss"));
+    /// clock.advance(Duration::from_secs(59));
+    /// assert_eq!(get().await, "tower-fence; hit; ttl=1");
+    /// clock.advance(Duration::from_secs(1));
+    /// assert!(get().await.starts_with("tower-fence; fwd="));
+    /// # }
+    /// ```
+    pub fn manual() -> Clock {
+        let now_ms = system_ms(SystemTime::now());
+        Clock {
+            source: Source::Manual(Arc::new(AtomicU64::new(now_ms - now_ms % 1000))),
+        }
+    }
+
+    /// Moves a [`manual`](Clock::manual) clock, and every clone of it,
+    /// forward by `by` (in whole milliseconds). The system and Tokio clocks
+    /// follow their own time and are not moved.
+    pub fn advance(&self, by: Duration) {
+        if let Source::Manual(now_ms) = &self.source {
+            let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+            let _ = now_ms.fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                Some(now.saturating_add(by))
+            });
+        }
+    }
+
+    /// The time now, as this clock tells it.
+    pub fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.now_ms())
     }
 
     /// Milliseconds since the Unix epoch.
     pub(crate) fn now_ms(&self) -> u64 {
-        match self.tokio {
-            None => system_ms(SystemTime::now()),
-            Some((base_ms, base)) => {
-                let elapsed = tokio::time::Instant::now().saturating_duration_since(base);
+        match &self.source {
+            Source::System => system_ms(SystemTime::now()),
+            Source::Tokio { base_ms, base } => {
+                let elapsed = tokio::time::Instant::now().saturating_duration_since(*base);
                 base_ms.saturating_add(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
             }
+            Source::Manual(now_ms) => now_ms.load(Ordering::Acquire),
         }
-    }
-
-    /// The time now, as a `SystemTime`.
-    pub(crate) fn now(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(self.now_ms())
     }
 }
 

@@ -1,14 +1,21 @@
 //! The request's way on its edges (issue "One flow, safe by default"): a
 //! failing inner service, a wait that runs out, a write that lands during
 //! a rebuild, personal requests that rebuild alone, and leaders that stream.
-//! Interleavings are forced with `Notify` gates, not sleeps; each test
-//! counts origin calls and compares bodies with the origin's version.
+//! Interleavings are forced with gates (`Notify`, semaphores), not sleeps;
+//! each test counts origin calls and compares bodies with the origin's
+//! version.
+//!
+//! Issue 9 ("0 reads older than a completed write, in every path, repeated
+//! 20 times each") has one 20-round write-against-rebuild race per path and
+//! store: a leader joined after the write, a relief leader, hit-for-miss
+//! requests that go alone, and a leader that did not get the key's lease
+//! (held elsewhere past the wait, or the lease call failed).
 
 mod support;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -20,19 +27,42 @@ use axum::Router;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use support::RedisProcess;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
 use tower::{service_fn, ServiceExt};
-use tower_fence::{FenceLayer, FenceLayerBuilder};
+use tower_fence::store::{
+    FillSubscription, KeyPattern, MemoryStore, RedisStore, Store, StoreError, StoreFuture,
+};
+use tower_fence::{FenceLayer, FenceLayerBuilder, Stats};
 
-/// An origin whose `GET /item` answers the current version, optionally
-/// after a gate opens, and whose `POST /item` moves the version on.
-#[derive(Clone, Default)]
+/// An origin whose `GET /item` answers the current version (`private`
+/// while `private` is set), held inside after reading it while `gated` is
+/// set until the test lets it go, and whose `POST /item` moves the version
+/// on.
+#[derive(Clone)]
 struct Versioned {
     version: Arc<AtomicUsize>,
     gets: Arc<AtomicUsize>,
-    gated: Arc<std::sync::atomic::AtomicBool>,
-    entered: Arc<Notify>,
-    gate: Arc<Notify>,
+    gated: Arc<AtomicBool>,
+    private: Arc<AtomicBool>,
+    /// A permit for each gated `GET` that is inside (semaphores count, so
+    /// two calls that enter together are two).
+    inside: Arc<Semaphore>,
+    /// A permit for each gated `GET` let go.
+    gate: Arc<Semaphore>,
+}
+
+impl Default for Versioned {
+    fn default() -> Self {
+        Versioned {
+            version: Arc::default(),
+            gets: Arc::default(),
+            gated: Arc::default(),
+            private: Arc::default(),
+            inside: Arc::new(Semaphore::new(0)),
+            gate: Arc::new(Semaphore::new(0)),
+        }
+    }
 }
 
 impl Versioned {
@@ -40,15 +70,42 @@ impl Versioned {
         format!("v{}", self.version.load(Ordering::SeqCst))
     }
 
+    /// `GET`s served so far.
+    fn gets(&self) -> usize {
+        self.gets.load(Ordering::SeqCst)
+    }
+
+    /// Waits until one more gated `GET` is inside (it has read the
+    /// version); panics with `what` if none comes within 10 s: the request
+    /// took another path than the test expects.
+    async fn entered(&self, what: &str) {
+        let permit = tokio::time::timeout(Duration::from_secs(10), self.inside.acquire())
+            .await
+            .unwrap_or_else(|_| panic!("no origin call: {what}"))
+            .expect("the semaphore is never closed");
+        permit.forget();
+    }
+
+    /// Lets `n` gated `GET`s answer, each with the version it read.
+    fn release(&self, n: usize) {
+        self.gate.add_permits(n);
+    }
+
     fn router(&self) -> Router {
         async fn read(State(o): State<Versioned>, headers: HeaderMap) -> impl IntoResponse {
             o.gets.fetch_add(1, Ordering::SeqCst);
             let version = o.version.load(Ordering::SeqCst);
             if o.gated.load(Ordering::SeqCst) {
-                o.entered.notify_one();
-                o.gate.notified().await;
+                o.inside.add_permits(1);
+                o.gate
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed")
+                    .forget();
             }
-            let cc = if headers.contains_key("authorization") {
+            let cc = if o.private.load(Ordering::SeqCst) {
+                "private, max-age=60"
+            } else if headers.contains_key("authorization") {
                 "public, max-age=60"
             } else {
                 "max-age=60"
@@ -104,6 +161,192 @@ async fn stores() -> Vec<(&'static str, FenceLayerBuilder, Option<RedisProcess>)
     ]
 }
 
+/// The stores of [`stores`], each behind a [`Refusing`] handle the test
+/// keeps to refuse the lease of one key.
+async fn refusing_stores() -> Vec<(
+    &'static str,
+    FenceLayerBuilder,
+    Arc<Refusing>,
+    Option<RedisProcess>,
+)> {
+    let redis = RedisProcess::start_async().await;
+    let pool = redis.pool().await;
+    let memory = Refusing::around(Arc::new(MemoryStore::default()));
+    let remote = Refusing::around(Arc::new(RedisStore::new(pool)));
+    vec![
+        (
+            "memory",
+            FenceLayer::builder().store(memory.clone()),
+            memory,
+            None,
+        ),
+        (
+            "redis",
+            FenceLayer::builder()
+                .store(remote.clone())
+                .store_timeout(Duration::from_secs(2)),
+            remote,
+            Some(redis),
+        ),
+    ]
+}
+
+/// How a [`Refusing`] store answers for the lease of its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Another process holds it (`Ok(false)`), past the wait.
+    Held,
+    /// Another process holds it, then the store fails (`Err`) every time
+    /// the waiting leader tries again.
+    HeldThenFailing,
+    /// The store fails at once (`Err`).
+    Failing,
+}
+
+/// A store that, while armed, refuses the lease of one key as
+/// [`Refusal`] says; permits (leases of their own) and every other call go
+/// to the store inside.
+#[derive(Debug)]
+struct Refusing {
+    inner: Arc<dyn Store>,
+    key: Mutex<String>,
+    armed: Mutex<Option<Refusal>>,
+    /// Lease calls for the key answered since the store was armed.
+    calls: AtomicUsize,
+}
+
+impl Refusing {
+    fn around(inner: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Refusing {
+            inner,
+            key: Mutex::new(String::new()),
+            armed: Mutex::new(None),
+            calls: AtomicUsize::new(0),
+        })
+    }
+
+    /// Refuses the lease of `key` as `refusal` says, until [`Self::disarm`].
+    fn arm(&self, key: &str, refusal: Refusal) {
+        *self.key.lock().unwrap() = key.to_owned();
+        self.calls.store(0, Ordering::SeqCst);
+        *self.armed.lock().unwrap() = Some(refusal);
+    }
+
+    fn disarm(&self) {
+        *self.armed.lock().unwrap() = None;
+    }
+
+    /// What to answer for a lease call on `key`, if not the inner store's.
+    fn refusal(&self, key: &str) -> Option<Result<bool, StoreError>> {
+        let armed = (*self.armed.lock().unwrap())?;
+        if key != *self.key.lock().unwrap() {
+            return None;
+        }
+        let first = self.calls.fetch_add(1, Ordering::SeqCst) == 0;
+        let failed = || Err(StoreError::backend("the test's store fails lease calls"));
+        Some(match armed {
+            Refusal::Held => Ok(false),
+            Refusal::HeldThenFailing if first => Ok(false),
+            Refusal::HeldThenFailing | Refusal::Failing => failed(),
+        })
+    }
+}
+
+impl Store for Refusing {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
+        self.inner.get(key)
+    }
+
+    fn put<'a>(&'a self, key: &'a str, record: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
+        self.inner.put(key, record, ttl)
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        self.inner.delete(key)
+    }
+
+    fn try_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+        sets: &'a [String],
+    ) -> StoreFuture<'a, bool> {
+        match self.refusal(key) {
+            Some(answer) => Box::pin(std::future::ready(answer)),
+            None => self.inner.try_lease(key, token, ttl, sets),
+        }
+    }
+
+    fn extend_lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        self.inner.extend_lease(key, token, ttl)
+    }
+
+    fn release_lease<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
+        self.inner.release_lease(key, token)
+    }
+
+    fn fill<'a>(&'a self, fill: tower_fence::store::Fill<'a>) -> StoreFuture<'a, bool> {
+        self.inner.fill(fill)
+    }
+
+    fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
+        self.inner.subscribe_fill(key)
+    }
+
+    fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
+        self.inner.delete_matching(pattern)
+    }
+
+    fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
+        self.inner.delete_members(set)
+    }
+
+    fn delete_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+    ) -> StoreFuture<'a, u64> {
+        self.inner.delete_members_matching(set, pattern)
+    }
+}
+
+/// Sends `GET /item` in a task of its own.
+fn spawn_get(app: &Router) -> JoinHandle<(StatusCode, String, String)> {
+    let app = app.clone();
+    tokio::spawn(async move { send(&app, Method::GET, "/item", false).await })
+}
+
+/// Fills the layer has settled: stored, or fenced out.
+fn settled(stats: &Stats) -> u64 {
+    stats.stores + stats.fenced_out
+}
+
+/// Waits until the layer has settled `n` fills more than in `before`: a
+/// request that went to the origin alone stores its response once its
+/// client has read it, on Redis in a task of its own. Polls the counters;
+/// panics after 10 s.
+async fn settle(layer: &FenceLayer, before: &Stats, n: u64) -> Stats {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = layer.stats();
+        if settled(&stats) >= settled(before) + n {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} fills settled: {stats:?}",
+            settled(&stats) - settled(before)
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// A `GET` that arrives after a `POST` completed never gets data read
 /// before it: neither by joining a rebuild that started before the write,
 /// nor from a fill of such a rebuild. 20 rounds on each store.
@@ -127,7 +370,7 @@ async fn no_read_after_a_completed_write_is_older_than_it() {
                 let app = app.clone();
                 async move { send(&app, Method::GET, "/item", false).await }
             });
-            origin.entered.notified().await;
+            origin.entered("the rebuild calls the origin").await;
             origin.gated.store(false, Ordering::SeqCst);
             // The write completes meanwhile.
             let (status, _, _) = send(&app, Method::POST, "/item", false).await;
@@ -140,7 +383,7 @@ async fn no_read_after_a_completed_write_is_older_than_it() {
                 .await
                 .expect("a read after a write joins no rebuild from before it");
             assert_eq!(body, after_write, "{name} round {round}: {cache_status}");
-            origin.gate.notify_one();
+            origin.release(1);
             let _ = early.await.unwrap();
             // And nothing older was stored.
             let (_, body, cache_status) = send(&app, Method::GET, "/item", false).await;
@@ -155,20 +398,245 @@ async fn no_read_after_a_completed_write_is_older_than_it() {
 async fn a_personal_rebuild_is_fenced_by_its_permit() {
     for (name, builder, _redis) in stores().await {
         let origin = Versioned::default();
-        let app = origin.router().layer(builder.build().unwrap());
+        let layer = builder.build().unwrap();
+        let app = origin.router().layer(layer.clone());
+        let before = layer.stats();
         origin.gated.store(true, Ordering::SeqCst);
         let early = tokio::spawn({
             let app = app.clone();
             async move { send(&app, Method::GET, "/item", true).await }
         });
-        origin.entered.notified().await;
+        origin
+            .entered("the personal rebuild calls the origin")
+            .await;
         origin.gated.store(false, Ordering::SeqCst);
         send(&app, Method::POST, "/item", false).await;
-        origin.gate.notify_one();
+        origin.release(1);
         let (_, old, _) = early.await.unwrap();
         assert_eq!(old, "v0");
+        // Its fill runs behind its response (on Redis in a task of its
+        // own): wait for it before looking.
+        let after = settle(&layer, &before, 1).await;
+        assert_eq!(after.fenced_out - before.fenced_out, 1, "{name}");
         let (_, body, cache_status) = send(&app, Method::GET, "/item", true).await;
         assert_eq!(body, "v1", "{name}: {cache_status}");
+    }
+}
+
+/// A relief leader (a waiter whose wait ran out, leading the same flight a
+/// second time) rebuilds under a permit: a write during its origin call
+/// keeps its older body out of the store, as the first leader's lease
+/// keeps its own out, and reads after the write get the write's version.
+/// 20 rounds on each store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relief_leader_is_fenced_by_its_permit() {
+    for (name, builder, _redis) in stores().await {
+        let origin = Versioned::default();
+        let layer = builder
+            .wait_timeout(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        let app = origin.router().layer(layer.clone());
+        for round in 0..20 {
+            send(&app, Method::POST, "/item", false).await;
+            let before = layer.stats();
+            let gets = origin.gets();
+            // The leader stalls inside the origin; the waiter's wait runs
+            // out and it leads the same flight again: it stalls there too.
+            origin.gated.store(true, Ordering::SeqCst);
+            let leader = spawn_get(&app);
+            origin.entered("the leader rebuilds").await;
+            let relief = spawn_get(&app);
+            origin
+                .entered("a waiter whose wait ran out relieves the leader")
+                .await;
+            origin.gated.store(false, Ordering::SeqCst);
+            let stats = layer.stats();
+            assert_eq!(stats.wait_timeouts - before.wait_timeouts, 1, "{name}");
+            // The write completes meanwhile.
+            let (status, _, _) = send(&app, Method::POST, "/item", false).await;
+            assert_eq!(status, StatusCode::NO_CONTENT);
+            let after_write = origin.current();
+            let (_, body, cache_status) = send(&app, Method::GET, "/item", false).await;
+            assert_eq!(body, after_write, "{name} round {round}: {cache_status}");
+            // Both stalled rebuilds answer now, with what they read before
+            // the write; their fills come after the new entry's.
+            origin.release(2);
+            for early in [leader, relief] {
+                let (status, _, cache_status) = early.await.unwrap();
+                assert_eq!(
+                    status,
+                    StatusCode::OK,
+                    "{name} round {round}: {cache_status}"
+                );
+            }
+            // Nothing older was stored.
+            let (_, body, cache_status) = send(&app, Method::GET, "/item", false).await;
+            assert_eq!(body, after_write, "{name} round {round}: {cache_status}");
+            assert!(
+                cache_status.contains("hit"),
+                "{name} round {round}: {cache_status}"
+            );
+            let after = layer.stats();
+            assert_eq!(
+                after.fenced_out - before.fenced_out,
+                2,
+                "{name} round {round}: both fills from before the write are fenced out"
+            );
+            assert_eq!(
+                origin.gets() - gets,
+                3,
+                "{name} round {round}: the leader, the relief leader, the read after the write"
+            );
+        }
+    }
+}
+
+/// Requests for a key whose last answer could not be shared (hit-for-miss)
+/// go to the origin alone, not queued behind each other, each under a
+/// permit: a write during their origin calls keeps their older bodies out
+/// of the store, and reads after the write get the write's version. 20
+/// rounds on each store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hit_for_miss_rebuilds_are_fenced_by_their_permits() {
+    for (name, builder, _redis) in stores().await {
+        let origin = Versioned::default();
+        let layer = builder.build().unwrap();
+        let app = origin.router().layer(layer.clone());
+        for round in 0..20 {
+            send(&app, Method::POST, "/item", false).await;
+            // The origin's answer may not be shared: the key is marked.
+            origin.private.store(true, Ordering::SeqCst);
+            let (_, _, cache_status) = send(&app, Method::GET, "/item", false).await;
+            assert!(cache_status.contains("detail=private"), "{cache_status}");
+            origin.private.store(false, Ordering::SeqCst);
+            let before = layer.stats();
+            let gets = origin.gets();
+            // Two reads of the marked key both go to the origin, and stall.
+            origin.gated.store(true, Ordering::SeqCst);
+            let first = spawn_get(&app);
+            let second = spawn_get(&app);
+            origin.entered("a read of a hit-for-miss key").await;
+            origin
+                .entered("reads of a hit-for-miss key do not wait for each other")
+                .await;
+            origin.gated.store(false, Ordering::SeqCst);
+            // The write completes meanwhile.
+            let (status, _, _) = send(&app, Method::POST, "/item", false).await;
+            assert_eq!(status, StatusCode::NO_CONTENT);
+            let after_write = origin.current();
+            let (_, body, cache_status) = send(&app, Method::GET, "/item", false).await;
+            assert_eq!(body, after_write, "{name} round {round}: {cache_status}");
+            // Its fill runs behind its response: wait for it, so that the
+            // stalled reads' fills come after it.
+            let stats = settle(&layer, &before, 1).await;
+            origin.release(2);
+            for early in [first, second] {
+                let (status, _, cache_status) = early.await.unwrap();
+                assert_eq!(
+                    status,
+                    StatusCode::OK,
+                    "{name} round {round}: {cache_status}"
+                );
+            }
+            let after = settle(&layer, &stats, 2).await;
+            // Nothing older was stored.
+            let (_, body, cache_status) = send(&app, Method::GET, "/item", false).await;
+            assert_eq!(body, after_write, "{name} round {round}: {cache_status}");
+            assert!(
+                cache_status.contains("hit"),
+                "{name} round {round}: {cache_status}"
+            );
+            assert_eq!(
+                after.fenced_out - before.fenced_out,
+                2,
+                "{name} round {round}: both fills from before the write are fenced out"
+            );
+            assert_eq!(
+                origin.gets() - gets,
+                3,
+                "{name} round {round}: two stalled reads, the read after the write"
+            );
+        }
+    }
+}
+
+/// A leader that did not get the key's lease -- another process held it
+/// past the wait (then it rebuilds under a permit), the store failed while
+/// it waited (a permit too), or the lease call failed at once (it stores
+/// nothing) -- never stores what it read before a write that completed
+/// during its origin call, and reads after the write get the write's
+/// version. 20 rounds of each on each store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_the_lease_never_stores_over_a_write() {
+    for (name, builder, store, _redis) in refusing_stores().await {
+        let origin = Versioned::default();
+        let layer = builder
+            .wait_timeout(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        let key = layer.cache_key(&Request::get("/item").body(()).unwrap());
+        let app = origin.router().layer(layer.clone());
+        for refusal in [Refusal::Held, Refusal::HeldThenFailing, Refusal::Failing] {
+            let permit = refusal != Refusal::Failing;
+            for round in 0..20 {
+                let what = format!("{name} {refusal:?} round {round}");
+                send(&app, Method::POST, "/item", false).await;
+                let before = layer.stats();
+                let gets = origin.gets();
+                // The leader is refused the lease; it rebuilds all the same
+                // and stalls inside the origin. Then the other process is
+                // gone: the lease is free for the reads after the write.
+                store.arm(&key, refusal);
+                origin.gated.store(true, Ordering::SeqCst);
+                let early = spawn_get(&app);
+                origin.entered("a leader without the lease rebuilds").await;
+                store.disarm();
+                origin.gated.store(false, Ordering::SeqCst);
+                let stats = layer.stats();
+                let waited = (
+                    stats.remote_waits - before.remote_waits,
+                    stats.wait_timeouts - before.wait_timeouts,
+                );
+                let want = if permit { (1, 1) } else { (0, 0) };
+                assert_eq!(waited, want, "{what}: remote waits, wait timeouts");
+                let failed = stats.store_errors > before.store_errors;
+                assert_eq!(
+                    failed,
+                    refusal != Refusal::Held,
+                    "{what}: failed lease calls"
+                );
+                // The write completes meanwhile.
+                let (status, _, _) = send(&app, Method::POST, "/item", false).await;
+                assert_eq!(status, StatusCode::NO_CONTENT);
+                let after_write = origin.current();
+                let (_, body, cache_status) = send(&app, Method::GET, "/item", false).await;
+                assert_eq!(body, after_write, "{what}: {cache_status}");
+                // The stalled rebuild answers now, with what it read before
+                // the write; its fill comes after the new entry's.
+                origin.release(1);
+                let (status, _, cache_status) = early.await.unwrap();
+                assert_eq!(status, StatusCode::OK, "{what}: {cache_status}");
+                // Nothing older was stored.
+                let (_, body, cache_status) = send(&app, Method::GET, "/item", false).await;
+                assert_eq!(body, after_write, "{what}: {cache_status}");
+                assert!(cache_status.contains("hit"), "{what}: {cache_status}");
+                let after = layer.stats();
+                assert_eq!(
+                    (
+                        after.stores - before.stores,
+                        after.fenced_out - before.fenced_out
+                    ),
+                    (1, u64::from(permit)),
+                    "{what}: stores, fills fenced out"
+                );
+                assert_eq!(
+                    origin.gets() - gets,
+                    2,
+                    "{what}: the stalled rebuild, the read after the write"
+                );
+            }
+        }
     }
 }
 

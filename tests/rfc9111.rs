@@ -12,10 +12,14 @@
 //! Every response must carry a `Cache-Status` whose last member is
 //! tower-fence's, whatever the step expects.
 //!
-//! Times are short (entries fresh for 2 s, sleeps of 3 s) and nothing asserts
-//! a latency. `Date` has whole-second precision, so a response lives up to
-//! one second less than its `max-age` says: a "fresh" step comes right after
-//! the store, a "stale" step at least one second after the lifetime ends.
+//! Time is a [`Clock::manual`] that only the steps move: the cache reads it,
+//! the upstream's `Date` comes from it, and a step that lets entries age
+//! (`after_ms`) advances it instead of sleeping, so nothing here waits for
+//! the wall clock. The clock starts on a whole second, so a `Date` from it is
+//! exact and a response lives exactly as long as its `max-age` says. Only
+//! the cache's notion of "now" is moved: the memory store's own expiry runs
+//! on real time, so an entry past its lifetime is still found (and judged
+//! stale by its times) where, with sleeps, it would be gone.
 
 #[path = "../examples/proxy.rs"]
 #[allow(dead_code)] // `main`, `run` and the signal handling are the binary's.
@@ -39,6 +43,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tower_fence::Clock;
 
 /// Generous bound on anything a step waits for.
 const WAIT: Duration = Duration::from_secs(30);
@@ -55,6 +60,8 @@ struct Seen {
     headers: HeaderMap,
     /// 1 for the first request with this method and path, 2 for the next…
     n: usize,
+    /// The case's clock when the request arrived.
+    now: SystemTime,
 }
 
 impl Seen {
@@ -120,10 +127,12 @@ type Origin = fn(&Seen) -> Answer;
 struct UpstreamState {
     origin: Origin,
     log: Mutex<Vec<Seen>>,
+    clock: Clock,
 }
 
 /// An axum app on a free loopback port that answers with the case's
-/// [`Origin`] and logs every request it gets.
+/// [`Origin`] and logs every request it gets. Its `Date` is the case's
+/// clock, not the wall clock (hyper adds one only to a response without).
 struct Upstream {
     addr: SocketAddr,
     state: Arc<UpstreamState>,
@@ -131,10 +140,11 @@ struct Upstream {
 }
 
 impl Upstream {
-    async fn start(origin: Origin) -> Self {
+    async fn start(origin: Origin, clock: Clock) -> Self {
         let state = Arc::new(UpstreamState {
             origin,
             log: Mutex::new(Vec::new()),
+            clock,
         });
         let app = Router::new().fallback(scripted).with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -182,16 +192,25 @@ async fn scripted(
             path,
             headers,
             n,
+            now: state.clock.now(),
         };
         log.push(seen.clone());
         seen
     };
-    (state.origin)(&seen).into_response()
+    let mut response = (state.origin)(&seen).into_response();
+    if !response.headers().contains_key(http::header::DATE) {
+        let date = httpdate::fmt_http_date(seen.now);
+        response.headers_mut().insert(
+            http::header::DATE,
+            HeaderValue::from_str(&date).expect("an HTTP date is a valid header value"),
+        );
+    }
+    response
 }
 
-/// An HTTP date `offset` seconds from now.
-fn http_date(offset: i64) -> String {
-    let now = SystemTime::now();
+/// An HTTP date `offset` seconds from when `seen` arrived (the case's clock).
+fn http_date(seen: &Seen, offset: i64) -> String {
+    let now = seen.now;
     let at = if offset >= 0 {
         now + Duration::from_secs(offset.unsigned_abs())
     } else {
@@ -233,7 +252,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    async fn start(upstream: &Upstream, default_ttl: u64) -> Self {
+    async fn start(upstream: &Upstream, default_ttl: u64, clock: Clock) -> Self {
         let argv = [
             "--upstream".to_owned(),
             upstream.url(),
@@ -242,7 +261,8 @@ impl Proxy {
             "--default-ttl".to_owned(),
             default_ttl.to_string(),
         ];
-        let args = proxy::parse_args(argv).expect("valid arguments");
+        let mut args = proxy::parse_args(argv).expect("valid arguments");
+        args.clock = clock;
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(proxy::run_until(
@@ -299,7 +319,7 @@ struct Step {
     method: Method,
     path: &'static str,
     headers: Vec<(&'static str, &'static str)>,
-    /// Sleep this long before sending.
+    /// Move the case's clock this far before sending.
     after: Duration,
     status: u16,
     /// Whether `Cache-Status` must start with `tower-fence; hit`.
@@ -354,7 +374,7 @@ impl Step {
         self
     }
 
-    /// Sleeps `ms` milliseconds before sending.
+    /// Moves the case's clock `ms` milliseconds on before sending.
     fn after_ms(mut self, ms: u64) -> Self {
         self.after = Duration::from_millis(ms);
         self
@@ -532,15 +552,14 @@ fn check_header(
 /// Plays `case` against a fresh upstream and proxy; panics with every
 /// unmet expectation of the first failing step.
 async fn run(name: &str, case: Case) {
-    let upstream = Upstream::start(case.origin).await;
-    let proxy = Proxy::start(&upstream, case.default_ttl).await;
+    let clock = Clock::manual();
+    let upstream = Upstream::start(case.origin, clock.clone()).await;
+    let proxy = Proxy::start(&upstream, case.default_ttl, clock.clone()).await;
     let client: Client<HttpConnector, ClientBody> =
         Client::builder(TokioExecutor::new()).build_http();
 
     for (i, step) in case.steps.iter().enumerate() {
-        if !step.after.is_zero() {
-            tokio::time::sleep(step.after).await;
-        }
+        clock.advance(step.after);
         let calls_before = upstream.log().len();
         let mut req = Request::builder()
             .method(step.method.clone())
@@ -674,7 +693,7 @@ cases! {
     expires_minus_date_is_the_lifetime => Case::new(
         |s| {
             // Both from one instant: exactly two seconds apart.
-            let now = SystemTime::now();
+            let now = s.now;
             Answer::ok(format!("v{}", s.n))
                 .h("date", httpdate::fmt_http_date(now))
                 .h("expires", httpdate::fmt_http_date(now + Duration::from_secs(2)))
@@ -688,8 +707,8 @@ cases! {
 
     expires_before_date_is_stale => Case::new(
         |s| Answer::ok(format!("v{}", s.n))
-            .h("date", http_date(0))
-            .h("expires", http_date(-60)),
+            .h("date", http_date(s, 0))
+            .h("expires", http_date(s, -60)),
         vec![
             get("/r").miss().body("v1").cs("detail=stale").calls(1),
             get("/r").miss().body("v2").calls(2),
@@ -697,7 +716,7 @@ cases! {
     );
 
     invalid_expires_zero_is_stale => Case::new(
-        |s| Answer::ok(format!("v{}", s.n)).h("date", http_date(0)).h("expires", "0"),
+        |s| Answer::ok(format!("v{}", s.n)).h("date", http_date(s, 0)).h("expires", "0"),
         vec![
             get("/r").miss().body("v1").cs("detail=stale").calls(1),
             get("/r").miss().body("v2").calls(2),
@@ -738,7 +757,7 @@ cases! {
     );
 
     old_date_counts_as_age => Case::new(
-        |s| versioned(s, "max-age=60").h("date", http_date(-120)),
+        |s| versioned(s, "max-age=60").h("date", http_date(s, -120)),
         vec![
             get("/r").miss().body("v1").cs("detail=stale").calls(1),
             get("/r").miss().body("v2").calls(2),
@@ -969,7 +988,11 @@ cases! {
         |s| versioned(s, "max-age=60"),
         vec![
             get("/r").miss().body("v1").cs("stored").calls(1),
-            get("/r").h("cache-control", "max-age=0").miss().body("v2").calls(2),
+            // A millisecond on, as there always is on a real clock: an entry
+            // stored this very millisecond is of age 0, which `max-age=0`
+            // accepts (RFC 9111 §5.2.1.1: age no greater than the value).
+            get("/r").after_ms(1).h("cache-control", "max-age=0")
+                .miss().body("v2").calls(2),
         ],
     );
 
