@@ -67,7 +67,9 @@
 //!    for 3 s (less on short runs), then continued with `SIGCONT`.
 //!
 //! It also prints how long after the restart and after the freeze the first
-//! hit came back, the layers' `stats()`, and samples of what went wrong.
+//! hit came back, the layers' `stats()`, and samples of what went wrong
+//! (the first few of each kind; for stale reads also the one with the
+//! longest lag).
 //!
 //! Without `--redis` it starts a private `redis-server` (from `PATH`, or
 //! `REDIS_SERVER_BIN`) on a free loopback port with `--save "" --appendonly
@@ -782,6 +784,8 @@ struct StaleCause {
     /// Longest time between the write's completion and the start of a read
     /// that still missed it.
     worst_lag: Duration,
+    /// The read with the longest lag.
+    worst: Option<String>,
     samples: Vec<String>,
 }
 
@@ -924,13 +928,17 @@ impl Soak {
                     let cause = &mut report.stale[last.by.cause(layer)];
                     cause.per_phase[self.phase_of(started).index()] += 1;
                     cause.hits += u64::from(hit);
-                    cause.worst_lag = cause.worst_lag.max(lag);
+                    let line = format!(
+                        "{at:.1?}: GET {path} via layer {layer} got @{version}, {lag:.1?} after {} completed @{} [{cache_status}]",
+                        last.by.describe(),
+                        last.version
+                    );
+                    if lag > cause.worst_lag || cause.worst.is_none() {
+                        cause.worst_lag = lag;
+                        cause.worst = Some(line.clone());
+                    }
                     if cause.samples.len() < STALE_SAMPLES {
-                        cause.samples.push(format!(
-                            "{at:.1?}: GET {path} via layer {layer} got @{version}, {lag:.1?} after {} completed @{} [{cache_status}]",
-                            last.by.describe(),
-                            last.version
-                        ));
+                        cause.samples.push(line);
                     }
                 }
                 if hit {
@@ -1463,9 +1471,13 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     print_samples("failures", &report.failure_samples);
     print_samples("wrong answers", &report.wrong_samples);
     for (name, cause) in CAUSES.iter().zip(&report.stale) {
+        let mut samples = cause.samples.clone();
+        if let Some(worst) = cause.worst.as_ref().filter(|w| !samples.contains(w)) {
+            samples.push(format!("longest lag: {worst}"));
+        }
         print_samples(
             &format!("stale-after-write reads that missed a {name}"),
-            &cause.samples,
+            &samples,
         );
     }
 
