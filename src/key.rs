@@ -341,6 +341,14 @@ fn index_set_of_readable(namespace: &str, readable: &str) -> String {
 }
 
 /// The set that holds the keys of the entries tagged `tag`.
+/// The set every rebuild lease and permit of `namespace` joins while tags
+/// are in use: a tag invalidation removes them all, so a rebuild that read
+/// the origin before it cannot store its result after it (its tags are
+/// only known from its response, too late to join the tag's set).
+pub(crate) fn inflight_set(namespace: &str) -> String {
+    format!("{namespace}inflight")
+}
+
 pub(crate) fn tag_set(namespace: &str, tag: &str) -> String {
     format!("{namespace}tag:{}", escape_path(tag))
 }

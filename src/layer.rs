@@ -787,6 +787,7 @@ impl FenceLayerBuilder {
                     root_prefix: self.invalidate_root_prefix,
                     queue_capacity: self.invalidation_queue,
                     max_attempts: self.invalidation_attempts.max(1),
+                    tags_in_use: tag_header.is_some() || self.rules.any_tags(),
                     tag_header,
                     queue: std::sync::OnceLock::new(),
                     running: std::sync::atomic::AtomicUsize::new(0),

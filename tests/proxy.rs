@@ -1235,7 +1235,8 @@ async fn with_redis_the_entry_is_in_redis_after_the_first_get() {
     // A Redis fill finishes in the background: wait for it, bounded.
     let deadline = tokio::time::Instant::now() + WAIT;
     let keys = loop {
-        let keys = redis.keys_matching("tf:*").await;
+        // Entries only: `tf:inflight` holds the leases of running rebuilds.
+        let keys = redis.keys_matching("tf:/*").await;
         if !keys.is_empty() || tokio::time::Instant::now() >= deadline {
             break keys;
         }

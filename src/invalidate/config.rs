@@ -73,6 +73,9 @@ pub(crate) struct InvalidationConfig {
     pub(crate) queue_capacity: usize,
     pub(crate) max_attempts: u32,
     pub(crate) tag_header: Option<http::HeaderName>,
+    /// Whether entries may have tags (a tag header, or a rule's tags):
+    /// then leases join the in-flight set that tag invalidations clear.
+    pub(crate) tags_in_use: bool,
     pub(crate) queue: OnceLock<mpsc::Sender<Job>>,
     /// Inline invalidation tasks running now (bounded: past the bound a
     /// write's targets go straight to the queue).

@@ -52,7 +52,12 @@
 //!
 //! A response may name tags in a header (`Surrogate-Key: user-42 users` by
 //! default; the header never leaves the layer). The entry joins one set per
-//! tag, and invalidating a tag unlinks the set's members: no scan.
+//! tag, and invalidating a tag unlinks the set's members: no scan. A
+//! rebuild's tags are known only from its response, too late for its lease
+//! to join their sets; so while tags are in use every lease and permit
+//! joins the namespace's in-flight set, and a tag invalidation unlinks those
+//! first: every rebuild running then stores nothing (its waiters look
+//! again), and none can store what it read before the invalidation.
 //!
 //! # Modes and time
 //!
@@ -229,6 +234,13 @@ async fn execute(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
             }
         }
         Target::Tag(tag) => {
+            // The leases of every rebuild running now first: one that read
+            // the origin before this invalidation may be about to store an
+            // entry with this tag (its tags come with its response). Then
+            // the entries.
+            store
+                .delete_members(&key::inflight_set(namespace), limit)
+                .await?;
             let set = key::tag_set(namespace, tag);
             store.delete_members(&set, limit).await
         }
@@ -514,6 +526,9 @@ async fn invalidate_now(shared: &Arc<Shared>, target: Target) -> Result<u64, Sto
     if result.is_err() {
         owe(shared, target, since_ms);
     }
+    // As after a write: no request that comes after this call joins a
+    // rebuild or a read that started before it.
+    shared.write_done();
     result
 }
 
@@ -653,14 +668,27 @@ pub(crate) fn fill_sets(
     route_tags: &[String],
 ) -> Vec<String> {
     let namespace = &shared.key.namespace;
-    let mut sets = lease_sets(shared, path);
+    // The index sets of the path, as its leases; not the in-flight set,
+    // which holds leases only.
+    let mut sets = index_sets(shared, path);
     let tags = response_tags.iter().chain(route_tags);
     sets.extend(tags.map(|tag| key::tag_set(namespace, tag)));
     sets
 }
 
-/// The sets a rebuild lease of `path` joins (index strategy only).
+/// The sets a rebuild lease of `path` joins: the index sets of its path
+/// (index strategy), and the namespace's in-flight set while tags are in
+/// use (a tag invalidation fences every rebuild running then).
 pub(crate) fn lease_sets(shared: &Shared, path: &str) -> Vec<String> {
+    let mut sets = index_sets(shared, path);
+    if shared.invalidation.tags_in_use {
+        sets.push(key::inflight_set(&shared.key.namespace));
+    }
+    sets
+}
+
+/// The index sets of `path` (index strategy only).
+fn index_sets(shared: &Shared, path: &str) -> Vec<String> {
     match shared.invalidation.strategy {
         PrefixStrategy::Index => key::index_sets(&shared.key.namespace, path),
         PrefixStrategy::Scan => Vec::new(),

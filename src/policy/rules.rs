@@ -613,6 +613,11 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// Whether a rule gives entries tags.
+    pub(crate) fn any_tags(&self) -> bool {
+        self.rules.iter().any(|rule| !rule.tags.is_empty())
+    }
+
     /// An empty list: every request gets the layer's settings.
     pub fn new() -> Self {
         Rules::default()

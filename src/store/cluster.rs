@@ -256,7 +256,48 @@ impl RedisClusterStore {
                 Err(err) => return Err(StoreError::backend(err)),
             }
         }
+        self.prune_sets_behind(conn, sets);
         Ok(())
+    }
+
+    /// Drops up to two members of each of `sets` whose keys are gone, in
+    /// the background: what `fill.lua` does inside its script on one Redis,
+    /// which a cluster script cannot (the members live in other slots).
+    /// Without it a set renewed by every lease (the in-flight set) would
+    /// keep every lease it ever had.
+    fn prune_sets_behind(&self, conn: ClusterConnection, sets: &[String]) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let sets = sets.to_vec();
+        runtime.spawn(async move {
+            for set in sets {
+                let mut conn = conn.clone();
+                let members: Vec<String> = match rds::cmd("SRANDMEMBER")
+                    .arg(&set)
+                    .arg(2)
+                    .query_async(&mut conn)
+                    .await
+                {
+                    Ok(members) => members,
+                    Err(_) => return,
+                };
+                for member in members {
+                    let exists: i64 =
+                        match rds::cmd("EXISTS").arg(&member).query_async(&mut conn).await {
+                            Ok(n) => n,
+                            Err(_) => return,
+                        };
+                    if exists == 0 {
+                        let _: Result<i64, _> = rds::cmd("SREM")
+                            .arg(&set)
+                            .arg(&member)
+                            .query_async(&mut conn)
+                            .await;
+                    }
+                }
+            }
+        });
     }
 
     /// `UNLINK`s `keys`, one command per slot (a multi-key command across

@@ -221,6 +221,9 @@ impl Store for MemoryStore {
                         .or_default()
                         .insert(super::lease_key(key));
                 }
+                if !sets.is_empty() {
+                    self.sweep_sets(&mut meta);
+                }
                 true
             }
         };
