@@ -501,7 +501,10 @@ fn get_headers(buf: &mut Bytes) -> Result<HeaderMap, DecodeError> {
         let name = HeaderName::from_bytes(&get_bytes(buf)?).map_err(|_| DecodeError::Invalid)?;
         let value =
             HeaderValue::from_maybe_shared(get_bytes(buf)?).map_err(|_| DecodeError::Invalid)?;
-        headers.append(name, value);
+        // More distinct names than a map holds: `append` would panic.
+        headers
+            .try_append(name, value)
+            .map_err(|_| DecodeError::Invalid)?;
     }
     Ok(headers)
 }
@@ -628,6 +631,49 @@ mod tests {
                 "cut at {cut}"
             );
         }
+    }
+
+    /// `sample()` without headers or trailers, encoded with the header
+    /// block `count` lines long made by `line(i)`.
+    fn with_header_block(count: u32, line: impl Fn(u32) -> (String, String)) -> Bytes {
+        let record = Entry {
+            headers: HeaderMap::new(),
+            trailers: None,
+            ..sample()
+        }
+        .encode(KEY);
+        // Magic, version, the key, then the fixed fields; the empty header
+        // block is its count alone.
+        let block = 2 + 1 + 4 + KEY.len() + 2 + 8 * 4 + 4 + 1;
+        assert_eq!(record[block..block + 4], [0, 0, 0, 0]);
+        let mut out = BytesMut::from(&record[..block]);
+        out.put_u32(count);
+        for i in 0..count {
+            let (name, value) = line(i);
+            put_bytes(&mut out, name.as_bytes());
+            put_bytes(&mut out, value.as_bytes());
+        }
+        out.put_slice(&record[block + 4..]);
+        out.freeze()
+    }
+
+    /// A record with more distinct header names than an `http::HeaderMap`
+    /// holds (24 576: it cannot grow past 2^15 slots) is an error, not the
+    /// map's "size overflows MAX_SIZE" panic. The layer never writes one (a
+    /// response's map cannot hold them); another program or a corrupted
+    /// store can.
+    #[test]
+    fn more_header_names_than_a_map_holds_is_an_error() {
+        let record = with_header_block(30_000, |i| (format!("x{i}"), String::new()));
+        assert_eq!(Entry::decode(&record, KEY), Err(DecodeError::Invalid));
+        assert_eq!(Record::decode(&record, KEY), Err(DecodeError::Invalid));
+        // As many lines of one name are fine: a map holds them.
+        let record = with_header_block(30_000, |_| ("x".into(), "1".into()));
+        let decoded = Entry::decode(&record, KEY).unwrap();
+        assert_eq!(decoded.headers.get_all("x").iter().count(), 30_000);
+        // So are as many distinct names as a map holds.
+        let record = with_header_block(24_576, |i| (format!("x{i}"), String::new()));
+        assert_eq!(Entry::decode(&record, KEY).unwrap().headers.len(), 24_576);
     }
 
     #[test]
