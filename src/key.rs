@@ -78,22 +78,21 @@ pub(crate) fn derive_with(
     extra: &[Vec<u8>],
 ) -> CacheKey {
     let method_class = method_class(method);
-    let authority = uri
+    // The request target's authority, else the first `Host` as sent: its
+    // bytes, not its text, so a host beyond visible ASCII (which `http`
+    // accepts) is told apart from another and from none.
+    let authority: &[u8] = uri
         .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| headers.get(http::header::HOST).map(|h| h.as_bytes()))
+        .unwrap_or(b"");
     let path = uri.path();
     let query = uri.query();
 
     let mut hasher = Sha256::new();
     frame(&mut hasher, b"tower-fence key v1");
     frame(&mut hasher, method_class.as_bytes());
-    frame(&mut hasher, authority.to_ascii_lowercase().as_bytes());
+    frame(&mut hasher, &authority.to_ascii_lowercase());
     frame(&mut hasher, path.as_bytes());
     match query {
         None => hasher.update([0u8]),
@@ -500,7 +499,7 @@ pub fn lease_key(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Request;
+    use http::{HeaderValue, Request};
     use proptest::prelude::*;
 
     /// Redis's `MATCH` glob, for the subset the patterns use: `*`, `[..]`
@@ -583,6 +582,34 @@ mod tests {
         let t1 = Request::get("/p").header("x-tenant", "1").body(()).unwrap();
         let t2 = Request::get("/p").header("x-tenant", "2").body(()).unwrap();
         assert_ne!(key_of(&c, t1), key_of(&c, t2));
+    }
+
+    /// A `Host` that is not visible ASCII (obs-text, which `http` and hyper
+    /// accept) is still part of the key: two such hosts, or one and none,
+    /// never share a key.
+    #[test]
+    fn hosts_beyond_visible_ascii_are_told_apart() {
+        let c = config();
+        let with_host = |host: &[u8]| {
+            let req = Request::get("/p")
+                .header("host", HeaderValue::from_bytes(host).unwrap())
+                .body(())
+                .unwrap();
+            key_of(&c, req)
+        };
+        let none = key_of(&c, get("/p"));
+        let a = with_host(b"caf\xc3\xa9.example");
+        let b = with_host(b"caf\xc3\xa8.example");
+        assert_ne!(a, b);
+        assert_ne!(a, none);
+        assert_ne!(with_host(b"\xff"), none);
+        // Case folds for ASCII letters only, as before.
+        assert_eq!(with_host(b"A.example"), with_host(b"a.example"));
+        assert_eq!(
+            with_host(b"a.example"),
+            key_of(&c, get("http://a.example/p"))
+        );
+        assert_eq!(with_host(b"CAF\xc3\xa9.example"), a);
     }
 
     #[test]
