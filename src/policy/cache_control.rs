@@ -65,12 +65,19 @@ impl CacheControl {
                     "proxy-revalidate" => cc.proxy_revalidate = true,
                     "max-age" => cc.max_age = Some(min_opt(cc.max_age, seconds())),
                     "s-maxage" => cc.s_maxage = Some(min_opt(cc.s_maxage, seconds())),
-                    "stale-while-revalidate" => cc.stale_while_revalidate = Some(seconds()),
-                    "stale-if-error" => cc.stale_if_error = Some(seconds()),
-                    "max-stale" => {
-                        cc.max_stale = Some(arg.map(delta_seconds).unwrap_or(u64::MAX));
+                    "stale-while-revalidate" => {
+                        cc.stale_while_revalidate =
+                            Some(min_opt(cc.stale_while_revalidate, seconds()));
                     }
-                    "min-fresh" => cc.min_fresh = Some(seconds()),
+                    "stale-if-error" => {
+                        cc.stale_if_error = Some(min_opt(cc.stale_if_error, seconds()));
+                    }
+                    "max-stale" => {
+                        let accepted = arg.map(delta_seconds).unwrap_or(u64::MAX);
+                        cc.max_stale = Some(min_opt(cc.max_stale, accepted));
+                    }
+                    // The larger margin is the more demanding one.
+                    "min-fresh" => cc.min_fresh = Some(cc.min_fresh.unwrap_or(0).max(seconds())),
                     "only-if-cached" => cc.only_if_cached = true,
                     _ => {}
                 }
@@ -80,7 +87,9 @@ impl CacheControl {
     }
 }
 
-/// A directive given twice is read as its most conservative value.
+/// A directive given twice is read as its most conservative value: the
+/// shorter lifetime, the shorter stale window, the longer `min-fresh`.
+/// So the order of directives and of field lines never matters.
 fn min_opt(current: Option<u64>, new: u64) -> u64 {
     current.map_or(new, |c| c.min(new))
 }
@@ -253,6 +262,37 @@ mod tests {
     #[test]
     fn duplicate_max_age_takes_the_smaller() {
         assert_eq!(parse(&["max-age=60, max-age=5"]).max_age, Some(5));
+    }
+
+    /// The stale windows and the request's staleness bounds given twice
+    /// are read as their most conservative value too, whatever the order:
+    /// `stale-while-revalidate=0, stale-while-revalidate=86400` used to
+    /// grant a day of grace (the last one won).
+    #[test]
+    fn duplicate_stale_windows_and_bounds_take_the_conservative_value() {
+        for lines in [
+            &["stale-while-revalidate=0, stale-while-revalidate=86400"][..],
+            &["stale-while-revalidate=86400", "stale-while-revalidate=0"],
+        ] {
+            assert_eq!(parse(lines).stale_while_revalidate, Some(0), "{lines:?}");
+        }
+        for lines in [
+            "stale-if-error=5, stale-if-error=600",
+            "stale-if-error=600, stale-if-error=5",
+        ] {
+            assert_eq!(parse(&[lines]).stale_if_error, Some(5), "{lines}");
+        }
+        for lines in ["max-stale, max-stale=5", "max-stale=5, max-stale"] {
+            assert_eq!(parse(&[lines]).max_stale, Some(5), "{lines}");
+        }
+        for lines in ["min-fresh=5, min-fresh=60", "min-fresh=60, min-fresh=5"] {
+            assert_eq!(parse(&[lines]).min_fresh, Some(60), "{lines}");
+        }
+        // A bogus duration is 0 (stale), and stays the conservative one.
+        assert_eq!(
+            parse(&["stale-while-revalidate=60, stale-while-revalidate=x"]).stale_while_revalidate,
+            Some(0)
+        );
     }
 
     #[test]
