@@ -791,6 +791,13 @@ mod tests {
         proptest::collection::vec(header_name(), 0..4)
     }
 
+    fn encode_record(record: &Record, key: &str) -> Bytes {
+        match record {
+            Record::Entry(entry) => entry.encode(key),
+            Record::Vary(names) => Record::encode_vary(names, key),
+        }
+    }
+
     proptest! {
         #[test]
         fn encode_decode_round_trips(entry in entry(), key in key()) {
@@ -857,6 +864,84 @@ mod tests {
                 let _ = Entry::decode(&record, &key);
                 let _ = Record::decode(&record, &key);
             }
+        }
+
+        /// A valid record damaged anywhere (bytes set, inserted, removed)
+        /// decodes to an error, or to a record whose times are in order,
+        /// that re-encodes to bytes decoding to itself (canonically), and
+        /// that another key refuses.
+        #[test]
+        fn damaged_records_decode_to_errors_or_consistent_records(
+            entry in entry(),
+            names in names(),
+            stub in any::<bool>(),
+            key in key(),
+            other in key(),
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..4),
+        ) {
+            let mut bytes = if stub {
+                Record::encode_vary(&names, &key).to_vec()
+            } else {
+                entry.encode(&key).to_vec()
+            };
+            for (at, byte, kind) in edits {
+                let i = at % (bytes.len() + 1);
+                match kind {
+                    0 if i < bytes.len() => bytes[i] = byte,
+                    1 => bytes.insert(i, byte),
+                    _ if i < bytes.len() => {
+                        bytes.remove(i);
+                    }
+                    _ => {}
+                }
+            }
+            let bytes = Bytes::from(bytes);
+            if let Ok(record) = Record::decode(&bytes, &key) {
+                if let Record::Entry(e) = &record {
+                    prop_assert!(e.stale_until_ms >= e.fresh_until_ms);
+                    prop_assert!(e.error_until_ms >= e.fresh_until_ms);
+                }
+                let again = encode_record(&record, &key);
+                let decoded = Record::decode(&again, &key).unwrap();
+                prop_assert_eq!(&decoded, &record);
+                prop_assert_eq!(encode_record(&decoded, &key), again);
+                if other != key {
+                    prop_assert_eq!(Record::decode(&bytes, &other), Err(DecodeError::WrongKey));
+                }
+            }
+        }
+
+        /// Every proper prefix of a record is an error.
+        #[test]
+        fn every_prefix_of_any_record_is_an_error(
+            entry in entry(),
+            names in names(),
+            key in key(),
+            cut in any::<usize>(),
+        ) {
+            for record in [entry.encode(&key), Record::encode_vary(&names, &key)] {
+                let cut = cut % record.len();
+                prop_assert!(Record::decode(&record.slice(..cut), &key).is_err(), "cut at {}", cut);
+            }
+        }
+
+        /// An entry whose stale or error window ends before its freshness
+        /// is refused, never served with a negative window.
+        #[test]
+        fn out_of_order_times_are_refused(
+            entry in entry(),
+            key in key(),
+            early in 1u64..1_000_000,
+            which in any::<bool>(),
+        ) {
+            prop_assume!(entry.fresh_until_ms >= early);
+            let mut entry = entry;
+            if which {
+                entry.stale_until_ms = entry.fresh_until_ms - early;
+            } else {
+                entry.error_until_ms = entry.fresh_until_ms - early;
+            }
+            prop_assert_eq!(Entry::decode(&entry.encode(&key), &key), Err(DecodeError::Invalid));
         }
 
         #[test]
