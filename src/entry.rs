@@ -508,7 +508,10 @@ fn get_headers(buf: &mut Bytes) -> Result<HeaderMap, DecodeError> {
         let name = HeaderName::from_bytes(&get_bytes(buf)?).map_err(|_| DecodeError::Invalid)?;
         let value =
             HeaderValue::from_maybe_shared(get_bytes(buf)?).map_err(|_| DecodeError::Invalid)?;
-        headers.append(name, value);
+        // More distinct names than a map holds: `append` would panic.
+        headers
+            .try_append(name, value)
+            .map_err(|_| DecodeError::Invalid)?;
     }
     Ok(headers)
 }
@@ -637,6 +640,49 @@ mod tests {
         }
     }
 
+    /// `sample()` without headers or trailers, encoded with the header
+    /// block `count` lines long made by `line(i)`.
+    fn with_header_block(count: u32, line: impl Fn(u32) -> (String, String)) -> Bytes {
+        let record = Entry {
+            headers: HeaderMap::new(),
+            trailers: None,
+            ..sample()
+        }
+        .encode(KEY);
+        // Magic, version, the key, then the fixed fields; the empty header
+        // block is its count alone.
+        let block = 2 + 1 + 4 + KEY.len() + 2 + 8 * 4 + 4 + 1;
+        assert_eq!(record[block..block + 4], [0, 0, 0, 0]);
+        let mut out = BytesMut::from(&record[..block]);
+        out.put_u32(count);
+        for i in 0..count {
+            let (name, value) = line(i);
+            put_bytes(&mut out, name.as_bytes());
+            put_bytes(&mut out, value.as_bytes());
+        }
+        out.put_slice(&record[block + 4..]);
+        out.freeze()
+    }
+
+    /// A record with more distinct header names than an `http::HeaderMap`
+    /// holds (24 576: it cannot grow past 2^15 slots) is an error, not the
+    /// map's "size overflows MAX_SIZE" panic. The layer never writes one (a
+    /// response's map cannot hold them); another program or a corrupted
+    /// store can.
+    #[test]
+    fn more_header_names_than_a_map_holds_is_an_error() {
+        let record = with_header_block(30_000, |i| (format!("x{i}"), String::new()));
+        assert_eq!(Entry::decode(&record, KEY), Err(DecodeError::Invalid));
+        assert_eq!(Record::decode(&record, KEY), Err(DecodeError::Invalid));
+        // As many lines of one name are fine: a map holds them.
+        let record = with_header_block(30_000, |_| ("x".into(), "1".into()));
+        let decoded = Entry::decode(&record, KEY).unwrap();
+        assert_eq!(decoded.headers.get_all("x").iter().count(), 30_000);
+        // So are as many distinct names as a map holds.
+        let record = with_header_block(24_576, |i| (format!("x{i}"), String::new()));
+        assert_eq!(Entry::decode(&record, KEY).unwrap().headers.len(), 24_576);
+    }
+
     #[test]
     fn trailing_bytes_are_an_error() {
         let mut record = BytesMut::from(&sample().encode(KEY)[..]);
@@ -752,6 +798,13 @@ mod tests {
         proptest::collection::vec(header_name(), 0..4)
     }
 
+    fn encode_record(record: &Record, key: &str) -> Bytes {
+        match record {
+            Record::Entry(entry) => entry.encode(key),
+            Record::Vary(names) => Record::encode_vary(names, key),
+        }
+    }
+
     proptest! {
         #[test]
         fn encode_decode_round_trips(entry in entry(), key in key()) {
@@ -818,6 +871,84 @@ mod tests {
                 let _ = Entry::decode(&record, &key);
                 let _ = Record::decode(&record, &key);
             }
+        }
+
+        /// A valid record damaged anywhere (bytes set, inserted, removed)
+        /// decodes to an error, or to a record whose times are in order,
+        /// that re-encodes to bytes decoding to itself (canonically), and
+        /// that another key refuses.
+        #[test]
+        fn damaged_records_decode_to_errors_or_consistent_records(
+            entry in entry(),
+            names in names(),
+            stub in any::<bool>(),
+            key in key(),
+            other in key(),
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..4),
+        ) {
+            let mut bytes = if stub {
+                Record::encode_vary(&names, &key).to_vec()
+            } else {
+                entry.encode(&key).to_vec()
+            };
+            for (at, byte, kind) in edits {
+                let i = at % (bytes.len() + 1);
+                match kind {
+                    0 if i < bytes.len() => bytes[i] = byte,
+                    1 => bytes.insert(i, byte),
+                    _ if i < bytes.len() => {
+                        bytes.remove(i);
+                    }
+                    _ => {}
+                }
+            }
+            let bytes = Bytes::from(bytes);
+            if let Ok(record) = Record::decode(&bytes, &key) {
+                if let Record::Entry(e) = &record {
+                    prop_assert!(e.stale_until_ms >= e.fresh_until_ms);
+                    prop_assert!(e.error_until_ms >= e.fresh_until_ms);
+                }
+                let again = encode_record(&record, &key);
+                let decoded = Record::decode(&again, &key).unwrap();
+                prop_assert_eq!(&decoded, &record);
+                prop_assert_eq!(encode_record(&decoded, &key), again);
+                if other != key {
+                    prop_assert_eq!(Record::decode(&bytes, &other), Err(DecodeError::WrongKey));
+                }
+            }
+        }
+
+        /// Every proper prefix of a record is an error.
+        #[test]
+        fn every_prefix_of_any_record_is_an_error(
+            entry in entry(),
+            names in names(),
+            key in key(),
+            cut in any::<usize>(),
+        ) {
+            for record in [entry.encode(&key), Record::encode_vary(&names, &key)] {
+                let cut = cut % record.len();
+                prop_assert!(Record::decode(&record.slice(..cut), &key).is_err(), "cut at {}", cut);
+            }
+        }
+
+        /// An entry whose stale or error window ends before its freshness
+        /// is refused, never served with a negative window.
+        #[test]
+        fn out_of_order_times_are_refused(
+            entry in entry(),
+            key in key(),
+            early in 1u64..1_000_000,
+            which in any::<bool>(),
+        ) {
+            prop_assume!(entry.fresh_until_ms >= early);
+            let mut entry = entry;
+            if which {
+                entry.stale_until_ms = entry.fresh_until_ms - early;
+            } else {
+                entry.error_until_ms = entry.fresh_until_ms - early;
+            }
+            prop_assert_eq!(Entry::decode(&entry.encode(&key), &key), Err(DecodeError::Invalid));
         }
 
         #[test]

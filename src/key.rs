@@ -78,22 +78,21 @@ pub(crate) fn derive_with(
     extra: &[Vec<u8>],
 ) -> CacheKey {
     let method_class = method_class(method);
-    let authority = uri
+    // The request target's authority, else the first `Host` as sent: its
+    // bytes, not its text, so a host beyond visible ASCII (which `http`
+    // accepts) is told apart from another and from none.
+    let authority: &[u8] = uri
         .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| headers.get(http::header::HOST).map(|h| h.as_bytes()))
+        .unwrap_or(b"");
     let path = uri.path();
     let query = uri.query();
 
     let mut hasher = Sha256::new();
     frame(&mut hasher, b"tower-fence key v1");
     frame(&mut hasher, method_class.as_bytes());
-    frame(&mut hasher, authority.to_ascii_lowercase().as_bytes());
+    frame(&mut hasher, &authority.to_ascii_lowercase());
     frame(&mut hasher, path.as_bytes());
     match query {
         None => hasher.update([0u8]),
@@ -508,7 +507,7 @@ pub fn lease_key(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Request;
+    use http::{HeaderValue, Request};
     use proptest::prelude::*;
 
     /// Redis's `MATCH` glob, for the subset the patterns use: `*`, `[..]`
@@ -591,6 +590,34 @@ mod tests {
         let t1 = Request::get("/p").header("x-tenant", "1").body(()).unwrap();
         let t2 = Request::get("/p").header("x-tenant", "2").body(()).unwrap();
         assert_ne!(key_of(&c, t1), key_of(&c, t2));
+    }
+
+    /// A `Host` that is not visible ASCII (obs-text, which `http` and hyper
+    /// accept) is still part of the key: two such hosts, or one and none,
+    /// never share a key.
+    #[test]
+    fn hosts_beyond_visible_ascii_are_told_apart() {
+        let c = config();
+        let with_host = |host: &[u8]| {
+            let req = Request::get("/p")
+                .header("host", HeaderValue::from_bytes(host).unwrap())
+                .body(())
+                .unwrap();
+            key_of(&c, req)
+        };
+        let none = key_of(&c, get("/p"));
+        let a = with_host(b"caf\xc3\xa9.example");
+        let b = with_host(b"caf\xc3\xa8.example");
+        assert_ne!(a, b);
+        assert_ne!(a, none);
+        assert_ne!(with_host(b"\xff"), none);
+        // Case folds for ASCII letters only, as before.
+        assert_eq!(with_host(b"A.example"), with_host(b"a.example"));
+        assert_eq!(
+            with_host(b"a.example"),
+            key_of(&c, get("http://a.example/p"))
+        );
+        assert_eq!(with_host(b"CAF\xc3\xa9.example"), a);
     }
 
     #[test]
@@ -838,6 +865,109 @@ mod tests {
         ]
     }
 
+    /// A request from small alphabets, so that two of them often agree on
+    /// some parts and not others.
+    #[derive(Debug, Clone)]
+    struct RequestParts {
+        method: &'static str,
+        authority: Option<&'static str>,
+        host: Option<&'static [u8]>,
+        path: &'static str,
+        query: Option<&'static str>,
+        tenant: Vec<&'static str>,
+        other: Option<&'static str>,
+    }
+
+    impl RequestParts {
+        fn request(&self) -> Request<()> {
+            let mut uri = String::new();
+            if let Some(authority) = self.authority {
+                uri.push_str("http://");
+                uri.push_str(authority);
+            }
+            uri.push_str(self.path);
+            if let Some(query) = self.query {
+                uri.push('?');
+                uri.push_str(query);
+            }
+            let mut request = Request::builder().method(self.method).uri(uri);
+            if let Some(host) = self.host {
+                request = request.header("host", HeaderValue::from_bytes(host).unwrap());
+            }
+            for tenant in &self.tenant {
+                request = request.header("x-tenant", *tenant);
+            }
+            if let Some(other) = self.other {
+                request = request.header("x-other", other);
+            }
+            request.body(()).unwrap()
+        }
+    }
+
+    /// `Host` values, two of them beyond visible ASCII.
+    static HOSTS: &[&[u8]] = &[
+        b"a.example",
+        b"A.EXAMPLE",
+        b"b.example",
+        b"\xff",
+        b"caf\xc3\xa9",
+    ];
+
+    fn request_parts() -> impl Strategy<Value = RequestParts> {
+        use proptest::sample::select;
+        (
+            select(&["GET", "HEAD", "POST"][..]),
+            proptest::option::of(select(
+                &["a.example", "A.example", "b.example", "a.example:80"][..],
+            )),
+            proptest::option::of(select(HOSTS)),
+            select(&["/", "/a", "/a/", "/A", "/a*", "/a%2A", "/a/b"][..]),
+            proptest::option::of(select(&["", "x=1", "x=2"][..])),
+            proptest::collection::vec(select(&["1", "2", ""][..]), 0..3),
+            proptest::option::of(select(&["x", "y"][..])),
+        )
+            .prop_map(|(method, authority, host, path, query, tenant, other)| {
+                RequestParts {
+                    method,
+                    authority,
+                    host,
+                    path,
+                    query,
+                    tenant,
+                    other,
+                }
+            })
+    }
+
+    /// What a key depends on, as the module docs state it.
+    fn identity(request: &Request<()>) -> (String, Vec<u8>, String, Option<String>, Vec<Vec<u8>>) {
+        let method = if request.method() == Method::HEAD {
+            Method::GET
+        } else {
+            request.method().clone()
+        };
+        let host = match request.uri().authority() {
+            Some(a) => a.as_str().as_bytes().to_ascii_lowercase(),
+            None => request
+                .headers()
+                .get("host")
+                .map(|h| h.as_bytes().to_ascii_lowercase())
+                .unwrap_or_default(),
+        };
+        (
+            method.to_string(),
+            host,
+            request.uri().path().to_owned(),
+            request.uri().query().map(str::to_owned),
+            request
+                .headers()
+                .get_all("x-tenant")
+                .iter()
+                .map(|v| v.as_bytes().to_vec())
+                .collect(),
+        )
+    }
+
     proptest! {
         // For any path, however long: its prefix pattern selects its own
         // keys (any query) and those of the paths under it; its exact
@@ -886,6 +1016,83 @@ mod tests {
             };
             prop_assert_eq!(pattern.matches(&stored), expected, "{} vs {}", a, b);
             prop_assert_eq!(glob_matches(&pattern.glob(), &stored), expected);
+        }
+
+        // Any request parts: the key reads `{ns}{readable}#{32 hex}` with
+        // one `{` and one `}`, the readable part is the escaped path or its
+        // cut, no glob character, `#`, space or control in it; the path's
+        // prefix and exact patterns select the key and its lease.
+        #[test]
+        fn keys_of_any_request_have_the_documented_shape(
+            method in "[A-Z]{1,7}",
+            target in prop_oneof![
+                "/[ -~]{0,80}",
+                "(http://[a-z.]{1,8})?/[a-z%~*]{500,530}",
+                any::<String>(),
+            ],
+            host in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
+            namespace in "[a-z:/%~]{0,6}",
+        ) {
+            let Ok(uri) = target.parse::<Uri>() else { return Ok(()) };
+            let mut headers = HeaderMap::new();
+            if let Some(host) = host.and_then(|h| HeaderValue::from_bytes(&h).ok()) {
+                headers.insert(http::header::HOST, host);
+            }
+            let c = KeyConfig { namespace: namespace.clone(), headers: vec![] };
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let key = derive_from(&c, &method, &uri, &headers);
+            let key = key.as_str();
+            let again = derive_from(&c, &method, &uri, &headers);
+            prop_assert_eq!(again.as_str(), key);
+            let (readable, hash) = key[namespace.len()..].split_once('#').unwrap();
+            prop_assert_eq!(key.matches('{').count(), 1);
+            prop_assert_eq!(key.matches('}').count(), 1);
+            prop_assert!(
+                hash.len() == 34 && hash.starts_with('{') && hash.ends_with('}'),
+                "{}",
+                key
+            );
+            prop_assert!(hash[1..33].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+            prop_assert!(
+                !readable.contains(['*', '?', '[', ']', '\\', '{', '}', '#', ' ']),
+                "{}",
+                key
+            );
+            prop_assert!(!readable.chars().any(|c| c.is_ascii_control()));
+            let escaped = escape_path(uri.path());
+            if escaped.len() <= MAX_READABLE_PATH {
+                prop_assert_eq!(readable, escaped.as_str());
+            } else {
+                let cut = readable.strip_suffix(CUT_MARK).unwrap();
+                prop_assert!(cut.len() <= MAX_READABLE_PATH && escaped.starts_with(cut));
+            }
+            if uri.path().starts_with('/') {
+                for pattern in [prefix_pattern(&namespace, uri.path()), path_pattern(&namespace, uri.path())] {
+                    prop_assert!(pattern.matches(key), "{} misses {}", pattern.glob(), key);
+                    prop_assert!(pattern.leases().matches(&lease_key(key)));
+                }
+            }
+        }
+
+        // Two requests share a key exactly when they agree on the method
+        // (HEAD as GET), the host (the URI's authority, else the first
+        // `Host`'s bytes; ASCII case aside), the path, the query and the
+        // key header's values: no other header changes a key.
+        #[test]
+        fn keys_are_equal_exactly_when_what_they_key_on_is(
+            a in request_parts(),
+            b in request_parts(),
+        ) {
+            let c = KeyConfig {
+                namespace: "tf:".into(),
+                headers: vec![HeaderName::from_static("x-tenant")],
+            };
+            let (ra, rb) = (a.request(), b.request());
+            let (ka, kb) = (
+                derive_from(&c, ra.method(), ra.uri(), ra.headers()),
+                derive_from(&c, rb.method(), rb.uri(), rb.headers()),
+            );
+            prop_assert_eq!(ka == kb, identity(&ra) == identity(&rb), "{:?} / {:?}", a, b);
         }
 
         #[test]

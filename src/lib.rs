@@ -8,6 +8,8 @@ mod entry;
 mod error;
 mod flow;
 mod future;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod invalidate;
 mod key;
 mod layer;

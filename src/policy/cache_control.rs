@@ -65,12 +65,19 @@ impl CacheControl {
                     "proxy-revalidate" => cc.proxy_revalidate = true,
                     "max-age" => cc.max_age = Some(min_opt(cc.max_age, seconds())),
                     "s-maxage" => cc.s_maxage = Some(min_opt(cc.s_maxage, seconds())),
-                    "stale-while-revalidate" => cc.stale_while_revalidate = Some(seconds()),
-                    "stale-if-error" => cc.stale_if_error = Some(seconds()),
-                    "max-stale" => {
-                        cc.max_stale = Some(arg.map(delta_seconds).unwrap_or(u64::MAX));
+                    "stale-while-revalidate" => {
+                        cc.stale_while_revalidate =
+                            Some(min_opt(cc.stale_while_revalidate, seconds()));
                     }
-                    "min-fresh" => cc.min_fresh = Some(seconds()),
+                    "stale-if-error" => {
+                        cc.stale_if_error = Some(min_opt(cc.stale_if_error, seconds()));
+                    }
+                    "max-stale" => {
+                        let accepted = arg.map(delta_seconds).unwrap_or(u64::MAX);
+                        cc.max_stale = Some(min_opt(cc.max_stale, accepted));
+                    }
+                    // The larger margin is the more demanding one.
+                    "min-fresh" => cc.min_fresh = Some(cc.min_fresh.unwrap_or(0).max(seconds())),
                     "only-if-cached" => cc.only_if_cached = true,
                     _ => {}
                 }
@@ -80,7 +87,9 @@ impl CacheControl {
     }
 }
 
-/// A directive given twice is read as its most conservative value.
+/// A directive given twice is read as its most conservative value: the
+/// shorter lifetime, the shorter stale window, the longer `min-fresh`.
+/// So the order of directives and of field lines never matters.
 fn min_opt(current: Option<u64>, new: u64) -> u64 {
     current.map_or(new, |c| c.min(new))
 }
@@ -255,6 +264,37 @@ mod tests {
         assert_eq!(parse(&["max-age=60, max-age=5"]).max_age, Some(5));
     }
 
+    /// The stale windows and the request's staleness bounds given twice
+    /// are read as their most conservative value too, whatever the order:
+    /// `stale-while-revalidate=0, stale-while-revalidate=86400` used to
+    /// grant a day of grace (the last one won).
+    #[test]
+    fn duplicate_stale_windows_and_bounds_take_the_conservative_value() {
+        for lines in [
+            &["stale-while-revalidate=0, stale-while-revalidate=86400"][..],
+            &["stale-while-revalidate=86400", "stale-while-revalidate=0"],
+        ] {
+            assert_eq!(parse(lines).stale_while_revalidate, Some(0), "{lines:?}");
+        }
+        for lines in [
+            "stale-if-error=5, stale-if-error=600",
+            "stale-if-error=600, stale-if-error=5",
+        ] {
+            assert_eq!(parse(&[lines]).stale_if_error, Some(5), "{lines}");
+        }
+        for lines in ["max-stale, max-stale=5", "max-stale=5, max-stale"] {
+            assert_eq!(parse(&[lines]).max_stale, Some(5), "{lines}");
+        }
+        for lines in ["min-fresh=5, min-fresh=60", "min-fresh=60, min-fresh=5"] {
+            assert_eq!(parse(&[lines]).min_fresh, Some(60), "{lines}");
+        }
+        // A bogus duration is 0 (stale), and stays the conservative one.
+        assert_eq!(
+            parse(&["stale-while-revalidate=60, stale-while-revalidate=x"]).stale_while_revalidate,
+            Some(0)
+        );
+    }
+
     #[test]
     fn a_byte_beyond_visible_ascii_makes_the_field_unparseable() {
         // `private, x="é"`: `é` is obs-text, and the field's `private` must
@@ -321,5 +361,263 @@ mod tests {
     #[test]
     fn quoted_arguments_are_unescaped() {
         assert_eq!(parse(&["max-age=\"6\\0\""]).max_age, Some(60));
+    }
+
+    // Property tests: what any field, well-formed or junk, may do. The
+    // `cache_control` fuzz target (fuzz/) checks the same and more.
+
+    use std::time::{Duration, SystemTime};
+
+    use http::header::{HeaderName, CACHE_CONTROL};
+    use http::{Method, StatusCode};
+    use proptest::prelude::*;
+
+    use crate::entry::Freshness;
+    use crate::policy::{
+        governing_cache_control, plan_request, storability, ClientCacheControl, Overrides,
+        PolicyConfig, RequestFacts, RequestPlan, DEFAULT_CACHEABLE_STATUSES,
+    };
+
+    const KNOWN: [&str; 13] = [
+        "no-store",
+        "no-cache",
+        "private",
+        "public",
+        "must-revalidate",
+        "proxy-revalidate",
+        "max-age",
+        "s-maxage",
+        "stale-while-revalidate",
+        "stale-if-error",
+        "max-stale",
+        "min-fresh",
+        "only-if-cached",
+    ];
+
+    /// One directive: a known name (any case) or an extension, with no
+    /// argument, a number, a token or a quoted string (escapes included).
+    fn directive() -> impl Strategy<Value = String> {
+        let name = prop_oneof![
+            3 => proptest::sample::select(&KNOWN[..]).prop_map(str::to_owned),
+            1 => "[a-z][a-z0-9-]{0,8}",
+        ];
+        let arg = prop_oneof![
+            Just(String::new()),
+            "[0-9]{1,12}".prop_map(|n| format!("={n}")),
+            "[!#$%&'*+.^_`|~0-9a-zA-Z-]{1,6}".prop_map(|t| format!("={t}")),
+            r#"([ !#-\[\]-~]|\\[ -~]){0,8}"#.prop_map(|q| format!("=\"{q}\"")),
+        ];
+        (name, any::<bool>(), arg).prop_map(|(name, upper, arg)| {
+            let name = if upper {
+                name.to_ascii_uppercase()
+            } else {
+                name
+            };
+            format!("{name}{arg}")
+        })
+    }
+
+    /// A field line: directives between separators (some valid, some
+    /// not), or any bytes a header value may hold.
+    fn line() -> impl Strategy<Value = Vec<u8>> {
+        let separator = proptest::sample::select(&[", ", ",", " ,\t", ",,", ";", " ", ""][..]);
+        prop_oneof![
+            3 => proptest::collection::vec((directive(), separator), 0..4).prop_map(|ds| {
+                let mut out = String::new();
+                for (i, (d, sep)) in ds.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(sep);
+                    }
+                    out.push_str(d);
+                }
+                out.into_bytes()
+            }),
+            1 => proptest::collection::vec(any::<u8>(), 0..24),
+        ]
+        .prop_filter("a header value", |b| HeaderValue::from_bytes(b).is_ok())
+    }
+
+    fn lines() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        proptest::collection::vec(line(), 0..4)
+    }
+
+    fn headers_with(name: &HeaderName, lines: &[Vec<u8>]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            headers.append(name.clone(), HeaderValue::from_bytes(line).unwrap());
+        }
+        headers
+    }
+
+    fn parse_lines(lines: &[Vec<u8>]) -> Result<CacheControl, Unparseable> {
+        CacheControl::parse(headers_with(&CACHE_CONTROL, lines).get_all(CACHE_CONTROL))
+    }
+
+    fn store(headers: &HeaderMap, facts: &RequestFacts) -> Result<Freshness, &'static str> {
+        let config = PolicyConfig {
+            default_ttl: Duration::from_secs(60),
+            grace: Duration::from_secs(10),
+            stale_if_error: Duration::from_secs(100),
+            cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
+            credential_headers: Vec::new(),
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        storability(
+            &config,
+            &Overrides::default(),
+            StatusCode::OK,
+            headers,
+            facts,
+            now,
+        )
+    }
+
+    proptest! {
+        /// Field lines are a list: their order, repeating them and joining
+        /// them with `, ` change nothing.
+        #[test]
+        fn order_repetition_and_joining_change_nothing(lines in lines()) {
+            let parsed = parse_lines(&lines);
+            let reversed: Vec<_> = lines.iter().rev().cloned().collect();
+            prop_assert_eq!(parse_lines(&reversed), parsed.clone());
+            let twice: Vec<_> = lines.iter().chain(&lines).cloned().collect();
+            prop_assert_eq!(parse_lines(&twice), parsed.clone());
+            if parsed.is_ok() && !lines.is_empty() {
+                prop_assert_eq!(parse_lines(&[lines.join(&b", "[..])]), parsed);
+            }
+        }
+
+        /// What a field is read to say comes from it: every directive set
+        /// is named in it, every duration within delta-seconds' range.
+        #[test]
+        fn what_a_field_says_comes_from_it(lines in lines()) {
+            if let Ok(cc) = parse_lines(&lines) {
+                let text = String::from_utf8(lines.concat()).unwrap().to_ascii_lowercase();
+                for (set, name) in [
+                    (cc.no_store, "no-store"),
+                    (cc.no_cache, "no-cache"),
+                    (cc.private, "private"),
+                    (cc.public, "public"),
+                    (cc.must_revalidate, "must-revalidate"),
+                    (cc.proxy_revalidate, "proxy-revalidate"),
+                    (cc.max_age.is_some(), "max-age"),
+                    (cc.s_maxage.is_some(), "s-maxage"),
+                    (cc.stale_while_revalidate.is_some(), "stale-while-revalidate"),
+                    (cc.stale_if_error.is_some(), "stale-if-error"),
+                    (cc.max_stale.is_some(), "max-stale"),
+                    (cc.min_fresh.is_some(), "min-fresh"),
+                    (cc.only_if_cached, "only-if-cached"),
+                ] {
+                    prop_assert!(!set || text.contains(name), "{} from {:?}", name, text);
+                }
+                for secs in [cc.max_age, cc.s_maxage, cc.stale_while_revalidate,
+                             cc.stale_if_error, cc.min_fresh].into_iter().flatten() {
+                    prop_assert!(secs <= MAX_DELTA_SECONDS);
+                }
+            }
+        }
+
+        /// A byte beyond visible ASCII anywhere spoils the field, whatever
+        /// else it says.
+        #[test]
+        fn a_byte_beyond_visible_ascii_spoils_the_field(
+            lines in lines(),
+            at in any::<usize>(),
+            byte in 0x80u8..,
+        ) {
+            let mut lines = lines;
+            if lines.is_empty() {
+                lines.push(Vec::new());
+            }
+            let i = at % lines.len();
+            let j = at % (lines[i].len() + 1);
+            lines[i].insert(j, byte);
+            prop_assert_eq!(parse_lines(&lines), Err(Unparseable));
+        }
+
+        /// A line of directives the layer does not know changes nothing; a
+        /// line that does not parse spoils the field.
+        #[test]
+        fn unknown_directives_change_nothing(lines in lines(), extra in line()) {
+            let more: Vec<_> = lines.iter().chain([&extra]).cloned().collect();
+            match parse_lines(std::slice::from_ref(&extra)) {
+                Ok(cc) if cc == CacheControl::default() => {
+                    prop_assert_eq!(parse_lines(&more), parse_lines(&lines));
+                }
+                Err(Unparseable) => prop_assert_eq!(parse_lines(&more), Err(Unparseable)),
+                Ok(_) => {}
+            }
+        }
+
+        /// Junk is never more cacheable than no field: a response whose
+        /// `Cache-Control` or `CDN-Cache-Control` does not parse is not
+        /// stored, a request whose `Cache-Control` does not parse is not
+        /// looked up, and a field that says nothing the layer knows decides
+        /// what no field decides. `CDN-Cache-Control` governs when present.
+        #[test]
+        fn junk_is_never_more_cacheable_than_no_field(
+            general in lines(),
+            targeted in proptest::option::of(proptest::collection::vec(line(), 1..3)),
+            authorized in any::<bool>(),
+            cookie in any::<bool>(),
+        ) {
+            let cdn = HeaderName::from_static("cdn-cache-control");
+            let mut response = headers_with(&CACHE_CONTROL, &general);
+            if let Some(lines) = &targeted {
+                for line in lines {
+                    response.append(cdn.clone(), HeaderValue::from_bytes(line).unwrap());
+                }
+            }
+            let facts = RequestFacts { authorized, cookie, may_store: true, ..RequestFacts::default() };
+            let stored = store(&response, &facts);
+            let general_cc = parse_lines(&general);
+            let targeted_cc = targeted
+                .as_ref()
+                .map(|l| CacheControl::parse(headers_with(&cdn, l).get_all(&cdn)));
+            let governing = governing_cache_control(&response);
+            match (&general_cc, &targeted_cc) {
+                (Err(_), _) | (_, Some(Err(_))) => {
+                    prop_assert_eq!(stored, Err("cache-control"));
+                    prop_assert_eq!(governing.clone(), Err(Unparseable));
+                }
+                (Ok(cc), None) => prop_assert_eq!(governing.clone(), Ok(cc.clone())),
+                (Ok(_), Some(Ok(cc))) => prop_assert_eq!(governing.clone(), Ok(cc.clone())),
+            }
+            if governing == Ok(CacheControl::default()) {
+                prop_assert_eq!(stored, store(&HeaderMap::new(), &facts));
+            }
+            if let (Ok(f), Ok(cc)) = (stored, &governing) {
+                prop_assert!(!cc.no_store && !cc.private);
+                prop_assert!(f.stale_until_ms >= f.fresh_until_ms);
+                prop_assert!(f.error_until_ms >= f.fresh_until_ms);
+                // Shared with credentials only when the field says so.
+                prop_assert!(!authorized || cc.public || cc.s_maxage.is_some() || cc.must_revalidate);
+                prop_assert!(!cookie || cc.public || cc.s_maxage.is_some());
+            }
+
+            let request = headers_with(&CACHE_CONTROL, &general);
+            let config = PolicyConfig {
+                default_ttl: Duration::from_secs(60),
+                grace: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+                cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
+                credential_headers: Vec::new(),
+            };
+            let plan = |headers: &HeaderMap| {
+                plan_request(&Method::GET, headers, ClientCacheControl::Obey, &config)
+            };
+            match general_cc {
+                Err(_) => prop_assert_eq!(plan(&request), RequestPlan::Bypass("cache-control")),
+                Ok(cc) if cc == CacheControl::default() => {
+                    prop_assert_eq!(plan(&request), plan(&HeaderMap::new()));
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn the_fuzzing_module_states_the_same_bound() {
+        assert_eq!(crate::fuzzing::MAX_DELTA_SECONDS, MAX_DELTA_SECONDS);
     }
 }
