@@ -11,6 +11,14 @@
 //! - `redis_raw_get_pool_default`: the same `GET` through a pool with bb8's
 //!   defaults (which `PING`s every checkout: two round trips).
 //!
+//! Group `breaker_open` (issue "Redis may die"): what a request costs while
+//! the store is dead and the circuit breaker skips it:
+//! - `layer_store_down`: the layer on a `RedisStore` whose `redis-server` was
+//!   killed, the breaker open (its cool-down long enough that no probe falls
+//!   in the measurement): every request goes to the origin, alone in its
+//!   flight;
+//! - `origin_alone`: the same request to the bare origin, the floor.
+//!
 //! Every measured path is checked first: the service must answer with a
 //! `Cache-Status` hit and the raw `GET` must return the stored record.
 
@@ -285,5 +293,84 @@ fn hit_path(c: &mut Criterion) {
     drop(process);
 }
 
-criterion_group!(benches, hit_path);
+fn breaker_open(c: &mut Criterion) {
+    let rt = runtime();
+    let mut process = RedisProcess::start();
+    let pool = rt.block_on(pool_without_checkout_test(&process));
+    let layer = FenceLayer::builder()
+        .store(RedisStore::new(pool))
+        .breaker_cool_down(Duration::from_secs(3600))
+        .build()
+        .expect("valid layer");
+    let svc = layer.layer(origin());
+    process.stop();
+    rt.block_on(async {
+        for _ in 0..100 {
+            if layer.stats().breaker_open {
+                break;
+            }
+            let (parts, _) = call(&svc, request()).await;
+            assert!(
+                parts.status.is_success(),
+                "the store's death fails no request"
+            );
+        }
+    });
+    assert!(
+        layer.stats().breaker_open,
+        "the breaker opened: {:?}",
+        layer.stats()
+    );
+    let (parts, _) = rt.block_on(call(&svc, request()));
+    assert!(
+        cache_status(&parts).contains("detail=store-unavailable"),
+        "{}",
+        cache_status(&parts)
+    );
+    let bare = origin();
+    let calls_before = layer.stats();
+
+    let mut group = c.benchmark_group("breaker_open");
+    group
+        .sample_size(50)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(5));
+    group.bench_function("layer_store_down", |b| {
+        b.to_async(&rt).iter_batched(
+            request,
+            |req| async {
+                let (parts, body) = call(&svc, req).await;
+                black_box((parts, body))
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    group.bench_function("origin_alone", |b| {
+        b.to_async(&rt).iter_batched(
+            request,
+            |req| async {
+                let response = bare.clone().oneshot(req).await.expect("infallible");
+                let body = response.into_body().collect().await.expect("full body");
+                black_box(body.to_bytes())
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+    let after = layer.stats();
+    eprintln!(
+        "breaker_open: {} store calls skipped, {} store errors while measuring",
+        after.store_skipped - calls_before.store_skipped,
+        after.store_errors - calls_before.store_errors
+    );
+    assert!(after.breaker_open, "the breaker stayed open");
+    assert_eq!(
+        after.store_errors, calls_before.store_errors,
+        "no store call was made while measuring"
+    );
+    drop(rt);
+    drop(process);
+}
+
+criterion_group!(benches, hit_path, breaker_open);
 criterion_main!(benches);

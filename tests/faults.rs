@@ -301,6 +301,7 @@ impl Check {
     }
 
     /// Hits on any of `paths` so far.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))] // cluster test only
     fn hits_on(&self, paths: &[String]) -> u64 {
         let hits = self.hits_by_path.lock().unwrap();
         paths.iter().filter_map(|p| hits.get(p)).sum()
@@ -452,6 +453,7 @@ impl Check {
     /// change it at the origin (every path under `prefix`), then call
     /// `invalidate` (an [`Invalidator`](tower_fence::Invalidator) call). From when the call returns,
     /// whatever it returns, no read may see the old data.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))] // cluster test only
     async fn change_then_invalidate<F>(
         &self,
         prefix: &str,
