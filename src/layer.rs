@@ -211,6 +211,7 @@ pub struct FenceLayerBuilder {
     write_methods: WriteMethods,
     invalidation_timeout: Duration,
     write_budget: Duration,
+    share_lookups: bool,
     breaker_failures: u32,
     breaker_cool_down: Duration,
     invalidate_root_prefix: bool,
@@ -247,6 +248,7 @@ impl Default for FenceLayerBuilder {
             write_methods: WriteMethods::default(),
             invalidation_timeout: DEFAULT_INVALIDATION_TIMEOUT,
             write_budget: DEFAULT_WRITE_BUDGET,
+            share_lookups: false,
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cool_down: DEFAULT_BREAKER_COOL_DOWN,
             invalidate_root_prefix: false,
@@ -285,6 +287,7 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("write_methods", &self.write_methods)
             .field("invalidation_timeout", &self.invalidation_timeout)
             .field("write_budget", &self.write_budget)
+            .field("share_lookups", &self.share_lookups)
             .field("breaker_failures", &self.breaker_failures)
             .field("breaker_cool_down", &self.breaker_cool_down)
             .field("invalidate_root_prefix", &self.invalidate_root_prefix)
@@ -442,6 +445,26 @@ impl FenceLayerBuilder {
     /// ```
     pub fn write_budget(mut self, budget: Duration) -> Self {
         self.write_budget = budget;
+        self
+    }
+
+    /// Whether concurrent requests for one key share one store read (one
+    /// `GET` per key at a time in this process) instead of reading each
+    /// for itself. It spares Redis under bursts for hot keys, at a price:
+    /// a request may then get the result of a read that started up to one
+    /// store round trip before a write *of another process* finished (the
+    /// writes of this process are never crossed), an entry that write had
+    /// just invalidated. Off by default: every read after a write that
+    /// finished, in any process, sees it.
+    ///
+    /// ```
+    /// let layer = tower_fence::FenceLayer::builder()
+    ///     .share_lookups(true)
+    ///     .build()?;
+    /// # Ok::<(), tower_fence::ConfigError>(())
+    /// ```
+    pub fn share_lookups(mut self, share: bool) -> Self {
+        self.share_lookups = share;
         self
     }
 
@@ -777,6 +800,7 @@ impl FenceLayerBuilder {
                 keep: self.keep,
                 flights: Arc::new(SingleFlight::new(FLIGHT_CAPACITY)),
                 lookups: Arc::new(SingleFlight::new(FLIGHT_CAPACITY)),
+                share_lookups: self.share_lookups,
                 hit_for_miss,
                 invalidation: InvalidationConfig {
                     strategy: self.prefix_strategy,

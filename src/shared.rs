@@ -43,8 +43,10 @@ pub(crate) struct Shared {
     pub(crate) keep: Duration,
     /// Rebuilds running in this process, one per key.
     pub(crate) flights: Arc<SingleFlight<Landing>>,
-    /// Store reads running in this process, one per key.
+    /// Store reads running in this process, one per key (when shared).
     pub(crate) lookups: Arc<SingleFlight<Arc<crate::store_client::Found>>>,
+    /// Whether concurrent requests for one key share one store read.
+    pub(crate) share_lookups: bool,
     /// Keys whose last rebuild could not be shared: requests for them skip
     /// the flight for a while (Varnish's hit-for-miss).
     pub(crate) hit_for_miss: moka::sync::Cache<String, ()>,

@@ -1,6 +1,9 @@
-//! Reading a key, one store read per key at a time: a burst for a hot (or
-//! cold) key costs the store one `GET`, not one per request. A request
-//! joins only a read that started in its write epoch or later.
+//! Reading a key. Each request reads for itself by default; with
+//! [`share_lookups`](crate::FenceLayerBuilder::share_lookups) one store read
+//! per key runs at a time, so a burst for a hot (or cold) key costs the
+//! store one `GET`, not one per request. A request joins only a read that
+//! started in its write epoch or later (a write of another process it
+//! cannot see: hence the opt-in).
 
 use std::sync::Arc;
 
@@ -11,6 +14,9 @@ use crate::store_client::Found;
 
 /// Looks `key` up for a request that arrived in write epoch `epoch`.
 pub(crate) async fn lookup(shared: Arc<Shared>, key: CacheKey, epoch: u64) -> Found {
+    if !shared.share_lookups {
+        return shared.store.read(key.as_str()).await;
+    }
     let name = key.shared();
     match shared.lookups.join(&name, epoch) {
         Role::Leader(lead) => {
