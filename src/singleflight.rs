@@ -16,6 +16,13 @@
 //! every waiter. An origin slower than the wait so costs one call per
 //! wait, not one per waiter.
 //!
+//! A leader that reads what it will land from the store, or stores what it
+//! rebuilt, first *seals* the flight for that operation: a request that
+//! joins after the operation started may not get its result (a write of
+//! another process may have finished in between, unseen here), and looks
+//! again instead. A request that joined before gets it: whatever the
+//! operation read or stored came after the request arrived.
+//!
 //! Each flight remembers the *epoch* it started in. A request may join only
 //! a flight that started in its own epoch or later: when a write of this
 //! process finishes, the layer moves the epoch on, and requests that arrive
@@ -39,6 +46,12 @@ struct State<T> {
     /// How many leaders the flight has had: one, plus one per wait that
     /// ran out and was relieved.
     leaders: u32,
+    /// Store operations (reads, fills) the leaders started: see
+    /// [`Lead::seal`].
+    sealed: u64,
+    /// The operation whose result `landed` is; 0 when it is no data read
+    /// or stored (an error, an uncacheable answer).
+    landed_by: u64,
 }
 
 type Sender<T> = Arc<watch::Sender<State<T>>>;
@@ -169,6 +182,8 @@ impl<T: Clone> SingleFlight<T> {
             landed: None,
             leader_waits: false,
             leaders: 1,
+            sealed: 0,
+            landed_by: 0,
         });
         let tx = Arc::new(tx);
         running.insert(
@@ -247,9 +262,35 @@ impl<T> Lead<T> {
         self.tx.as_ref().is_some_and(|tx| tx.receiver_count() > 1)
     }
 
+    /// Seals the flight for a store operation (a read or a fill) whose
+    /// result it may land: requests that join from now on do not get that
+    /// result. Returns the operation, for [`land_by`](Self::land_by).
+    pub(crate) fn seal(&self) -> u64 {
+        let mut op = 0;
+        if let Some(tx) = &self.tx {
+            tx.send_if_modified(|state| {
+                state.sealed += 1;
+                op = state.sealed;
+                false
+            });
+        }
+        op
+    }
+
+    /// Ends the flight with the result of operation `op` (see
+    /// [`seal`](Self::seal)): the waiters that joined before it started get
+    /// `value`, the others look again.
+    pub(crate) fn land_by(self, value: T, op: u64) {
+        self.settle(value, op);
+    }
+
     /// Ends the flight: every waiter gets `value` (unless another leader
     /// of the flight landed first).
-    pub(crate) fn land(mut self, value: T) {
+    pub(crate) fn land(self, value: T) {
+        self.settle(value, 0);
+    }
+
+    fn settle(mut self, value: T, op: u64) {
         if let Some(tx) = self.tx.take() {
             self.forget(&tx);
             // Sent after removal, so a waiter that retries finds no stale
@@ -259,6 +300,7 @@ impl<T> Lead<T> {
                     return false;
                 }
                 state.landed = Some(value);
+                state.landed_by = op;
                 state.leader_waits = false;
                 true
             });
@@ -294,6 +336,8 @@ pub(crate) struct Wait<T> {
     rx: watch::Receiver<State<T>>,
     /// How many leaders the flight had when this wait last looked.
     leaders: u32,
+    /// Store operations the flight had started when this request joined.
+    joined_after: u64,
 }
 
 impl<T> fmt::Debug for Wait<T> {
@@ -315,9 +359,11 @@ pub(crate) enum Waited<T> {
 
 impl<T: Clone> Wait<T> {
     fn on(rx: &watch::Receiver<State<T>>) -> Self {
+        let state = rx.borrow();
         Wait {
             rx: rx.clone(),
-            leaders: rx.borrow().leaders,
+            leaders: state.leaders,
+            joined_after: state.sealed,
         }
     }
 
@@ -328,6 +374,11 @@ impl<T: Clone> Wait<T> {
             let leader_waits = {
                 let state = self.rx.borrow_and_update();
                 if let Some(value) = &state.landed {
+                    if state.landed_by != 0 && state.landed_by <= self.joined_after {
+                        // Read or stored before this request joined: not
+                        // for it.
+                        return Waited::Retry;
+                    }
                     return Waited::Landed(value.clone());
                 }
                 self.leaders = state.leaders;
@@ -561,5 +612,37 @@ mod tests {
         let _b = flights.join(&key("b"), 0);
         assert!(matches!(flights.join(&key("c"), 0), Role::Full));
         assert!(flights.try_lead_refresh(&key("c"), 0).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_request_that_joins_after_a_store_operation_started_looks_again() {
+        let flights = Arc::new(SingleFlight::<u32>::new(10));
+        let Role::Leader(lead) = flights.join(&key("k"), 0) else {
+            panic!("first is the leader")
+        };
+        let Role::Waiter(before) = flights.join(&key("k"), 0) else {
+            panic!("second waits")
+        };
+        let op = lead.seal();
+        let Role::Waiter(after) = flights.join(&key("k"), 0) else {
+            panic!("third waits")
+        };
+        lead.land_by(7, op);
+        assert!(matches!(before.landing(LONG).await, Waited::Landed(7)));
+        assert!(matches!(after.landing(LONG).await, Waited::Retry));
+    }
+
+    #[tokio::test]
+    async fn an_unsealed_landing_is_for_every_waiter() {
+        let flights = Arc::new(SingleFlight::<u32>::new(10));
+        let Role::Leader(lead) = flights.join(&key("k"), 0) else {
+            panic!("first is the leader")
+        };
+        let _ = lead.seal();
+        let Role::Waiter(after) = flights.join(&key("k"), 0) else {
+            panic!("second waits")
+        };
+        lead.land(3);
+        assert!(matches!(after.landing(LONG).await, Waited::Landed(3)));
     }
 }

@@ -120,9 +120,9 @@ where
             Ok(Some(fence)) => fence,
             Ok(None) => {
                 match await_remote_fill(&keyed, &lead, &prepared.lease_sets, headers).await {
-                    Remote::Filled(entry) => {
+                    Remote::Filled(entry, op) => {
                         let entry: Arc<Entry> = Arc::from(entry);
-                        lead.land(Landing::Response(entry.clone()));
+                        lead.land_by(Landing::Response(entry.clone()), op);
                         let status = CacheStatus::collapsed(fwd, entry.status.as_u16());
                         let now_ms = shared.clock.now_ms();
                         respond(Ok(respond::shared_entry_response(
@@ -168,10 +168,11 @@ where
     // lookup and our lease -- unless the request's own directives
     // (`no-cache`, `max-age`) ruled stored responses out.
     if matches!(fence, Fence::Lease { .. }) && fwd != Fwd::Request {
+        let op = lead.seal();
         if let Some(entry) = read_usable(&keyed, headers).await {
             settle::release(&shared, key, &fence).await;
             let entry = Arc::new(entry);
-            lead.land(Landing::Response(entry.clone()));
+            lead.land_by(Landing::Response(entry.clone()), op);
             let now_ms = shared.clock.now_ms();
             let status = CacheStatus::hit(entry.ttl_ms(now_ms).div_euclid(1000));
             respond(Ok(respond::shared_entry_response(
@@ -247,6 +248,7 @@ where
             storable,
             tags,
         } => {
+            let op = lead.seal();
             let filled =
                 settle::fill_or_release(&keyed, &prepared.path, &entry, &fence, storable, &tags)
                     .await;
@@ -256,7 +258,7 @@ where
                 stored: filled == Filled::Stored,
                 ..CacheStatus::forward(fwd)
             };
-            settle_flight(lead, filled, entry.clone());
+            settle_flight(lead, filled, entry.clone(), op);
             respond(Ok(respond::shared_entry_response(
                 entry,
                 now_ms,
@@ -325,9 +327,10 @@ where
                 origin::Early::Complete(recorded) => {
                     // All there: settle first, then answer with what was
                     // done.
+                    let op = lead.seal();
                     let (entry, filled) = settle(recorded).await;
                     status.stored = filled == Filled::Stored;
-                    settle_flight(lead, filled, entry.clone());
+                    settle_flight(lead, filled, entry.clone(), op);
                     respond(Ok(respond::shared_entry_response(
                         entry,
                         now_ms,
@@ -369,8 +372,9 @@ where
             };
             match teed {
                 Teed::Complete(recorded) => {
+                    let op = lead.seal();
                     let (entry, filled) = settle(recorded).await;
-                    settle_flight(lead, filled, entry);
+                    settle_flight(lead, filled, entry, op);
                     let _ = tx.send(Piece::End);
                 }
                 Teed::Incomplete(why) => {
@@ -389,12 +393,14 @@ where
 
 /// Lands the flight with the rebuilt `entry`, unless its fill was fenced
 /// out: then the entry was read before an invalidation, and is not for
-/// requests that may have come after the write (they look again).
-fn settle_flight(lead: Lead<Landing>, filled: Filled, entry: Arc<Entry>) {
+/// requests that may have come after the write (they look again). Nor is
+/// it for requests that joined after the fill (operation `op`) started: a
+/// write of another process may have invalidated it since.
+fn settle_flight(lead: Lead<Landing>, filled: Filled, entry: Arc<Entry>, op: u64) {
     if filled == Filled::FencedOut {
         drop(lead);
     } else {
-        lead.land(Landing::Response(entry));
+        lead.land_by(Landing::Response(entry), op);
     }
 }
 
@@ -434,7 +440,8 @@ pub(crate) async fn keep_lease<F: Future>(
 
 /// What waiting for another process's rebuild came to.
 enum Remote {
-    Filled(Box<Entry>),
+    /// Read by operation `op` of the flight (see [`Lead::seal`]).
+    Filled(Box<Entry>, u64),
     /// The other process let go of the lease (it finished without storing,
     /// or died and the lease expired), and this rebuild took it.
     Leased(Fence),
@@ -455,8 +462,9 @@ async fn await_remote_fill(
     let mut subscription = shared.store.subscribe_fill(key.as_str());
     let deadline = tokio::time::Instant::now() + shared.wait_timeout;
     loop {
+        let op = lead.seal();
         if let Some(entry) = read_usable(keyed, request_headers).await {
-            return Remote::Filled(Box::new(entry));
+            return Remote::Filled(Box::new(entry), op);
         }
         if let Ok(Some(fence)) = settle::take_lease(shared, key, lease_sets).await {
             return Remote::Leased(fence);
