@@ -162,6 +162,23 @@ impl Breaker {
         }
     }
 
+    /// Claims the probe now, cool-down or not, unless one is out: for a
+    /// caller that cannot wait the cool-down out (the invalidation queue,
+    /// holding what writes could not apply while the store was sick). The
+    /// caller must [`record`](Self::record) the probe, or
+    /// [`abandon`](Self::abandon) it.
+    pub(crate) fn claim_probe(&self) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        let mut tripped = self.lock();
+        if tripped.probing || !self.is_open() {
+            return false;
+        }
+        tripped.probing = true;
+        true
+    }
+
     /// A probe ended without an answer either way (its call was dropped):
     /// the next call may probe at once.
     pub(crate) fn abandon(&self, admission: Admission) {
@@ -213,6 +230,20 @@ mod tests {
         assert!(!breaker.is_open());
         assert_eq!(breaker.admit(), Admission::Call);
         assert_eq!(breaker.skipped(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_may_be_claimed_before_the_cool_down_ends() {
+        let breaker = Breaker::new(1, Duration::from_secs(60));
+        assert!(!breaker.claim_probe(), "closed: nothing to probe");
+        assert_eq!(breaker.record(Admission::Call, false), Turn::Opened);
+        assert_eq!(breaker.admit(), Admission::Skip);
+        assert!(breaker.claim_probe());
+        // One probe at a time, claimed or admitted.
+        assert!(!breaker.claim_probe());
+        assert_eq!(breaker.admit(), Admission::Skip);
+        assert_eq!(breaker.record(Admission::Probe, true), Turn::Closed);
+        assert_eq!(breaker.admit(), Admission::Call);
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,6 +18,9 @@ use crate::error::StoreError;
 use crate::owed::Owed;
 use crate::store::{Fill, FillSubscription, KeyPattern, Store};
 
+/// The key a probe reads (nothing is stored under it).
+const PROBE_KEY: &str = "tower-fence:probe";
+
 /// What a read of one key found.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
@@ -164,6 +167,32 @@ impl StoreClient {
             tracing::warn!(key, error = %err, "tower-fence: {doing} failed");
         }
         result
+    }
+
+    /// Probes an open breaker's store now, cool-down or not, with one
+    /// cheap read under the store timeout: `true` when the breaker is
+    /// closed (already, or by this probe). `false` without a call when
+    /// another probe is out.
+    pub(crate) async fn probe(&self) -> bool {
+        if !self.breaker.is_open() {
+            return true;
+        }
+        if !self.breaker.claim_probe() {
+            return false;
+        }
+        let mut probe = ProbeGuard {
+            breaker: &self.breaker,
+            admission: Admission::Probe,
+        };
+        let limit = self.timeout.unwrap_or(Duration::from_secs(1));
+        let healthy = tokio::time::timeout(limit, self.store.get(PROBE_KEY))
+            .await
+            .is_ok_and(|got| got.as_ref().map_or_else(|err| !err.is_sick(), |_| true));
+        probe.admission = Admission::Call;
+        if self.breaker.record(Admission::Probe, healthy) == Turn::Closed {
+            tracing::info!("tower-fence: the store answers again (circuit breaker closed)");
+        }
+        healthy
     }
 
     /// Reads and decodes the record under `key`. A record that does not

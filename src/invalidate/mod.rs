@@ -99,6 +99,9 @@ pub(crate) use config::{InvalidationConfig, Job, WriteMethods};
 /// Most inline invalidation targets running at once (each bounded by the
 /// invalidation timeout); past it a write's targets go to the queue.
 const MAX_INLINE_RUNNING: usize = 1_024;
+/// How often the queue probes a store whose breaker is open while it holds
+/// invalidations the store owes.
+const OWED_PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// Most dead letters kept; the oldest go first.
 const DEAD_LETTER_CAPACITY: usize = 1_000;
 /// First retry delay of the background queue; doubled per attempt.
@@ -564,9 +567,10 @@ fn queue(shared: &Arc<Shared>) -> Option<&mpsc::Sender<Job>> {
 
 /// Runs queued invalidations one at a time; a failed one is retried after
 /// an exponential, jittered delay, up to the configured attempts. While the
-/// store's breaker is open a job waits for the cool-down without using an
-/// attempt, and its retry is the breaker's probe: the queue applies what
-/// the store owes as soon as the store answers again.
+/// store's breaker is open a job does not use an attempt: every 50 ms the
+/// queue probes the store itself (one bounded read; requests keep skipping
+/// it for the cool-down), so it applies what the store owes as soon as the
+/// store answers again.
 async fn worker(shared: std::sync::Weak<Shared>, mut rx: mpsc::Receiver<Job>) {
     while let Some(mut job) = rx.recv().await {
         let Some(shared) = shared.upgrade() else {
@@ -582,7 +586,15 @@ async fn worker(shared: std::sync::Weak<Shared>, mut rx: mpsc::Receiver<Job>) {
             Err(err) => err,
         };
         let delay = if err.is_skipped() {
-            shared.store.breaker().cool_down()
+            // The store is skipped: probe it often (not once per cool-down
+            // as requests do), so that what it owes is applied as soon as
+            // it answers, before other processes read from it again.
+            if shared.store.probe().await {
+                let retry_shared = shared.clone();
+                tokio::spawn(async move { enqueue(&retry_shared, job) });
+                continue;
+            }
+            OWED_PROBE_INTERVAL
         } else {
             job.attempt += 1;
             if job.attempt >= shared.invalidation.max_attempts {
