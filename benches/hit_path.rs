@@ -191,9 +191,10 @@ fn hit_path(c: &mut Criterion) {
     let redis_svc = layer.layer(origin());
     rt.block_on(warm(&redis_svc, "redis"));
 
-    // The entry's key, found the way an operator would: `SCAN MATCH tf:*`
-    // (a rebuild lease, `<key>:lease`, may share the prefix).
-    let keys = rt.block_on(process.keys_matching("tf:*"));
+    // The entry's key, found the way an operator would: `SCAN MATCH tf:/*`
+    // (a rebuild lease, `<key>:lease`, may share the prefix; `tf:inflight`
+    // holds the leases of running rebuilds).
+    let keys = rt.block_on(process.keys_matching("tf:/*"));
     let entries: Vec<&String> = keys.iter().filter(|k| !k.ends_with(":lease")).collect();
     assert_eq!(
         entries.len(),
@@ -279,7 +280,11 @@ fn hit_path(c: &mut Criterion) {
             "hit_path/{what}: {hits} hits, {misses} misses, {bypasses} bypasses, \
              {store_errors} store errors, {decode_errors} decode errors while measuring"
         );
-        assert!(hits > 0, "{what}: no hits counted: {after:?}");
+        if hits + misses + bypasses <= 1 {
+            // Filtered out on the command line (the warm-up's check hit
+            // only): nothing measured to check.
+            continue;
+        }
         assert_eq!(decode_errors, 0, "{what}: the entry stopped decoding");
         assert!(
             (misses + bypasses) * 1000 <= hits,

@@ -441,7 +441,10 @@ async fn owed_invalidations_are_replayed_when_the_store_is_back() {
         .unwrap();
     let app = origin.router().layer(layer.clone());
     send(&app, Method::GET, "/item/1").await;
-    assert!(send(&app, Method::GET, "/item/1").await.cache_status.contains("hit"));
+    assert!(send(&app, Method::GET, "/item/1")
+        .await
+        .cache_status
+        .contains("hit"));
 
     store.set(|s| &s.down, true);
     let reply = send(&app, Method::POST, "/item/1").await;

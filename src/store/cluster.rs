@@ -342,7 +342,7 @@ impl RedisClusterStore {
     /// walk that missed a failed master's keys would report success while
     /// its replica, once promoted, still holds them; as an error, the
     /// invalidation is retried after the failover.
-    async fn master_slots(&self) -> Result<Vec<Slot>, StoreError> {
+    async fn masters(&self) -> Result<Masters, StoreError> {
         let nodes: String = self.query(rds::cmd("CLUSTER").arg("NODES")).await?;
         let masters = parse_masters(&nodes);
         if masters.first_slots.is_empty() {
@@ -356,15 +356,18 @@ impl RedisClusterStore {
                 masters.covered
             )));
         }
-        Ok(masters.first_slots)
+        Ok(masters)
     }
 
-    /// `SCAN MATCH glob COUNT …` over the keyspace of the master serving
-    /// `slot`, `UNLINK`ing what each step returns.
-    async fn scan_unlink(&self, slot: Slot, glob: &str) -> Result<u64, StoreError> {
-        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-            Route::with_slot(slot, SlotAddr::Master),
-        ));
+    /// `SCAN MATCH glob COUNT …` over the keyspace of the master at
+    /// `address` (by address, not by slot: a client that cannot reach a
+    /// slot's master must fail, not scan another node instead), `UNLINK`ing
+    /// what each step returns.
+    async fn scan_unlink(&self, address: &(String, u16), glob: &str) -> Result<u64, StoreError> {
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: address.0.clone(),
+            port: address.1,
+        });
         let mut cursor: u64 = 0;
         let mut deleted = 0u64;
         loop {
@@ -390,10 +393,10 @@ impl RedisClusterStore {
     }
 
     /// [`scan_unlink`](Self::scan_unlink) on every master.
-    async fn scan_unlink_all(&self, masters: &[Slot], glob: &str) -> Result<u64, StoreError> {
+    async fn scan_unlink_all(&self, masters: &Masters, glob: &str) -> Result<u64, StoreError> {
         let mut deleted = 0;
-        for slot in masters {
-            deleted += self.scan_unlink(*slot, glob).await?;
+        for address in &masters.addresses {
+            deleted += self.scan_unlink(address, glob).await?;
         }
         Ok(deleted)
     }
@@ -434,12 +437,15 @@ const SLOTS: u32 = 16_384;
 struct Masters {
     /// The first slot each serves.
     first_slots: Vec<Slot>,
+    /// Where each is (host, port).
+    addresses: Vec<(String, u16)>,
     /// How many slots they serve together.
     covered: u32,
 }
 
 fn parse_masters(nodes: &str) -> Masters {
     let mut first_slots = Vec::new();
+    let mut addresses = Vec::new();
     let mut covered = 0u32;
     for line in nodes.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -468,12 +474,22 @@ fn parse_masters(nodes: &str) -> Masters {
             }
             covered += u32::from(end - start) + 1;
         }
-        if let Some(slot) = first {
+        // `host:port@cport[,hostname]`
+        let address = fields.get(1).and_then(|field| {
+            let (host, port) = field.split('@').next()?.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse::<u16>().ok()?))
+        });
+        if let (Some(slot), Some(address)) = (first, address) {
             first_slots.push(slot);
+            addresses.push(address);
         }
     }
+    // In one order whatever node answered: two answers compare equal when
+    // the same masters serve.
+    addresses.sort();
     Masters {
         first_slots,
+        addresses,
         covered: covered.min(SLOTS),
     }
 }
@@ -622,11 +638,18 @@ impl Store for RedisClusterStore {
         Box::pin(async move {
             // Two walks of every master, leases first, for the reason
             // `RedisStore::delete_matching` gives.
-            let masters = self.master_slots().await?;
+            let masters = self.masters().await?;
             let leases = self
                 .scan_unlink_all(&masters, &pattern.leases().glob())
                 .await?;
             let entries = self.scan_unlink_all(&masters, &pattern.glob()).await?;
+            // A failover during the walk: a replica now serves keys the walk
+            // did not see. Fail, so that the invalidation is retried.
+            if self.masters().await?.addresses != masters.addresses {
+                return Err(StoreError::unavailable(
+                    "the cluster's masters changed during the walk",
+                ));
+            }
             Ok(leases + entries)
         })
     }
@@ -680,6 +703,8 @@ f6 127.0.0.1:7005@17005 master - 0 1 6 connected
                 Slot::new(16000).unwrap()
             ]
         );
+        assert_eq!(masters.addresses[0], ("127.0.0.1".to_owned(), 7000));
+        assert_eq!(masters.addresses.len(), 3);
         // The failed master's 10923-16383 are not covered.
         assert_eq!(masters.covered, 5461 + 5462 + 1);
         let healthy = nodes.replace("master,fail", "master");
