@@ -848,6 +848,41 @@ async fn a_get_with_a_body_is_passed() {
     assert_eq!(origin.gets.load(Ordering::SeqCst), 2);
 }
 
+/// A target without an absolute path (authority-form) is passed: no
+/// invalidation could ever select its key.
+#[tokio::test]
+async fn a_target_without_a_path_is_passed() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = service_fn({
+        let calls = calls.clone();
+        move |_req: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {
+                let mut response = http::Response::new(Body::from("x"));
+                response
+                    .headers_mut()
+                    .insert("cache-control", "max-age=60".parse().unwrap());
+                Ok::<_, Infallible>(response)
+            }
+        }
+    });
+    let svc = tower::ServiceBuilder::new()
+        .layer(FenceLayer::memory())
+        .service(svc);
+    for _ in 0..2 {
+        let request = Request::get("example.com:80").body(Body::empty()).unwrap();
+        assert_eq!(request.uri().path(), "");
+        let response = svc.clone().oneshot(request).await.unwrap();
+        let cache_status = response.headers()["cache-status"].to_str().unwrap();
+        assert!(cache_status.contains("detail=target"), "{cache_status}");
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "never served from the cache"
+    );
+}
+
 /// A rebuild whose origin hangs holds its lease for `rebuild_timeout`, not
 /// for ever: then the lease is no longer extended and expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

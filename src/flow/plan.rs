@@ -47,6 +47,10 @@ pub(crate) fn plan(shared: &Arc<Shared>, parts: &Parts) -> Plan {
         None if is_read(&parts.method) && declares_body(parts) => {
             RequestPlan::Bypass("request-body")
         }
+        // Authority-form (`GET example.com:80`) or any target without an
+        // absolute path: its key would be outside every path a write or a
+        // prefix invalidation selects.
+        None if !parts.uri.path().starts_with('/') => RequestPlan::Bypass("target"),
         None => policy::plan_request(
             &parts.method,
             &parts.headers,

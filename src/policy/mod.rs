@@ -435,11 +435,14 @@ fn explicit_lifetime(cc: &CacheControl, headers: &HeaderMap, now: SystemTime) ->
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok())
         .unwrap_or(now);
+    // Capped as a `max-age` is (RFC 9111 §1.2.2): a far-future `Expires`
+    // is no longer-lived than the longest delta-seconds.
     Some(
         expires
             .duration_since(date)
             .map(|d| d.as_secs())
-            .unwrap_or(0),
+            .unwrap_or(0)
+            .min(cache_control::MAX_DELTA_SECONDS),
     )
 }
 
@@ -634,6 +637,19 @@ mod tests {
         assert_eq!(store(200, &[("set-cookie", "a=b")]), Err("set-cookie"));
         assert_eq!(store(200, &[("vary", "accept, *")]), Err("vary-star"));
         assert_eq!(store(200, &[("cache-control", "max-age=0")]), Err("stale"));
+    }
+
+    #[test]
+    fn a_far_future_expires_is_capped_like_a_max_age() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::DATE, httpdate::fmt_http_date(now).parse().unwrap());
+        headers.insert(
+            header::EXPIRES,
+            "Fri, 31 Dec 9999 23:59:59 GMT".parse().unwrap(),
+        );
+        let lifetime = explicit_lifetime(&CacheControl::default(), &headers, now);
+        assert_eq!(lifetime, Some(cache_control::MAX_DELTA_SECONDS));
     }
 
     #[test]
