@@ -331,12 +331,15 @@ where
                     let (entry, filled) = settle(recorded).await;
                     status.stored = filled == Filled::Stored;
                     settle_flight(lead, filled, entry.clone(), op);
+                    // Forwarded from the origin: keep the `Age` it sent
+                    // (the entry holds it as its age; none when it sent none).
+                    let with_age = entry.age_secs(now_ms) > 0;
                     respond(Ok(respond::shared_entry_response(
                         entry,
                         now_ms,
                         false,
                         status,
-                        false,
+                        with_age,
                         Some(headers),
                     )));
                     return;
