@@ -291,9 +291,16 @@ impl From<policy::CacheControl> for CacheControl {
 }
 
 /// The field lines of `name` in `headers` parsed as `Cache-Control`;
-/// `Err(())` when the field does not parse.
+/// `Err(())` when the field does not parse. A `CDN-Cache-Control` must also
+/// be a Structured Field Dictionary with integer seconds (RFC 9213 §2.1).
 #[allow(clippy::result_unit_err)]
 pub fn parse_cache_control(headers: &HeaderMap, name: &HeaderName) -> Result<CacheControl, ()> {
+    if name.as_str() == "cdn-cache-control" {
+        let lines = headers.get_all(name);
+        if !policy::structured::is_cdn_cache_control(lines.iter().map(HeaderValue::as_bytes)) {
+            return Err(());
+        }
+    }
     policy::CacheControl::parse(headers.get_all(name))
         .map(CacheControl::from)
         .map_err(|_| ())

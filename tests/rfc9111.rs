@@ -828,6 +828,24 @@ cases! {
             get("/r").miss().body("v2").calls(2),
         ],
     );
+
+    // RFC 9213 §2.1: a Structured Field Dictionary, not a Cache-Control
+    // list; one that is not makes nothing cacheable.
+    cdn_cache_control_that_is_no_dictionary_stores_nothing => Case::new(
+        |s| versioned(s, "no-store").h("cdn-cache-control", "max-age=10000, &&&&&"),
+        vec![
+            get("/r").miss().body("v1").cs("detail=cache-control").calls(1),
+            get("/r").miss().body("v2").calls(2),
+        ],
+    );
+
+    cdn_cache_control_seconds_must_be_an_integer => Case::new(
+        |s| versioned(s, "no-store").h("cdn-cache-control", "max-age=\"10000\""),
+        vec![
+            get("/r").miss().body("v1").cs("detail=cache-control").calls(1),
+            get("/r").miss().body("v2").calls(2),
+        ],
+    );
 }
 
 // ---------------------------------------------------------------------------

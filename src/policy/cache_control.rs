@@ -571,9 +571,15 @@ mod tests {
             let facts = RequestFacts { authorized, cookie, may_store: true, ..RequestFacts::default() };
             let stored = store(&response, &facts);
             let general_cc = parse_lines(&general);
-            let targeted_cc = targeted
-                .as_ref()
-                .map(|l| CacheControl::parse(headers_with(&cdn, l).get_all(&cdn)));
+            // `CDN-Cache-Control` must also be a Structured Field
+            // Dictionary with integer seconds (RFC 9213 §2.1).
+            let targeted_cc = targeted.as_ref().map(|l| {
+                if crate::policy::structured::is_cdn_cache_control(l.iter().map(Vec::as_slice)) {
+                    CacheControl::parse(headers_with(&cdn, l).get_all(&cdn))
+                } else {
+                    Err(Unparseable)
+                }
+            });
             let governing = governing_cache_control(&response);
             match (&general_cc, &targeted_cc) {
                 (Err(_), _) | (_, Some(Err(_))) => {

@@ -13,6 +13,7 @@ use http::{Method, StatusCode};
 
 mod cache_control;
 pub mod rules;
+pub(crate) mod structured;
 
 use cache_control::delta_seconds;
 pub(crate) use cache_control::{CacheControl, Unparseable};
@@ -279,14 +280,20 @@ pub(crate) struct Overrides {
 /// when the response has one (RFC 9213 §2.1: the targeted field wins and the
 /// general one is then ignored), else `Cache-Control`.
 ///
-/// `Err` when either field does not parse. RFC 9213 would fall back to
-/// `Cache-Control` past a `CDN-Cache-Control` that does not parse, and would
-/// ignore a `Cache-Control` it overrides; here a field that cannot be read
-/// may say `private` or `no-store`, so doubt wins.
+/// `Err` when either field does not parse. `CDN-Cache-Control` must be a
+/// Structured Field Dictionary whose delta-seconds directives are integers
+/// (RFC 9213 §2.1: `max-age=10000, &&&&&` and `max-age="10000"` are not).
+/// RFC 9213 would fall back to `Cache-Control` past a `CDN-Cache-Control`
+/// that does not parse, and would ignore a `Cache-Control` it overrides;
+/// here a field that cannot be read may say `private` or `no-store`, so
+/// doubt wins.
 pub(crate) fn governing_cache_control(headers: &HeaderMap) -> Result<CacheControl, Unparseable> {
     let general = CacheControl::parse(headers.get_all(header::CACHE_CONTROL))?;
     let targeted = headers.get_all(&CDN_CACHE_CONTROL);
     if targeted.iter().next().is_some() {
+        if !structured::is_cdn_cache_control(targeted.iter().map(http::HeaderValue::as_bytes)) {
+            return Err(Unparseable);
+        }
         return CacheControl::parse(targeted);
     }
     Ok(general)
@@ -1181,6 +1188,31 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_cdn_cache_control_that_is_no_structured_dictionary_stores_nothing() {
+        for bad in [
+            "max-age=10000, &&&&&",
+            "max-age=\"10000\"",
+            "max-age=60;",
+            "Max-Age=60",
+        ] {
+            assert_eq!(
+                store(
+                    200,
+                    &[("cache-control", "max-age=60"), ("cdn-cache-control", bad)]
+                ),
+                Err("cache-control"),
+                "{bad}"
+            );
+        }
+        let f = store(
+            200,
+            &[("cdn-cache-control", "max-age=30, stale-if-error=10")],
+        )
+        .unwrap();
+        assert_eq!(f.fresh_until_ms - f.stored_at_ms, 30_000);
     }
 
     #[test]
