@@ -10,6 +10,7 @@ mod flow;
 mod future;
 #[doc(hidden)]
 pub mod fuzzing;
+mod http_date;
 pub mod invalidate;
 mod key;
 mod layer;

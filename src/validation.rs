@@ -34,7 +34,7 @@ pub(crate) fn not_modified(entry: &Entry, request: &HeaderMap) -> bool {
     let Some(since) = request
         .get(header::IF_MODIFIED_SINCE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .and_then(crate::http_date::parse)
     else {
         return false;
     };
@@ -42,7 +42,7 @@ pub(crate) fn not_modified(entry: &Entry, request: &HeaderMap) -> bool {
         .headers
         .get(header::LAST_MODIFIED)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .and_then(crate::http_date::parse)
     else {
         return false;
     };

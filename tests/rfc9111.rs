@@ -705,6 +705,33 @@ cases! {
         ],
     );
 
+    // RFC 9110 §5.6.7: all three date forms, names in any case, a day name
+    // that does not match the date.
+    lenient_dates_are_read => Case::new(
+        |s| {
+            let now = s.now;
+            let date = httpdate::fmt_http_date(now);
+            // The RFC 850 form, lower case, with a wrong day name.
+            let later = httpdate::fmt_http_date(now + Duration::from_secs(2));
+            let (_, rest) = later.split_once(", ").unwrap();
+            let mut parts = rest.split(' ');
+            let (day, month, year, time) = (
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+            );
+            let rfc850 = format!("someday, {day}-{month}-{} {time} gmt", &year[2..])
+                .to_lowercase();
+            Answer::ok(format!("v{}", s.n)).h("date", date).h("expires", rfc850)
+        },
+        vec![
+            get("/r").miss().body("v1").cs("stored").calls(1),
+            get("/r").hit().body("v1").calls(1),
+            get("/r").after_ms(3_000).miss().body("v2").calls(2),
+        ],
+    );
+
     expires_before_date_is_stale => Case::new(
         |s| Answer::ok(format!("v{}", s.n))
             .h("date", http_date(s, 0))

@@ -365,7 +365,7 @@ pub(crate) fn storability(
     let apparent_age_ms = headers
         .get(header::DATE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .and_then(crate::http_date::parse)
         .map(|date| now_ms.saturating_sub(unix_ms(date)))
         .unwrap_or(0);
     let age_ms = age_secs(headers).saturating_mul(1000).max(apparent_age_ms);
@@ -430,17 +430,13 @@ fn explicit_lifetime(cc: &CacheControl, headers: &HeaderMap, now: SystemTime) ->
     }
     let expires = headers.get(header::EXPIRES)?;
     // An invalid Expires ("0", a bad date) means already expired (§5.3).
-    let Some(expires) = expires
-        .to_str()
-        .ok()
-        .and_then(|v| httpdate::parse_http_date(v).ok())
-    else {
+    let Some(expires) = expires.to_str().ok().and_then(crate::http_date::parse) else {
         return Some(0);
     };
     let date = headers
         .get(header::DATE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .and_then(crate::http_date::parse)
         .unwrap_or(now);
     // Capped as a `max-age` is (RFC 9111 §1.2.2): a far-future `Expires`
     // is no longer-lived than the longest delta-seconds.
