@@ -218,6 +218,7 @@ pub struct FenceLayerBuilder {
     invalidation_queue: usize,
     invalidation_attempts: u32,
     tag_header: Option<String>,
+    forward_tag_header: bool,
     client_cache_control: ClientCacheControl,
     rules: Rules,
     rebuild_timeout: Duration,
@@ -255,6 +256,7 @@ impl Default for FenceLayerBuilder {
             invalidation_queue: DEFAULT_INVALIDATION_QUEUE,
             invalidation_attempts: DEFAULT_INVALIDATION_ATTEMPTS,
             tag_header: Some(DEFAULT_TAG_HEADER.to_owned()),
+            forward_tag_header: false,
             client_cache_control: ClientCacheControl::default(),
             rules: Rules::new(),
             rebuild_timeout: DEFAULT_REBUILD_TIMEOUT,
@@ -533,10 +535,27 @@ impl FenceLayerBuilder {
     }
 
     /// The response header that names an entry's tags (space or comma
-    /// separated); it never leaves the layer. `None` turns tags off.
-    /// Defaults to `Surrogate-Key`.
+    /// separated); it does not leave the layer unless
+    /// [`forward_tag_header`](Self::forward_tag_header). `None` turns tags
+    /// off. Defaults to `Surrogate-Key`.
     pub fn tag_header(mut self, name: impl Into<Option<String>>) -> Self {
         self.tag_header = name.into();
+        self
+    }
+
+    /// Whether the tag header goes on to the client, stored with the entry
+    /// and sent on hits too, instead of being stripped: for a CDN in front
+    /// of the layer (Fastly and the like) that purges by surrogate key.
+    /// The layer indexes the tags either way. Defaults to `false`.
+    ///
+    /// ```
+    /// let layer = tower_fence::FenceLayer::builder()
+    ///     .forward_tag_header(true)
+    ///     .build()?;
+    /// # Ok::<(), tower_fence::ConfigError>(())
+    /// ```
+    pub fn forward_tag_header(mut self, forward: bool) -> Self {
+        self.forward_tag_header = forward;
         self
     }
 
@@ -812,6 +831,7 @@ impl FenceLayerBuilder {
                     queue_capacity: self.invalidation_queue,
                     max_attempts: self.invalidation_attempts.max(1),
                     tags_in_use: tag_header.is_some() || self.rules.any_tags(),
+                    forward_tags: self.forward_tag_header,
                     tag_header,
                     queue: std::sync::OnceLock::new(),
                     running: std::sync::atomic::AtomicUsize::new(0),

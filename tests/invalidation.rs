@@ -349,6 +349,7 @@ everywhere!(
     location_and_content_location_are_invalidated,
     failed_writes_invalidate_nothing,
     tags_invalidate_their_entries,
+    forwarded_tags_reach_the_client_and_still_index,
     the_invalidator_clears_prefixes_and_requests,
     a_rebuild_that_started_before_a_write_is_not_stored,
     location_and_content_location_are_invalidated_exactly,
@@ -784,6 +785,32 @@ async fn failed_writes_invalidate_nothing(backend: Backend) {
     app.clone().oneshot(grpc).await.unwrap();
     assert!(get(&app, "/orders/1").await.is_hit());
     assert_eq!(layer.stats().invalidations, 0);
+}
+
+async fn forwarded_tags_reach_the_client_and_still_index(backend: Backend) {
+    let origin = Origin::default();
+    let layer = backend
+        .builder()
+        .await
+        .forward_tag_header(true)
+        .build()
+        .unwrap();
+    let app = origin.router().layer(layer.clone());
+    warm(&app, &["/a?tags=team-1", "/b?tags=user-7"]).await;
+    // On a hit too: the header is stored with the entry.
+    let reply = get(&app, "/a?tags=team-1").await;
+    assert!(reply.is_hit());
+    assert_eq!(
+        reply
+            .headers
+            .get("surrogate-key")
+            .map(|v| v.to_str().unwrap()),
+        Some("team-1"),
+        "a CDN in front sees the surrogate keys"
+    );
+    layer.invalidator().invalidate_tag("team-1").await.unwrap();
+    assert!(!get(&app, "/a?tags=team-1").await.is_hit());
+    assert!(get(&app, "/b?tags=user-7").await.is_hit());
 }
 
 async fn tags_invalidate_their_entries(backend: Backend) {

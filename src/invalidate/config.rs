@@ -76,6 +76,9 @@ pub(crate) struct InvalidationConfig {
     /// Whether entries may have tags (a tag header, or a rule's tags):
     /// then leases join the in-flight set that tag invalidations clear.
     pub(crate) tags_in_use: bool,
+    /// Whether the tag header leaves the layer (for a CDN in front that
+    /// purges by surrogate key) instead of being stripped.
+    pub(crate) forward_tags: bool,
     pub(crate) queue: OnceLock<mpsc::Sender<Job>>,
     /// Inline invalidation tasks running now (bounded: past the bound a
     /// write's targets go straight to the queue).

@@ -666,6 +666,9 @@ pub(crate) fn tags(shared: &Shared, headers: &HeaderMap) -> Vec<String> {
 
 /// Removes the tag header: it never leaves the layer.
 pub(crate) fn strip_tags(shared: &Shared, headers: &mut HeaderMap) {
+    if shared.invalidation.forward_tags {
+        return;
+    }
     if let Some(name) = &shared.invalidation.tag_header {
         headers.remove(name);
     }
