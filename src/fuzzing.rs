@@ -422,6 +422,7 @@ pub fn plan_request(method: &Method, headers: &HeaderMap) -> Result<RequestAllow
 fn policy_config(settings: &PolicySettings) -> PolicyConfig {
     PolicyConfig {
         default_ttl: settings.default_ttl,
+        heuristic: None,
         grace: settings.grace,
         stale_if_error: settings.stale_if_error,
         cacheable_statuses: policy::DEFAULT_CACHEABLE_STATUSES.to_vec(),

@@ -219,6 +219,7 @@ pub struct FenceLayerBuilder {
     invalidation_attempts: u32,
     tag_header: Option<String>,
     forward_tag_header: bool,
+    heuristic_freshness: Option<(f64, Duration)>,
     client_cache_control: ClientCacheControl,
     rules: Rules,
     rebuild_timeout: Duration,
@@ -257,6 +258,7 @@ impl Default for FenceLayerBuilder {
             invalidation_attempts: DEFAULT_INVALIDATION_ATTEMPTS,
             tag_header: Some(DEFAULT_TAG_HEADER.to_owned()),
             forward_tag_header: false,
+            heuristic_freshness: None,
             client_cache_control: ClientCacheControl::default(),
             rules: Rules::new(),
             rebuild_timeout: DEFAULT_REBUILD_TIMEOUT,
@@ -543,6 +545,27 @@ impl FenceLayerBuilder {
         self
     }
 
+    /// Heuristic freshness (RFC 9111 §4.2.2), off by default: a response
+    /// that states no freshness (no `max-age`, `s-maxage` or `Expires`),
+    /// with a status that may be cached without one, and a
+    /// `Last-Modified`, is fresh for `fraction` of the time since it was
+    /// last modified (10 % is usual), at most `cap`; without
+    /// `Last-Modified` the default TTL applies as before. A route's own TTL
+    /// wins. `fraction` must be in `(0, 1]`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = tower_fence::FenceLayer::builder()
+    ///     .heuristic_freshness(0.1, Duration::from_secs(24 * 3600))
+    ///     .build()?;
+    /// # Ok::<(), tower_fence::ConfigError>(())
+    /// ```
+    pub fn heuristic_freshness(mut self, fraction: f64, cap: Duration) -> Self {
+        self.heuristic_freshness = Some((fraction, cap));
+        self
+    }
+
     /// Whether the tag header goes on to the client, stored with the entry
     /// and sent on hits too, instead of being stripped: for a CDN in front
     /// of the layer (Fastly and the like) that purges by surrogate key.
@@ -771,6 +794,13 @@ impl FenceLayerBuilder {
             )));
         }
         self.rules.validate()?;
+        if let Some((fraction, _)) = self.heuristic_freshness {
+            if !(fraction.is_finite() && fraction > 0.0 && fraction <= 1.0) {
+                return Err(ConfigError::new(format!(
+                    "heuristic_freshness fraction must be in (0, 1], not {fraction}"
+                )));
+            }
+        }
         if self.lease_ttl.is_zero() {
             return Err(ConfigError::new("lease_ttl must be longer than zero"));
         }
@@ -805,6 +835,7 @@ impl FenceLayerBuilder {
                 },
                 policy: PolicyConfig {
                     default_ttl: self.default_ttl,
+                    heuristic: self.heuristic_freshness,
                     grace: self.grace,
                     stale_if_error: self.stale_if_error,
                     cacheable_statuses: self.cacheable_statuses,

@@ -912,3 +912,62 @@ async fn the_default_layer_caches_in_memory() {
     assert!(get_path(&app, "/m").await.is_hit());
     assert_eq!(origin.calls(), 1);
 }
+
+/// Heuristic freshness (RFC 9111 §4.2.2) is opt-in: a response with only a
+/// `Last-Modified` 10,000 s old is fresh for 10 % of that, capped at 600 s;
+/// without the option (and no default TTL) it is not stored.
+#[tokio::test]
+async fn heuristic_freshness_comes_from_last_modified_only_when_asked() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let origin = {
+        let calls = calls.clone();
+        tower::service_fn(move |_req: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {
+                let now = std::time::SystemTime::now();
+                let modified = httpdate::fmt_http_date(now - Duration::from_secs(10_000));
+                let response = http::Response::builder()
+                    .header("date", httpdate::fmt_http_date(now))
+                    .header("last-modified", modified)
+                    .body(Body::from("page"))
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        })
+    };
+    for (heuristic, hits) in [(false, false), (true, true)] {
+        calls.store(0, Ordering::SeqCst);
+        let mut builder = FenceLayer::builder().default_ttl(Duration::ZERO);
+        if heuristic {
+            builder = builder.heuristic_freshness(0.1, Duration::from_secs(600));
+        }
+        let svc = tower::ServiceBuilder::new()
+            .layer(builder.build().unwrap())
+            .service(origin.clone());
+        let mut last = String::new();
+        for _ in 0..2 {
+            let response = svc
+                .clone()
+                .oneshot(Request::get("/doc").body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            last = response.headers()["cache-status"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+        }
+        assert_eq!(last.contains("hit"), hits, "heuristic {heuristic}: {last}");
+        if hits {
+            // 600 s at most (the cap), give or take the second it took.
+            assert!(
+                last.contains("ttl=599") || last.contains("ttl=600"),
+                "{last}"
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), if hits { 1 } else { 2 });
+    }
+    assert!(FenceLayer::builder()
+        .heuristic_freshness(1.5, Duration::from_secs(1))
+        .build()
+        .is_err());
+}

@@ -456,6 +456,7 @@ mod tests {
     fn store(headers: &HeaderMap, facts: &RequestFacts) -> Result<Freshness, &'static str> {
         let config = PolicyConfig {
             default_ttl: Duration::from_secs(60),
+            heuristic: None,
             grace: Duration::from_secs(10),
             stale_if_error: Duration::from_secs(100),
             cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
@@ -604,6 +605,7 @@ mod tests {
             let request = headers_with(&CACHE_CONTROL, &general);
             let config = PolicyConfig {
                 default_ttl: Duration::from_secs(60),
+                heuristic: None,
                 grace: Duration::ZERO,
                 stale_if_error: Duration::ZERO,
                 cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),

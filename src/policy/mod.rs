@@ -42,6 +42,10 @@ pub const DEFAULT_CACHEABLE_STATUSES: [StatusCode; 11] = [
 #[derive(Debug, Clone)]
 pub(crate) struct PolicyConfig {
     pub(crate) default_ttl: Duration,
+    /// Heuristic freshness (RFC 9111 §4.2.2), opt-in: this fraction of the
+    /// time since `Last-Modified`, at most this long, instead of the
+    /// default TTL for responses that state no freshness.
+    pub(crate) heuristic: Option<(f64, Duration)>,
     /// Stale-while-revalidate window when the response states none.
     pub(crate) grace: Duration,
     /// Stale-if-error window when the response states none.
@@ -354,9 +358,12 @@ pub(crate) fn storability(
     let lifetime_secs = match (overrides.override_ttl, explicit_lifetime(&cc, headers, now)) {
         (Some(ttl), _) => ttl.as_secs(),
         (None, Some(secs)) => secs,
-        (None, None) if config.cacheable_statuses.contains(&status) => {
-            overrides.ttl.unwrap_or(config.default_ttl).as_secs()
-        }
+        (None, None) if config.cacheable_statuses.contains(&status) => match overrides.ttl {
+            Some(ttl) => ttl.as_secs(),
+            None => {
+                heuristic_lifetime(config, headers, now).unwrap_or(config.default_ttl.as_secs())
+            }
+        },
         (None, None) if cc.no_cache => 0,
         (None, None) => return Err("status"),
     };
@@ -449,6 +456,25 @@ fn explicit_lifetime(cc: &CacheControl, headers: &HeaderMap, now: SystemTime) ->
     )
 }
 
+/// RFC 9111 §4.2.2: with heuristic freshness on, a response that states no
+/// freshness but has a `Last-Modified` before its `Date` (or now) is fresh
+/// for the configured fraction of that interval, capped. `None` when it is
+/// off or the response has no usable `Last-Modified`.
+fn heuristic_lifetime(config: &PolicyConfig, headers: &HeaderMap, now: SystemTime) -> Option<u64> {
+    let (fraction, cap) = config.heuristic?;
+    let modified = headers
+        .get(header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::http_date::parse)?;
+    let date = headers
+        .get(header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::http_date::parse)
+        .unwrap_or(now);
+    let since = date.duration_since(modified).ok()?;
+    Some(since.mul_f64(fraction).min(cap).as_secs())
+}
+
 /// The `Age` a response arrived with (RFC 9111 §5.1): the first member, an
 /// invalid value ignored.
 fn age_secs(headers: &HeaderMap) -> u64 {
@@ -528,6 +554,7 @@ mod tests {
     fn config() -> PolicyConfig {
         PolicyConfig {
             default_ttl: Duration::from_secs(60),
+            heuristic: None,
             grace: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
@@ -598,9 +625,40 @@ mod tests {
     }
 
     #[test]
+    fn heuristic_freshness_is_a_fraction_of_the_time_since_last_modified() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(NOW_MS);
+        let modified = httpdate::fmt_http_date(now - Duration::from_secs(10_000));
+        let cfg = PolicyConfig {
+            heuristic: Some((0.1, Duration::from_secs(600))),
+            ..config()
+        };
+        let lifetime = |headers: &HeaderMap| heuristic_lifetime(&cfg, headers, now);
+        let mut headers = HeaderMap::new();
+        assert_eq!(lifetime(&headers), None, "no Last-Modified");
+        headers.insert(header::LAST_MODIFIED, modified.parse().unwrap());
+        assert_eq!(
+            lifetime(&headers),
+            Some(600),
+            "10 % of 10,000 s, capped at 600 s"
+        );
+        let cfg_small = PolicyConfig {
+            heuristic: Some((0.01, Duration::from_secs(600))),
+            ..config()
+        };
+        assert_eq!(heuristic_lifetime(&cfg_small, &headers, now), Some(100));
+        // Off by default: the default TTL applies.
+        assert_eq!(heuristic_lifetime(&config(), &headers, now), None);
+        // A Last-Modified in the future says nothing.
+        let future = httpdate::fmt_http_date(now + Duration::from_secs(60));
+        headers.insert(header::LAST_MODIFIED, future.parse().unwrap());
+        assert_eq!(lifetime(&headers), None);
+    }
+
+    #[test]
     fn zero_default_ttl_stores_only_explicit_freshness() {
         let cfg = PolicyConfig {
             default_ttl: Duration::ZERO,
+            heuristic: None,
             ..config()
         };
         assert_eq!(
