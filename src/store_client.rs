@@ -135,8 +135,23 @@ impl StoreClient {
         if admission == Admission::Skip {
             return Err(StoreError::skipped());
         }
-        // A probe whose call is dropped before it ends lets the next call
-        // probe.
+        let result = self.attempt(admission, timeout, call).await;
+        if let Err(err) = &result {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(key, error = %err, "tower-fence: {doing} failed");
+        }
+        result
+    }
+
+    /// Runs an admitted `call` under `timeout` and tells the breaker how
+    /// it went. A probe whose call is dropped before it ends lets the next
+    /// call probe.
+    async fn attempt<T>(
+        &self,
+        admission: Admission,
+        timeout: Option<Duration>,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         let mut probe = ProbeGuard {
             breaker: &self.breaker,
             admission,
@@ -162,10 +177,6 @@ impl StoreClient {
             }
             Turn::Stayed => {}
         }
-        if let Err(err) = &result {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(key, error = %err, "tower-fence: {doing} failed");
-        }
         result
     }
 
@@ -180,19 +191,10 @@ impl StoreClient {
         if !self.breaker.claim_probe() {
             return false;
         }
-        let mut probe = ProbeGuard {
-            breaker: &self.breaker,
-            admission: Admission::Probe,
-        };
         let limit = self.timeout.unwrap_or(Duration::from_secs(1));
-        let healthy = tokio::time::timeout(limit, self.store.get(PROBE_KEY))
-            .await
-            .is_ok_and(|got| got.as_ref().map_or_else(|err| !err.is_sick(), |_| true));
-        probe.admission = Admission::Call;
-        if self.breaker.record(Admission::Probe, healthy) == Turn::Closed {
-            tracing::info!("tower-fence: the store answers again (circuit breaker closed)");
-        }
-        healthy
+        let call = self.store.get(PROBE_KEY);
+        let result = self.attempt(Admission::Probe, Some(limit), call).await;
+        result.map_or_else(|err| !err.is_sick(), |_| true)
     }
 
     /// Reads and decodes the record under `key`. A record that does not

@@ -212,6 +212,14 @@ async fn send(app: &Router, method: Method, uri: &str) -> Reply {
     }
 }
 
+/// Five `GET`s under `prefix` (one store failure each, with the store
+/// down): enough to open the breaker of [`builder`].
+async fn fail_until_open(app: &Router, prefix: &str) {
+    for i in 0..5 {
+        send(app, Method::GET, &format!("{prefix}/{i}")).await;
+    }
+}
+
 fn builder(store: &Switchboard) -> FenceLayerBuilder {
     FenceLayer::builder()
         .store(store.clone())
@@ -273,9 +281,7 @@ async fn a_probe_that_fails_keeps_the_breaker_open_for_another_cool_down() {
     let layer = builder(&store).build().unwrap();
     let app = origin.router().layer(layer.clone());
     store.set(|s| &s.down, true);
-    for _ in 0..5 {
-        send(&app, Method::GET, "/item/x").await;
-    }
+    fail_until_open(&app, "/item").await;
     assert!(layer.stats().breaker_open);
     let calls = store.calls();
     tokio::time::advance(Duration::from_secs(1)).await;
@@ -294,9 +300,7 @@ async fn with_the_breaker_open_a_burst_for_one_key_is_one_origin_call() {
     let layer = builder(&store).build().unwrap();
     let app = origin.router().layer(layer.clone());
     store.set(|s| &s.down, true);
-    for i in 0..5 {
-        send(&app, Method::GET, &format!("/warm/{i}")).await;
-    }
+    fail_until_open(&app, "/warm").await;
     assert!(layer.stats().breaker_open);
 
     let before = origin.gets();
@@ -379,9 +383,7 @@ async fn a_write_waits_its_budget_at_most_and_not_at_all_with_the_breaker_open()
 
     // Breaker open: the write does not wait at all.
     store.set(|s| &s.down, true);
-    for i in 0..5 {
-        send(&app, Method::GET, &format!("/other/{i}")).await;
-    }
+    fail_until_open(&app, "/other").await;
     assert!(layer.stats().breaker_open);
     let started = Instant::now();
     let reply = send(&app, Method::POST, "/item/2").await;

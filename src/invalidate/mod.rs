@@ -90,6 +90,7 @@ use tokio::sync::mpsc;
 use crate::error::StoreError;
 use crate::flow::plan;
 use crate::key;
+use crate::owed::Debt;
 use crate::shared::Shared;
 
 pub(crate) mod config;
@@ -492,14 +493,7 @@ impl Drop for Running {
                 if task.await.unwrap_or(false) {
                     shared.store.owed().pay(debt);
                 } else {
-                    enqueue(
-                        &shared,
-                        Job {
-                            target,
-                            attempt: 1,
-                            debt: Some(debt),
-                        },
-                    );
+                    retry_owed(&shared, target, debt);
                 }
             });
         }
@@ -510,6 +504,11 @@ impl Drop for Running {
 /// it.
 fn owe(shared: &Arc<Shared>, target: Target, since_ms: u64) {
     let debt = shared.store.owed().owe(since_ms);
+    retry_owed(shared, target, debt);
+}
+
+/// Queues `target`, tried once already, under `debt`.
+fn retry_owed(shared: &Arc<Shared>, target: Target, debt: Debt) {
     enqueue(
         shared,
         Job {
@@ -590,8 +589,7 @@ async fn worker(shared: std::sync::Weak<Shared>, mut rx: mpsc::Receiver<Job>) {
             // as requests do), so that what it owes is applied as soon as
             // it answers, before other processes read from it again.
             if shared.store.probe().await {
-                let retry_shared = shared.clone();
-                tokio::spawn(async move { enqueue(&retry_shared, job) });
+                enqueue(&shared, job);
                 continue;
             }
             OWED_PROBE_INTERVAL

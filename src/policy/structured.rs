@@ -6,11 +6,11 @@
 //! themselves are then read by the `Cache-Control` parser.
 
 /// Directives whose value RFC 9213 defines as an integer of seconds.
-const DELTA_SECONDS: [&str; 4] = [
-    "max-age",
-    "s-maxage",
-    "stale-while-revalidate",
-    "stale-if-error",
+const DELTA_SECONDS: [&[u8]; 4] = [
+    b"max-age",
+    b"s-maxage",
+    b"stale-while-revalidate",
+    b"stale-if-error",
 ];
 
 /// Whether the field of `lines` is a valid Structured Field Dictionary in
@@ -59,12 +59,12 @@ fn is_dictionary(field: &[u8]) -> bool {
             if !p.parameters() {
                 return false;
             }
-            if DELTA_SECONDS.contains(&key.as_str()) && !integer {
+            if DELTA_SECONDS.contains(&key) && !integer {
                 return false;
             }
         } else {
             // A bare key is `true`: no seconds for a delta directive.
-            if DELTA_SECONDS.contains(&key.as_str()) || !p.parameters() {
+            if DELTA_SECONDS.contains(&key) || !p.parameters() {
                 return false;
             }
         }
@@ -93,7 +93,7 @@ struct Parser<'a> {
     i: usize,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
     fn peek(&self) -> Option<u8> {
         self.s.get(self.i).copied()
     }
@@ -128,7 +128,7 @@ impl Parser<'_> {
     }
 
     /// `key = ( lcalpha / "*" ) *( lcalpha / DIGIT / "_" / "-" / "." / "*" )`
-    fn key(&mut self) -> Option<String> {
+    fn key(&mut self) -> Option<&'a [u8]> {
         let start = self.i;
         match self.peek() {
             Some(c) if c.is_ascii_lowercase() || c == b'*' => self.i += 1,
@@ -137,7 +137,7 @@ impl Parser<'_> {
         self.take_while(|c| {
             c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'.' | b'*')
         });
-        Some(String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
+        Some(&self.s[start..self.i])
     }
 
     /// `*( ";" *SP key [ "=" bare-item ] )`

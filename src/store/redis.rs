@@ -1,6 +1,7 @@
 //! The Redis store: a `bb8` pool of `bb8-redis` connections.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -69,7 +70,7 @@ pub struct RedisStore {
     connecting: Arc<tokio::sync::Mutex<()>>,
     /// Set by [`Store::reconnect`]: the next connection is a new one, not
     /// one from the pool (whose idle connections may be as dead).
-    fresh: Arc<std::sync::atomic::AtomicBool>,
+    fresh: Arc<AtomicBool>,
     feed: Arc<FillFeed>,
 }
 
@@ -81,7 +82,7 @@ impl RedisStore {
             pool,
             connection: Arc::new(Mutex::new(None)),
             connecting: Arc::new(tokio::sync::Mutex::new(())),
-            fresh: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            fresh: Arc::new(AtomicBool::new(false)),
             feed: Arc::new(FillFeed::new(DEFAULT_FILL_FEED_KEY.to_owned())),
         };
         store.start_feed_reader();
@@ -129,14 +130,13 @@ impl RedisStore {
         if let Some(conn) = self.cached() {
             return Ok(conn);
         }
-        let conn = if self.fresh.load(std::sync::atomic::Ordering::Acquire) {
+        let conn = if self.fresh.load(Ordering::Acquire) {
             let conn = self
                 .pool
                 .dedicated_connection()
                 .await
                 .map_err(StoreError::unavailable)?;
-            self.fresh
-                .store(false, std::sync::atomic::Ordering::Release);
+            self.fresh.store(false, Ordering::Release);
             conn
         } else {
             let pooled = self.pool.get().await.map_err(StoreError::unavailable)?;
@@ -244,7 +244,7 @@ impl Store for RedisStore {
         if let Ok(mut slot) = self.connection.lock() {
             *slot = None;
         }
-        self.fresh.store(true, std::sync::atomic::Ordering::Release);
+        self.fresh.store(true, Ordering::Release);
     }
 
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
