@@ -21,6 +21,63 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 const MAGIC: [u8; 2] = *b"TF";
 /// 2: the store key after the version.
 const VERSION: u8 = 2;
+/// The first bytes of every entry record of this codec version: what the
+/// store's soft purge (`mark_stale.lua`) checks before it patches a record.
+pub(crate) const ENTRY_HEAD: [u8; 3] = [MAGIC[0], MAGIC[1], VERSION];
+
+/// Where an entry record's `fresh_until_ms` starts, for a record stored
+/// under a key of `key_len` bytes: head (3), key length (4), key, status
+/// (2), `stored_at_ms` (8). `mark_stale.lua` computes the same offset.
+pub(crate) const fn fresh_until_offset(key_len: usize) -> usize {
+    ENTRY_HEAD.len() + 4 + key_len + 2 + 8
+}
+
+/// Times from here on are left as they are by a soft purge: past what a
+/// Lua number (a double) holds exactly, so `mark_stale.lua` could not move
+/// them without rounding. They mean "for ever" (a window that saturated).
+pub(crate) const UNSHIFTED_FROM_MS: u64 = 1 << 53;
+
+/// A copy of the entry record `record` (stored under `key`) that is no
+/// longer fresh from `at_ms` on: its `fresh_until_ms` lowered to `at_ms`
+/// and its grace and stale-if-error ends moved as much earlier, so each
+/// window now starts at `at_ms` (as after a natural expiry then; a time
+/// of [`UNSHIFTED_FROM_MS`] or later stays). Everything else is as it was.
+/// `None` when there is nothing to change: it is stale by then already, or
+/// it is not an entry of this codec version written for `key` (a vary
+/// stub, a record of another version, damaged bytes). `mark_stale.lua`
+/// does the same in Redis.
+pub(crate) fn mark_stale_record(record: &Bytes, key: &str, at_ms: u64) -> Option<Bytes> {
+    let at = fresh_until_offset(key.len());
+    let stored_key = record.get(ENTRY_HEAD.len() + 4..ENTRY_HEAD.len() + 4 + key.len())?;
+    let key_len = record.get(ENTRY_HEAD.len()..ENTRY_HEAD.len() + 4)?;
+    if record.get(..ENTRY_HEAD.len())? != ENTRY_HEAD
+        || u32::from_be_bytes(key_len.try_into().ok()?) as usize != key.len()
+        || stored_key != key.as_bytes()
+    {
+        return None;
+    }
+    let read = |offset: usize| -> Option<u64> {
+        let field: [u8; 8] = record.get(offset..offset + 8)?.try_into().ok()?;
+        Some(u64::from_be_bytes(field))
+    };
+    let (fresh, stale, error) = (read(at)?, read(at + 8)?, read(at + 16)?);
+    if fresh <= at_ms {
+        return None;
+    }
+    let shift = |until: u64| -> u64 {
+        if fresh >= UNSHIFTED_FROM_MS || until >= UNSHIFTED_FROM_MS {
+            until
+        } else {
+            until - (fresh - at_ms)
+        }
+    };
+    let mut patched = BytesMut::from(&record[..]);
+    patched[at..at + 8].copy_from_slice(&at_ms.to_be_bytes());
+    patched[at + 8..at + 16].copy_from_slice(&shift(stale).to_be_bytes());
+    patched[at + 16..at + 24].copy_from_slice(&shift(error).to_be_bytes());
+    Some(patched.freeze())
+}
+
 /// Magic of a vary stub: the record under a URL whose responses vary.
 const VARY_MAGIC: [u8; 2] = *b"TV";
 
@@ -558,6 +615,50 @@ mod tests {
         assert_eq!(decoded, entry);
         let multi: Vec<_> = decoded.headers.get_all("x-multi").iter().collect();
         assert_eq!(multi, ["a", "b"]);
+    }
+
+    #[test]
+    fn marking_stale_starts_every_window_then() {
+        let entry = sample();
+        let record = entry.encode(KEY);
+        let patched = mark_stale_record(&record, KEY, 5_000).unwrap();
+        let decoded = Entry::decode(&patched, KEY).unwrap();
+        // Fresh until then; grace (10 s) and stale-if-error (100 s) from
+        // then on.
+        assert_eq!(
+            decoded,
+            Entry {
+                fresh_until_ms: 5_000,
+                stale_until_ms: 15_000,
+                error_until_ms: 105_000,
+                ..entry.clone()
+            }
+        );
+        // A window that saturated stays.
+        let forever = Entry {
+            error_until_ms: u64::MAX,
+            ..entry.clone()
+        };
+        let patched_forever = mark_stale_record(&forever.encode(KEY), KEY, 5_000).unwrap();
+        let decoded = Entry::decode(&patched_forever, KEY).unwrap();
+        assert_eq!(
+            (
+                decoded.fresh_until_ms,
+                decoded.stale_until_ms,
+                decoded.error_until_ms
+            ),
+            (5_000, 15_000, u64::MAX)
+        );
+        // Stale already at that time, or exactly then: nothing to change.
+        assert_eq!(mark_stale_record(&record, KEY, 61_000), None);
+        assert_eq!(mark_stale_record(&patched, KEY, 9_000), None);
+        // Not this key's entry, a vary stub, garbage, any cut: untouched.
+        assert_eq!(mark_stale_record(&record, "tf:/other#{3b0c}", 5_000), None);
+        let stub = Record::encode_vary(&[HeaderName::from_static("accept")], KEY);
+        assert_eq!(mark_stale_record(&stub, KEY, 5_000), None);
+        for cut in 0..fresh_until_offset(KEY.len()) + 8 {
+            assert_eq!(mark_stale_record(&record.slice(..cut), KEY, 5_000), None);
+        }
     }
 
     #[test]

@@ -380,14 +380,8 @@ where
     match shared.invalidation.mode {
         InvalidationMode::Background => {
             for target in targets {
-                invalidate::enqueue(
-                    &shared,
-                    invalidate::Job {
-                        target,
-                        attempt: 0,
-                        debt: None,
-                    },
-                );
+                let job = invalidate::Job::of_write(&shared.invalidation, target);
+                invalidate::enqueue(&shared, job);
             }
             shared.write_done();
             Step::Respond(response)

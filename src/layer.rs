@@ -11,7 +11,7 @@ use tower_layer::Layer;
 use crate::error::ConfigError;
 use crate::flow::plan;
 use crate::invalidate::{
-    InvalidationConfig, InvalidationMode, Invalidator, PrefixStrategy, WriteMethods,
+    InvalidationConfig, InvalidationMode, Invalidator, PrefixStrategy, Purge, WriteMethods,
 };
 use crate::key::{self, KeyConfig};
 use crate::policy::rules::{Rule, Rules};
@@ -219,6 +219,7 @@ pub struct FenceLayerBuilder {
     invalidation_attempts: u32,
     tag_header: Option<String>,
     forward_tag_header: bool,
+    write_purge: Purge,
     heuristic_freshness: Option<(f64, Duration)>,
     client_cache_control: ClientCacheControl,
     rules: Rules,
@@ -258,6 +259,7 @@ impl Default for FenceLayerBuilder {
             invalidation_attempts: DEFAULT_INVALIDATION_ATTEMPTS,
             tag_header: Some(DEFAULT_TAG_HEADER.to_owned()),
             forward_tag_header: false,
+            write_purge: Purge::Hard,
             heuristic_freshness: None,
             client_cache_control: ClientCacheControl::default(),
             rules: Rules::new(),
@@ -582,6 +584,32 @@ impl FenceLayerBuilder {
         self
     }
 
+    /// How a write's invalidation purges what it touches:
+    /// [`Purge::Hard`] deletes it (the next read waits for the origin, and
+    /// no read after the write's response sees data from before it), or
+    /// [`Purge::Soft`] marks it stale (within grace the next reads are
+    /// served the old response while one refresh runs: no stampede after a
+    /// busy write, but a client may not read its own write at once).
+    /// Leases are deleted either way. An
+    /// [`Invalidator`](crate::Invalidator) purges hard unless asked
+    /// ([`Invalidator::soft`](crate::Invalidator::soft)). Defaults to
+    /// `Purge::Hard`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_fence::invalidate::Purge;
+    ///
+    /// let layer = tower_fence::FenceLayer::builder()
+    ///     .grace(Duration::from_secs(30))
+    ///     .write_purge(Purge::Soft)
+    ///     .build()?;
+    /// # Ok::<(), tower_fence::ConfigError>(())
+    /// ```
+    pub fn write_purge(mut self, purge: Purge) -> Self {
+        self.write_purge = purge;
+        self
+    }
+
     /// How far the client's own `Cache-Control` and `Pragma` are obeyed:
     /// [`ClientCacheControl::Obey`] follows RFC 9111 §5.2.1 (a client's
     /// `no-cache` or `max-age=0` sends its request to the origin, as a
@@ -863,6 +891,7 @@ impl FenceLayerBuilder {
                     max_attempts: self.invalidation_attempts.max(1),
                     tags_in_use: tag_header.is_some() || self.rules.any_tags(),
                     forward_tags: self.forward_tag_header,
+                    purge: self.write_purge,
                     tag_header,
                     queue: std::sync::OnceLock::new(),
                     running: std::sync::atomic::AtomicUsize::new(0),

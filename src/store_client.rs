@@ -291,39 +291,72 @@ impl StoreClient {
         self.store.subscribe_fill(key)
     }
 
-    /// Deletes what `pattern` selects, within `limit` (invalidations have
-    /// their own bound, not the store timeout).
+    /// Removes what `pattern` selects, within `limit` (invalidations have
+    /// their own bound, not the store timeout): deleted, or with
+    /// `stale_at` (a soft purge) its leases deleted and its entries marked
+    /// stale from then on.
     pub(crate) async fn delete_matching(
         &self,
         pattern: &KeyPattern,
+        stale_at: Option<u64>,
         limit: Duration,
     ) -> Result<u64, StoreError> {
-        let call = self.store.delete_matching(pattern);
-        self.guarded("deleting by pattern", &pattern.glob(), Some(limit), call)
+        let call = match stale_at {
+            None => self.store.delete_matching(pattern),
+            Some(at_ms) => self.store.mark_stale_matching(pattern, at_ms),
+        };
+        self.guarded("purging by pattern", &pattern.glob(), Some(limit), call)
             .await
     }
 
-    /// Deletes the members of `set`, within `limit`.
+    /// Removes the members of `set` (as [`delete_matching`](Self::delete_matching)
+    /// removes), within `limit`.
     pub(crate) async fn delete_members(
         &self,
         set: &str,
+        stale_at: Option<u64>,
         limit: Duration,
     ) -> Result<u64, StoreError> {
-        let call = self.store.delete_members(set);
-        self.guarded("deleting a set's members", set, Some(limit), call)
+        let call = match stale_at {
+            None => self.store.delete_members(set),
+            Some(at_ms) => self.store.mark_stale_members(set, at_ms),
+        };
+        self.guarded("purging a set's members", set, Some(limit), call)
             .await
     }
 
-    /// Deletes the members of `set` that `pattern` selects, within `limit`.
+    /// Removes the members of `set` that `pattern` selects, within `limit`.
     pub(crate) async fn delete_members_matching(
         &self,
         set: &str,
         pattern: &KeyPattern,
+        stale_at: Option<u64>,
         limit: Duration,
     ) -> Result<u64, StoreError> {
-        let call = self.store.delete_members_matching(set, pattern);
-        self.guarded("deleting a set's members", set, Some(limit), call)
+        let call = match stale_at {
+            None => self.store.delete_members_matching(set, pattern),
+            Some(at_ms) => self.store.mark_stale_members_matching(set, pattern, at_ms),
+        };
+        self.guarded("purging a set's members", set, Some(limit), call)
             .await
+    }
+
+    /// Removes `key` and its lease within `limit`: deleted, or (with
+    /// `stale_at`) the lease deleted and the entry marked stale.
+    pub(crate) async fn purge_key(
+        &self,
+        key: &str,
+        stale_at: Option<u64>,
+        limit: Duration,
+    ) -> Result<u64, StoreError> {
+        let call = match stale_at {
+            None => Box::pin(async move {
+                self.store.delete(key).await?;
+                Ok(1)
+            }),
+            Some(at_ms) => self.store.mark_stale(key, at_ms),
+        };
+        self.guarded("purging a key", key, Some(limit), call).await
     }
 }
 

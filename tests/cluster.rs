@@ -333,3 +333,65 @@ async fn a_rebuild_that_started_before_a_write_is_not_stored_by_scan() {
 async fn a_rebuild_that_started_before_a_write_is_not_stored_by_index() {
     a_rebuild_that_started_before_a_write_is_not_stored(PrefixStrategy::Index).await;
 }
+
+/// A soft purge over slots on every node: each entry is served stale once
+/// (within grace) and refreshed once; prefix (both strategies) and tag.
+#[tokio::test]
+async fn a_soft_purge_marks_entries_stale_across_slots() {
+    let cluster = start_cluster().await;
+    for (strategy, by_tag) in [
+        (PrefixStrategy::Scan, false),
+        (PrefixStrategy::Index, false),
+        (PrefixStrategy::Scan, true),
+    ] {
+        let origin = Origin::default();
+        let layer = builder(&cluster)
+            .namespace(format!("soft{}:", fastrand::u32(..)))
+            .prefix_strategy(strategy)
+            .grace(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let app = origin.router().layer(layer.clone());
+        let uris: Vec<String> = (0..12).map(|i| format!("/soft/{i}?tags=soft")).collect();
+        warm(&app, &uris).await;
+        let mut bodies = Vec::new();
+        for uri in &uris {
+            bodies.push(get(&app, uri).await.body);
+        }
+        let before = origin.gets();
+        let soft = layer.invalidator().soft();
+        let changed = if by_tag {
+            soft.invalidate_tag("soft").await.unwrap()
+        } else {
+            soft.invalidate_prefix("/soft").await.unwrap()
+        };
+        assert_eq!(changed, 12, "{strategy:?} tag={by_tag}");
+        for (uri, body) in uris.iter().zip(&bodies) {
+            let stale = get(&app, uri).await;
+            assert!(
+                stale.cache_status.contains("stale-while-revalidate"),
+                "{uri}: {}",
+                stale.cache_status
+            );
+            assert_eq!(&stale.body, body, "the entry as it was");
+        }
+        // Each refreshed once, in the background.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while origin.gets() < before + uris.len() {
+            assert!(tokio::time::Instant::now() < deadline, "refreshes ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for uri in &uris {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while !get(&app, uri).await.is_hit() {
+                assert!(tokio::time::Instant::now() < deadline, "{uri} refreshed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        assert_eq!(
+            origin.gets(),
+            before + uris.len(),
+            "{strategy:?} tag={by_tag}"
+        );
+    }
+}

@@ -13,6 +13,7 @@ use crate::flow::origin::{self, Head};
 use crate::flow::settle::{self, Filled};
 use crate::flow::{Inner, Keyed, SendBody};
 use crate::shared::Landing;
+use crate::store_client::Found;
 
 /// Starts a background refresh of `keyed`'s entry `current`, with the
 /// readied `svc`, unless one runs in this process.
@@ -41,6 +42,15 @@ where
             Ok(Some(fence)) => fence,
             _ => return,
         };
+        // Re-check: a refresh (here or in another process) that stored
+        // after this request read `current` and before it took the lease
+        // has done the work already.
+        if let Found::Entry(stored) = shared.store.read(key.as_str()).await {
+            if stored.stored_at_ms > current.stored_at_ms {
+                settle::release(&shared, key, &fence).await;
+                return;
+            }
+        }
         shared.bump(|c| &c.refreshes);
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + shared.rebuild_timeout;

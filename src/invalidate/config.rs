@@ -32,6 +32,35 @@ pub enum InvalidationMode {
     Background,
 }
 
+/// How an invalidation treats the entries it selects. Either way it
+/// deletes their rebuild leases first, so a rebuild that started before it
+/// stores nothing.
+///
+/// ```
+/// use tower_fence::invalidate::Purge;
+///
+/// assert_eq!(Purge::default(), Purge::Hard);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Purge {
+    /// Delete the entries: the next request for one is a miss that waits
+    /// for the origin. What a completed write guarantees (no read older
+    /// than it) holds.
+    #[default]
+    Hard,
+    /// Mark the entries stale instead (a *soft purge*, as CDNs call it):
+    /// each keeps its grace, stale-if-error and validators. The next
+    /// request for one within its grace is served the stale entry at once
+    /// while one background refresh (fenced by a fresh lease) replaces it;
+    /// past its grace, it is a miss that revalidates with the origin
+    /// (`If-None-Match`), so an unchanged body is not sent again. No
+    /// stampede after a purge, at a price: within grace, requests after the
+    /// purge may still get the old response, so a write with a soft purge
+    /// does not guarantee that its own next read sees it.
+    Soft,
+}
+
 /// Which request methods invalidate.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) enum WriteMethods {
@@ -76,6 +105,8 @@ pub(crate) struct InvalidationConfig {
     /// Whether entries may have tags (a tag header, or a rule's tags):
     /// then leases join the in-flight set that tag invalidations clear.
     pub(crate) tags_in_use: bool,
+    /// How a write's invalidation purges: hard (default) or soft.
+    pub(crate) purge: Purge,
     /// Whether the tag header leaves the layer (for a CDN in front that
     /// purges by surrogate key) instead of being stripped.
     pub(crate) forward_tags: bool,
@@ -130,6 +161,8 @@ impl fmt::Display for Target {
 pub struct DeadLetter {
     /// What was to be invalidated.
     pub target: Target,
+    /// How.
+    pub purge: Purge,
     /// How often it was tried.
     pub attempts: u32,
     /// The last error, as text.
@@ -140,10 +173,24 @@ pub struct DeadLetter {
 #[derive(Debug)]
 pub(crate) struct Job {
     pub(crate) target: Target,
+    pub(crate) purge: Purge,
     pub(crate) attempt: u32,
     /// The debt a write left while this target was not applied: paid when
     /// it is, written off when it is given up.
     pub(crate) debt: Option<crate::owed::Debt>,
+}
+
+impl Job {
+    /// The first attempt of one target of a write (purged as the layer's
+    /// writes purge), owing nothing.
+    pub(crate) fn of_write(config: &InvalidationConfig, target: Target) -> Self {
+        Job {
+            target,
+            purge: config.purge,
+            attempt: 0,
+            debt: None,
+        }
+    }
 }
 
 impl InvalidationConfig {

@@ -94,7 +94,7 @@ use crate::owed::Debt;
 use crate::shared::Shared;
 
 pub(crate) mod config;
-pub use config::{DeadLetter, InvalidationMode, PrefixStrategy, Target};
+pub use config::{DeadLetter, InvalidationMode, PrefixStrategy, Purge, Target};
 pub(crate) use config::{InvalidationConfig, Job, WriteMethods};
 
 /// Most inline invalidation targets running at once (each bounded by the
@@ -132,17 +132,56 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Invalidator {
     shared: Arc<Shared>,
+    purge: Purge,
 }
 
 impl fmt::Debug for Invalidator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Invalidator").finish_non_exhaustive()
+        f.debug_struct("Invalidator")
+            .field("purge", &self.purge)
+            .finish_non_exhaustive()
     }
 }
 
 impl Invalidator {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Invalidator { shared }
+        Invalidator {
+            shared,
+            purge: Purge::Hard,
+        }
+    }
+
+    /// A handle whose calls soft-purge: they mark what they select stale
+    /// instead of deleting it ([`Purge::Soft`]: served stale within grace
+    /// while one refresh runs, no stampede after a purge; the price is that
+    /// reads within grace may still see the old response). Rebuild leases
+    /// are deleted all the same. The handle this is called on still
+    /// purges as it did.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_fence::StoreError> {
+    /// use std::time::Duration;
+    /// use tower_fence::FenceLayer;
+    ///
+    /// let layer = FenceLayer::builder().grace(Duration::from_secs(60)).build().unwrap();
+    /// // The catalogue changed: refresh it, but keep serving it meanwhile.
+    /// layer.invalidator().soft().invalidate_tag("catalogue").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn soft(&self) -> Invalidator {
+        Invalidator {
+            shared: self.shared.clone(),
+            purge: Purge::Soft,
+        }
+    }
+
+    /// How this handle's calls purge: [`Purge::Hard`] unless it came from
+    /// [`soft`](Self::soft).
+    pub fn purge(&self) -> Purge {
+        self.purge
     }
 
     /// Removes the entries at `path` and under it (`/users/42` also removes
@@ -150,7 +189,7 @@ impl Invalidator {
     /// removes everything), and the rebuild leases there. Returns how many
     /// keys were removed.
     pub async fn invalidate_prefix(&self, path: &str) -> Result<u64, StoreError> {
-        invalidate_now(&self.shared, Target::Prefix(path.to_owned())).await
+        invalidate_now(&self.shared, Target::Prefix(path.to_owned()), self.purge).await
     }
 
     /// Removes the entries of exactly `path` (with any query string, every
@@ -167,12 +206,12 @@ impl Invalidator {
     /// # }
     /// ```
     pub async fn invalidate_path(&self, path: &str) -> Result<u64, StoreError> {
-        invalidate_now(&self.shared, Target::Path(path.to_owned())).await
+        invalidate_now(&self.shared, Target::Path(path.to_owned()), self.purge).await
     }
 
     /// Removes the entries tagged `tag`.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, StoreError> {
-        invalidate_now(&self.shared, Target::Tag(tag.to_owned())).await
+        invalidate_now(&self.shared, Target::Tag(tag.to_owned()), self.purge).await
     }
 
     /// Removes the entry `request` would be served from (its key with the
@@ -183,7 +222,8 @@ impl Invalidator {
     /// key counts as one).
     pub async fn invalidate_request<B>(&self, request: &Request<B>) -> Result<u64, StoreError> {
         let key = plan::key_of_request(&self.shared, request);
-        invalidate_now(&self.shared, Target::Key(key.as_str().to_owned())).await
+        let target = Target::Key(key.as_str().to_owned());
+        invalidate_now(&self.shared, target, self.purge).await
     }
 
     /// Invalidations that failed after every retry of the background queue,
@@ -202,38 +242,43 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Carries out one target, bounded by the invalidation timeout, and counts
 /// the outcome.
-pub(crate) async fn run(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
-    let result = tokio::time::timeout(shared.invalidation.timeout, execute(shared, target))
+pub(crate) async fn run(shared: &Shared, target: &Target, purge: Purge) -> Result<u64, StoreError> {
+    let work = execute(shared, target, purge);
+    let result = tokio::time::timeout(shared.invalidation.timeout, work)
         .await
         .unwrap_or_else(|_| Err(StoreError::timeout()));
-    record(shared, target, &result);
+    record(shared, target, purge, &result);
     result
 }
 
 /// Carries out one target, unbounded.
-async fn execute(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
+async fn execute(shared: &Shared, target: &Target, purge: Purge) -> Result<u64, StoreError> {
     let namespace = &shared.key.namespace;
     let strategy = shared.invalidation.strategy;
     let store = &shared.store;
     let limit = shared.invalidation.timeout;
+    // A soft purge marks entries stale from now on (leases go either way).
+    let stale_at = (purge == Purge::Soft).then(|| shared.clock.now_ms());
     match target {
         Target::Prefix(path) => match strategy {
             PrefixStrategy::Scan => {
                 let pattern = key::prefix_pattern(namespace, path);
-                store.delete_matching(&pattern, limit).await
+                store.delete_matching(&pattern, stale_at, limit).await
             }
             PrefixStrategy::Index => {
                 let set = key::index_set(namespace, path);
-                store.delete_members(&set, limit).await
+                store.delete_members(&set, stale_at, limit).await
             }
         },
         Target::Path(path) => {
             let pattern = key::path_pattern(namespace, path);
             match strategy {
-                PrefixStrategy::Scan => store.delete_matching(&pattern, limit).await,
+                PrefixStrategy::Scan => store.delete_matching(&pattern, stale_at, limit).await,
                 PrefixStrategy::Index => {
                     let set = key::path_index_set(namespace, path);
-                    store.delete_members_matching(&set, &pattern, limit).await
+                    store
+                        .delete_members_matching(&set, &pattern, stale_at, limit)
+                        .await
                 }
             }
         }
@@ -243,10 +288,10 @@ async fn execute(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
             // entry with this tag (its tags come with its response). Then
             // the entries.
             store
-                .delete_members(&key::inflight_set(namespace), limit)
+                .delete_members(&key::inflight_set(namespace), None, limit)
                 .await?;
             let set = key::tag_set(namespace, tag);
-            store.delete_members(&set, limit).await
+            store.delete_members(&set, stale_at, limit).await
         }
         Target::Key(key) => {
             // The key, its variants (`{key}.v…`, filled by requests with
@@ -256,26 +301,27 @@ async fn execute(shared: &Shared, target: &Target) -> Result<u64, StoreError> {
                 (PrefixStrategy::Index, Some(set)) => {
                     // Variants and leases joined the path's index set; a
                     // vary stub joins none.
-                    let deleted = store.delete_members_matching(&set, &pattern, limit).await?;
-                    store.delete(key).await?;
-                    Ok(deleted + 1)
+                    let removed = store
+                        .delete_members_matching(&set, &pattern, stale_at, limit)
+                        .await?;
+                    Ok(removed + store.purge_key(key, stale_at, limit).await?)
                 }
-                _ => store.delete_matching(&pattern, limit).await,
+                _ => store.delete_matching(&pattern, stale_at, limit).await,
             }
         }
     }
 }
 
 /// Counts and logs the outcome of one target.
-fn record(shared: &Shared, target: &Target, result: &Result<u64, StoreError>) {
+fn record(shared: &Shared, target: &Target, purge: Purge, result: &Result<u64, StoreError>) {
     match result {
-        Ok(deleted) => {
+        Ok(changed) => {
             shared.bump(|c| &c.invalidations);
-            tracing::debug!(%target, deleted, "tower-fence: invalidated");
+            tracing::debug!(%target, ?purge, changed, "tower-fence: invalidated");
         }
         Err(err) => {
             shared.bump(|c| &c.invalidation_errors);
-            tracing::warn!(%target, error = %err, "tower-fence: invalidation failed");
+            tracing::warn!(%target, ?purge, error = %err, "tower-fence: invalidation failed");
         }
     }
 }
@@ -403,9 +449,10 @@ fn normalize_dots(path: &str) -> String {
 /// generated before the write meanwhile.
 pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
     let since_ms = shared.clock.now_ms();
+    let purge = shared.invalidation.purge;
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         for target in targets {
-            owe(&shared, target, since_ms);
+            owe(&shared, target, purge, since_ms);
         }
         return;
     };
@@ -414,7 +461,7 @@ pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
         // A sick store (or a backlog of writes waiting on a slow one): the
         // write does not wait for it at all.
         for target in targets {
-            owe(&shared, target, since_ms);
+            owe(&shared, target, purge, since_ms);
         }
         return;
     }
@@ -428,7 +475,7 @@ pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
                 let work = target.clone();
                 shared.invalidation.running.fetch_add(1, Ordering::Relaxed);
                 let task = runtime.spawn(async move {
-                    let done = run(&shared, &work).await.is_ok();
+                    let done = run(&shared, &work, purge).await.is_ok();
                     shared.invalidation.running.fetch_sub(1, Ordering::Relaxed);
                     done
                 });
@@ -446,7 +493,7 @@ pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
             };
             let (target, _) = slot.take().expect("a running task");
             if !done.unwrap_or(false) {
-                owe(&shared, target, since_ms);
+                owe(&shared, target, purge, since_ms);
             }
         }
         if pending {
@@ -482,9 +529,10 @@ struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        let purge = self.shared.invalidation.purge;
         for (target, task) in self.tasks.drain(..).flatten() {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                owe(&self.shared, target, self.since_ms);
+                owe(&self.shared, target, purge, self.since_ms);
                 continue;
             };
             let debt = self.shared.store.owed().owe(self.since_ms);
@@ -493,7 +541,7 @@ impl Drop for Running {
                 if task.await.unwrap_or(false) {
                     shared.store.owed().pay(debt);
                 } else {
-                    retry_owed(&shared, target, debt);
+                    retry_owed(&shared, target, purge, debt);
                 }
             });
         }
@@ -502,17 +550,18 @@ impl Drop for Running {
 
 /// A write's target that was not applied: a debt until the queue applies
 /// it.
-fn owe(shared: &Arc<Shared>, target: Target, since_ms: u64) {
+fn owe(shared: &Arc<Shared>, target: Target, purge: Purge, since_ms: u64) {
     let debt = shared.store.owed().owe(since_ms);
-    retry_owed(shared, target, debt);
+    retry_owed(shared, target, purge, debt);
 }
 
 /// Queues `target`, tried once already, under `debt`.
-fn retry_owed(shared: &Arc<Shared>, target: Target, debt: Debt) {
+fn retry_owed(shared: &Arc<Shared>, target: Target, purge: Purge, debt: Debt) {
     enqueue(
         shared,
         Job {
             target,
+            purge,
             attempt: 1,
             debt: Some(debt),
         },
@@ -522,11 +571,15 @@ fn retry_owed(shared: &Arc<Shared>, target: Target, debt: Debt) {
 /// A target of an [`Invalidator`] call, bounded by the invalidation
 /// timeout. If it fails, it is also queued, and until it is applied this
 /// process serves no entry generated before the call.
-async fn invalidate_now(shared: &Arc<Shared>, target: Target) -> Result<u64, StoreError> {
+async fn invalidate_now(
+    shared: &Arc<Shared>,
+    target: Target,
+    purge: Purge,
+) -> Result<u64, StoreError> {
     let since_ms = shared.clock.now_ms();
-    let result = run(shared, &target).await;
+    let result = run(shared, &target, purge).await;
     if result.is_err() {
-        owe(shared, target, since_ms);
+        owe(shared, target, purge, since_ms);
     }
     // As after a write: no request that comes after this call joins a
     // rebuild or a read that started before it.
@@ -575,7 +628,7 @@ async fn worker(shared: std::sync::Weak<Shared>, mut rx: mpsc::Receiver<Job>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let err = match run(&shared, &job.target).await {
+        let err = match run(&shared, &job.target, job.purge).await {
             Ok(_) => {
                 if let Some(debt) = job.debt {
                     shared.store.owed().pay(debt);
@@ -626,6 +679,7 @@ fn dead_letter(shared: &Shared, job: Job, error: String) {
     shared.bump(|c| &c.invalidations_dead);
     let Job {
         target,
+        purge,
         attempt: attempts,
         debt,
     } = job;
@@ -639,6 +693,7 @@ fn dead_letter(shared: &Shared, job: Job, error: String) {
     }
     dead.push_back(DeadLetter {
         target,
+        purge,
         attempts,
         error,
     });

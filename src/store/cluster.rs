@@ -15,6 +15,7 @@ use super::feed::{
     ttl_millis, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS, FILL_FEED_MAXLEN, RELEASE_LEASE,
     SCAN_COUNT, SSCAN_COUNT,
 };
+use super::removal::Removal;
 use super::{
     lease_key, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture,
     DEFAULT_FILL_FEED_KEY,
@@ -325,15 +326,47 @@ impl RedisClusterStore {
                 rds::from_redis_value::<u64>(value).map_err(RedisError::from)
             });
         }
-        let mut deleted = 0;
-        while let Some(unlinked) = unlinks.join_next().await {
-            match unlinked {
-                Ok(Ok(n)) => deleted += n,
+        self.sum(unlinks).await
+    }
+
+    /// Removes `keys` as `removal` says: `UNLINK`ed (see
+    /// [`unlink`](Self::unlink)), or leases deleted and entries marked
+    /// stale, one script per key on its own slot, all sent at once.
+    /// Returns how many keys changed.
+    async fn remove(&self, keys: Vec<String>, removal: Removal) -> Result<u64, StoreError> {
+        let Removal::MarkStale { at_ms } = removal else {
+            return self.unlink(keys).await;
+        };
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let conn = self.connection().await?;
+        let mut marks = tokio::task::JoinSet::new();
+        for key in keys {
+            let mut conn = conn.clone();
+            marks.spawn(async move {
+                Removal::mark_stale(&key, at_ms)
+                    .invoke_async::<u64>(&mut conn)
+                    .await
+            });
+        }
+        self.sum(marks).await
+    }
+
+    /// The sum of the counts `tasks` return; the first error fails it.
+    async fn sum(
+        &self,
+        mut tasks: tokio::task::JoinSet<Result<u64, RedisError>>,
+    ) -> Result<u64, StoreError> {
+        let mut total = 0;
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(n)) => total += n,
                 Ok(Err(err)) => return Err(self.fail(err)),
                 Err(err) => return Err(StoreError::backend(err)),
             }
         }
-        Ok(deleted)
+        Ok(total)
     }
 
     /// One slot served by each master of the cluster, read from
@@ -363,7 +396,12 @@ impl RedisClusterStore {
     /// `address` (by address, not by slot: a client that cannot reach a
     /// slot's master must fail, not scan another node instead), `UNLINK`ing
     /// what each step returns.
-    async fn scan_unlink(&self, address: &(String, u16), glob: &str) -> Result<u64, StoreError> {
+    async fn scan_remove(
+        &self,
+        address: &(String, u16),
+        glob: &str,
+        removal: Removal,
+    ) -> Result<u64, StoreError> {
         let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
             host: address.0.clone(),
             port: address.1,
@@ -384,7 +422,7 @@ impl RedisClusterStore {
                 .map_err(|e| self.fail(e))?;
             let (next, keys): (u64, Vec<String>) =
                 rds::from_redis_value(value).map_err(StoreError::backend)?;
-            deleted += self.unlink(keys).await?;
+            deleted += self.remove(keys, removal).await?;
             if next == 0 {
                 return Ok(deleted);
             }
@@ -392,21 +430,31 @@ impl RedisClusterStore {
         }
     }
 
-    /// [`scan_unlink`](Self::scan_unlink) on every master.
-    async fn scan_unlink_all(&self, masters: &Masters, glob: &str) -> Result<u64, StoreError> {
-        let mut deleted = 0;
+    /// [`scan_remove`](Self::scan_remove) on every master.
+    async fn scan_remove_all(
+        &self,
+        masters: &Masters,
+        glob: &str,
+        removal: Removal,
+    ) -> Result<u64, StoreError> {
+        let mut removed = 0;
         for address in &masters.addresses {
-            deleted += self.scan_unlink(address, glob).await?;
+            removed += self.scan_remove(address, glob, removal).await?;
         }
-        Ok(deleted)
+        Ok(removed)
     }
 
-    /// `SSCAN set COUNT …`, then `UNLINK` of the members (those `only`
-    /// selects, when given; by slot) and `SREM` of them from the set, one
-    /// step at a time.
-    async fn sscan_unlink(&self, set: &str, only: Option<&KeyPattern>) -> Result<u64, StoreError> {
+    /// `SSCAN set COUNT …`, then removal of the members (those `only`
+    /// selects, when given; by slot) as `removal` says, one step at a time:
+    /// what is deleted leaves the set.
+    async fn sscan_remove(
+        &self,
+        set: &str,
+        only: Option<&KeyPattern>,
+        removal: Removal,
+    ) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
-        let mut deleted = 0u64;
+        let mut removed = 0u64;
         loop {
             let mut scan = rds::cmd("SSCAN");
             scan.arg(set).arg(cursor).arg("COUNT").arg(SSCAN_COUNT);
@@ -414,17 +462,48 @@ impl RedisClusterStore {
             if let Some(pattern) = only {
                 members.retain(|member| pattern.matches(member));
             }
-            if !members.is_empty() {
+            let leaving: Vec<String> = match removal {
+                Removal::Delete => members.clone(),
+                Removal::MarkStale { .. } => members
+                    .iter()
+                    .filter(|m| m.ends_with(":lease"))
+                    .cloned()
+                    .collect(),
+            };
+            removed += self.remove(members, removal).await?;
+            if !leaving.is_empty() {
                 let mut srem = rds::cmd("SREM");
-                srem.arg(set).arg(&members);
-                deleted += self.unlink(members).await?;
+                srem.arg(set).arg(&leaving);
                 self.query::<()>(&srem).await?;
             }
             if next == 0 {
-                return Ok(deleted);
+                return Ok(removed);
             }
             cursor = next;
         }
+    }
+}
+
+impl RedisClusterStore {
+    /// Two walks of every master, leases first (deleted), then what
+    /// `pattern` selects, removed as `removal` says, for the reason
+    /// `RedisStore::delete_matching` gives.
+    async fn walk(&self, pattern: &KeyPattern, removal: Removal) -> Result<u64, StoreError> {
+        let masters = self.masters().await?;
+        let leases = self
+            .scan_remove_all(&masters, &pattern.leases().glob(), Removal::Delete)
+            .await?;
+        let entries = self
+            .scan_remove_all(&masters, &pattern.glob(), removal)
+            .await?;
+        // A failover during the walk: a replica now serves keys the walk
+        // did not see. Fail, so that the invalidation is retried.
+        if self.masters().await?.addresses != masters.addresses {
+            return Err(StoreError::unavailable(
+                "the cluster's masters changed during the walk",
+            ));
+        }
+        Ok(leases + entries)
     }
 }
 
@@ -635,29 +714,13 @@ impl Store for RedisClusterStore {
     }
 
     fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            // Two walks of every master, leases first, for the reason
-            // `RedisStore::delete_matching` gives.
-            let masters = self.masters().await?;
-            let leases = self
-                .scan_unlink_all(&masters, &pattern.leases().glob())
-                .await?;
-            let entries = self.scan_unlink_all(&masters, &pattern.glob()).await?;
-            // A failover during the walk: a replica now serves keys the walk
-            // did not see. Fail, so that the invalidation is retried.
-            if self.masters().await?.addresses != masters.addresses {
-                return Err(StoreError::unavailable(
-                    "the cluster's masters changed during the walk",
-                ));
-            }
-            Ok(leases + entries)
-        })
+        Box::pin(async move { self.walk(pattern, Removal::Delete).await })
     }
 
     fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
         Box::pin(async move {
-            let first = self.sscan_unlink(set, None).await?;
-            let second = self.sscan_unlink(set, None).await?;
+            let first = self.sscan_remove(set, None, Removal::Delete).await?;
+            let second = self.sscan_remove(set, None, Removal::Delete).await?;
             Ok(first + second)
         })
     }
@@ -668,8 +731,50 @@ impl Store for RedisClusterStore {
         pattern: &'a KeyPattern,
     ) -> StoreFuture<'a, u64> {
         Box::pin(async move {
-            let first = self.sscan_unlink(set, Some(pattern)).await?;
-            let second = self.sscan_unlink(set, Some(pattern)).await?;
+            let first = self
+                .sscan_remove(set, Some(pattern), Removal::Delete)
+                .await?;
+            let second = self
+                .sscan_remove(set, Some(pattern), Removal::Delete)
+                .await?;
+            Ok(first + second)
+        })
+    }
+
+    fn mark_stale<'a>(&'a self, key: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let keys = vec![lease_key(key), key.to_owned()];
+            self.remove(keys, Removal::MarkStale { at_ms }).await
+        })
+    }
+
+    fn mark_stale_matching<'a>(
+        &'a self,
+        pattern: &'a KeyPattern,
+        at_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move { self.walk(pattern, Removal::MarkStale { at_ms }).await })
+    }
+
+    fn mark_stale_members<'a>(&'a self, set: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let removal = Removal::MarkStale { at_ms };
+            let first = self.sscan_remove(set, None, removal).await?;
+            let second = self.sscan_remove(set, None, removal).await?;
+            Ok(first + second)
+        })
+    }
+
+    fn mark_stale_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+        at_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let removal = Removal::MarkStale { at_ms };
+            let first = self.sscan_remove(set, Some(pattern), removal).await?;
+            let second = self.sscan_remove(set, Some(pattern), removal).await?;
             Ok(first + second)
         })
     }

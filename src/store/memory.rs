@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache;
 use moka::Expiry;
 
@@ -63,6 +64,9 @@ const SET_SWEEP_THRESHOLD: usize = 100_000;
 struct Record {
     bytes: Bytes,
     ttl: Duration,
+    /// A rewrite of the record it replaces (a soft purge): it keeps that
+    /// record's expiry instead of starting `ttl` afresh.
+    keeps_expiry: bool,
 }
 
 struct PerRecordTtl;
@@ -77,8 +81,11 @@ impl Expiry<String, Record> for PerRecordTtl {
         _: &String,
         record: &Record,
         _: Instant,
-        _: Option<Duration>,
+        current: Option<Duration>,
     ) -> Option<Duration> {
+        if record.keeps_expiry {
+            return current;
+        }
         Some(record.ttl)
     }
 }
@@ -150,6 +157,54 @@ impl MemoryStore {
         deleted
     }
 
+    /// Soft purge: marks the entries among `keys` (leases are skipped)
+    /// stale from `at_ms` on, each in one atomic step against concurrent
+    /// fills. Returns how many changed.
+    fn mark_entries_stale<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k String>,
+        at_ms: u64,
+    ) -> u64 {
+        let mut marked = 0;
+        for key in keys {
+            if !key.ends_with(":lease") && self.mark_entry_stale(key, at_ms) {
+                marked += 1;
+            }
+        }
+        marked
+    }
+
+    fn mark_entry_stale(&self, key: &str, at_ms: u64) -> bool {
+        let result = self.cache.entry_by_ref(key).and_compute_with(|current| {
+            let Some(current) = current else {
+                return Op::Nop;
+            };
+            let record = current.value();
+            match crate::entry::mark_stale_record(&record.bytes, key, at_ms) {
+                Some(bytes) => Op::Put(Record {
+                    bytes,
+                    ttl: record.ttl,
+                    keeps_expiry: true,
+                }),
+                None => Op::Nop,
+            }
+        });
+        matches!(result, CompResult::ReplacedWith(_))
+    }
+
+    /// Removes the leases among `members` and returns how many there were.
+    fn remove_leases<'k>(meta: &mut Meta, members: impl IntoIterator<Item = &'k String>) -> u64 {
+        let mut removed = 0;
+        for member in members {
+            if let Some(key) = member.strip_suffix(":lease") {
+                if meta.leases.remove(key).is_some() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     /// Number of records held now, after pending evictions have run.
     pub fn entry_count(&self) -> u64 {
         self.cache.run_pending_tasks();
@@ -181,8 +236,14 @@ impl Store for MemoryStore {
 
     fn put<'a>(&'a self, key: &'a str, record: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
         if !ttl.is_zero() {
-            self.cache
-                .insert(key.to_owned(), Record { bytes: record, ttl });
+            self.cache.insert(
+                key.to_owned(),
+                Record {
+                    bytes: record,
+                    ttl,
+                    keeps_expiry: false,
+                },
+            );
         }
         Box::pin(std::future::ready(Ok(())))
     }
@@ -283,6 +344,7 @@ impl Store for MemoryStore {
                 Record {
                     bytes: fill.record,
                     ttl: fill.ttl,
+                    keeps_expiry: false,
                 },
             );
             for set in fill.sets {
@@ -373,6 +435,83 @@ impl Store for MemoryStore {
         };
         deleted += self.delete_entries(&members);
         Box::pin(std::future::ready(Ok(deleted)))
+    }
+
+    fn mark_stale<'a>(&'a self, key: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
+        let lease = u64::from(self.meta().leases.remove(key).is_some());
+        let marked = u64::from(self.mark_entry_stale(key, at_ms));
+        Box::pin(std::future::ready(Ok(lease + marked)))
+    }
+
+    fn mark_stale_matching<'a>(
+        &'a self,
+        pattern: &'a KeyPattern,
+        at_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        let mut changed = 0u64;
+        {
+            // Leases first, as in `delete_matching`.
+            let mut meta = self.meta();
+            let before = meta.leases.len();
+            meta.leases
+                .retain(|key, _| !pattern.matches(&super::lease_key(key)));
+            changed += (before - meta.leases.len()) as u64;
+        }
+        let selected: Vec<String> = self
+            .cache
+            .iter()
+            .filter(|(key, _)| pattern.matches(key))
+            .map(|(key, _)| String::clone(&key))
+            .collect();
+        changed += self.mark_entries_stale(&selected, at_ms);
+        Box::pin(std::future::ready(Ok(changed)))
+    }
+
+    fn mark_stale_members<'a>(&'a self, set: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
+        let changed = self.mark_members_stale(set, None, at_ms);
+        Box::pin(std::future::ready(Ok(changed)))
+    }
+
+    fn mark_stale_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+        at_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        let changed = self.mark_members_stale(set, Some(pattern), at_ms);
+        Box::pin(std::future::ready(Ok(changed)))
+    }
+}
+
+impl MemoryStore {
+    /// Soft purge through `set`: the members `only` selects (all when
+    /// `None`); see [`Store::mark_stale_members`].
+    fn mark_members_stale(&self, set: &str, only: Option<&KeyPattern>, at_ms: u64) -> u64 {
+        let (changed, entries) = {
+            let mut meta = self.meta();
+            let mut leases = HashSet::new();
+            let mut entries = Vec::new();
+            if let Some(all) = meta.sets.get_mut(set) {
+                // Leases leave the set; entries stay members, so that a
+                // later purge through it still finds them.
+                all.retain(|member| {
+                    if only.is_some_and(|pattern| !pattern.matches(member)) {
+                        return true;
+                    }
+                    if member.ends_with(":lease") {
+                        leases.insert(member.clone());
+                        return false;
+                    }
+                    entries.push(member.clone());
+                    true
+                });
+                if all.is_empty() {
+                    meta.sets.remove(set);
+                }
+            }
+            (Self::remove_leases(&mut meta, &leases), entries)
+        };
+        changed + self.mark_entries_stale(&entries, at_ms)
     }
 }
 

@@ -31,6 +31,8 @@ mod feed;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redis")]
+mod removal;
+#[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::{RedisPool, RedisStore, DEFAULT_FILL_FEED_KEY};
 
@@ -208,6 +210,64 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
         let _ = set;
         self.delete_matching(pattern)
     }
+
+    /// Soft purge of one key: marks the entry under `key` stale from
+    /// `at_ms` (ms since the Unix epoch) on, in place, keeping how long it
+    /// may still be served stale or validated and its time to live, and
+    /// removes the key's rebuild lease. A vary stub, a record of another
+    /// codec version, or an entry stale by then is left as it is. Returns
+    /// how many keys changed.
+    ///
+    /// The default deletes the key instead ([`delete`](Store::delete)): a
+    /// store that cannot rewrite records purges hard, which is always
+    /// safe.
+    fn mark_stale<'a>(&'a self, key: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
+        let _ = at_ms;
+        Box::pin(async move {
+            self.delete(key).await?;
+            Ok(1)
+        })
+    }
+
+    /// Soft purge by pattern: what [`delete_matching`](Store::delete_matching)
+    /// selects, leases deleted (first), entries marked stale from `at_ms`
+    /// on as [`mark_stale`](Store::mark_stale) does. Returns how many keys
+    /// changed.
+    ///
+    /// The default deletes them ([`delete_matching`](Store::delete_matching)).
+    fn mark_stale_matching<'a>(
+        &'a self,
+        pattern: &'a KeyPattern,
+        at_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        let _ = at_ms;
+        self.delete_matching(pattern)
+    }
+
+    /// Soft purge through a set: its leases deleted and removed from it,
+    /// its entries marked stale from `at_ms` on (they stay members, so a
+    /// later purge still finds them). Returns how many keys changed.
+    ///
+    /// The default deletes them ([`delete_members`](Store::delete_members)).
+    fn mark_stale_members<'a>(&'a self, set: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
+        let _ = at_ms;
+        self.delete_members(set)
+    }
+
+    /// [`mark_stale_members`](Store::mark_stale_members) for the members
+    /// `pattern` selects.
+    ///
+    /// The default deletes them
+    /// ([`delete_members_matching`](Store::delete_members_matching)).
+    fn mark_stale_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+        at_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        let _ = at_ms;
+        self.delete_members_matching(set, pattern)
+    }
 }
 
 /// A rebuilt entry to store; see [`Store::fill`].
@@ -360,5 +420,30 @@ impl<T: Store + ?Sized> Store for Arc<T> {
         pattern: &'a KeyPattern,
     ) -> StoreFuture<'a, u64> {
         (**self).delete_members_matching(set, pattern)
+    }
+
+    fn mark_stale<'a>(&'a self, key: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
+        (**self).mark_stale(key, at_ms)
+    }
+
+    fn mark_stale_matching<'a>(
+        &'a self,
+        pattern: &'a KeyPattern,
+        at_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        (**self).mark_stale_matching(pattern, at_ms)
+    }
+
+    fn mark_stale_members<'a>(&'a self, set: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
+        (**self).mark_stale_members(set, at_ms)
+    }
+
+    fn mark_stale_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+        at_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        (**self).mark_stale_members_matching(set, pattern, at_ms)
     }
 }

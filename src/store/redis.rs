@@ -13,6 +13,7 @@ use super::feed::{
     ttl_millis, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS, FILL_FEED_MAXLEN, RELEASE_LEASE,
     SCAN_COUNT, SSCAN_COUNT,
 };
+use super::removal::{Removal, MARK_STALE};
 use super::{lease_key, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture};
 
 /// The stream that carries fill notifications, unless
@@ -172,12 +173,12 @@ impl RedisStore {
         cmd.query_async(&mut conn).await.map_err(|e| self.fail(e))
     }
 
-    /// `SCAN MATCH glob COUNT …` over the whole keyspace, `UNLINK`ing what
-    /// each step returns. Each step is one short command: Redis serves
-    /// other clients between them.
-    async fn scan_unlink(&self, glob: &str) -> Result<u64, StoreError> {
+    /// `SCAN MATCH glob COUNT …` over the whole keyspace, removing what
+    /// each step returns as `removal` says. Each step is one short command:
+    /// Redis serves other clients between them.
+    async fn scan_remove(&self, glob: &str, removal: Removal) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
-        let mut deleted = 0u64;
+        let mut removed = 0u64;
         loop {
             let mut scan = redis::cmd("SCAN");
             scan.arg(cursor)
@@ -186,25 +187,25 @@ impl RedisStore {
                 .arg("COUNT")
                 .arg(SCAN_COUNT);
             let (next, keys): (u64, Vec<String>) = self.query(&scan).await?;
-            if !keys.is_empty() {
-                let mut unlink = redis::cmd("UNLINK");
-                unlink.arg(&keys);
-                let removed: u64 = self.query(&unlink).await?;
-                deleted += removed;
-            }
+            removed += self.remove(&keys, removal, None).await?;
             if next == 0 {
-                return Ok(deleted);
+                return Ok(removed);
             }
             cursor = next;
         }
     }
 
-    /// `SSCAN set COUNT …`, then `UNLINK` of the members (those `only`
-    /// selects, when given) and `SREM` of them from the set, one step at a
-    /// time.
-    async fn sscan_unlink(&self, set: &str, only: Option<&KeyPattern>) -> Result<u64, StoreError> {
+    /// `SSCAN set COUNT …`, then removal of the members (those `only`
+    /// selects, when given) as `removal` says, one step at a time: deleted
+    /// members leave the set.
+    async fn sscan_remove(
+        &self,
+        set: &str,
+        only: Option<&KeyPattern>,
+        removal: Removal,
+    ) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
-        let mut deleted = 0u64;
+        let mut removed = 0u64;
         loop {
             let mut scan = redis::cmd("SSCAN");
             scan.arg(set).arg(cursor).arg("COUNT").arg(SSCAN_COUNT);
@@ -212,22 +213,58 @@ impl RedisStore {
             if let Some(pattern) = only {
                 members.retain(|member| pattern.matches(member));
             }
-            if !members.is_empty() {
-                let mut pipe = redis::pipe();
-                pipe.cmd("UNLINK").arg(&members);
-                pipe.cmd("SREM").arg(set).arg(&members).ignore();
-                let mut conn = self.connection().await?;
-                let (removed,): (u64,) = pipe
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| self.fail(e))?;
-                deleted += removed;
-            }
+            removed += self.remove(&members, removal, Some(set)).await?;
             if next == 0 {
-                return Ok(deleted);
+                return Ok(removed);
             }
             cursor = next;
         }
+    }
+
+    /// Removes `keys` in one round trip: `UNLINK`ed, or leases deleted and
+    /// entries marked stale. What is deleted also leaves `set`, if given.
+    /// Returns how many keys changed.
+    async fn remove(
+        &self,
+        keys: &[String],
+        removal: Removal,
+        set: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        let changed = match removal {
+            Removal::Delete => {
+                pipe.cmd("UNLINK").arg(keys);
+                if let Some(set) = set {
+                    pipe.cmd("SREM").arg(set).arg(keys).ignore();
+                }
+                let mut conn = self.connection().await?;
+                let (unlinked,): (u64,) = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                unlinked
+            }
+            Removal::MarkStale { at_ms } => {
+                pipe.load_script(&MARK_STALE).ignore();
+                for key in keys {
+                    pipe.invoke_script(&Removal::mark_stale(key, at_ms));
+                }
+                let leases: Vec<&String> = keys.iter().filter(|k| k.ends_with(":lease")).collect();
+                if let (Some(set), false) = (set, leases.is_empty()) {
+                    pipe.cmd("SREM").arg(set).arg(leases).ignore();
+                }
+                let mut conn = self.connection().await?;
+                let marked: Vec<u64> = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                marked.iter().sum()
+            }
+        };
+        Ok(changed)
     }
 }
 
@@ -367,8 +404,10 @@ impl Store for RedisStore {
             // while that walk ran made a key the walk may have missed, but
             // that key exists for all of the second walk, which removes it
             // with every other entry.
-            let leases = self.scan_unlink(&pattern.leases().glob()).await?;
-            let entries = self.scan_unlink(&pattern.glob()).await?;
+            let leases = self
+                .scan_remove(&pattern.leases().glob(), Removal::Delete)
+                .await?;
+            let entries = self.scan_remove(&pattern.glob(), Removal::Delete).await?;
             Ok(leases + entries)
         })
     }
@@ -379,8 +418,8 @@ impl Store for RedisStore {
             // twice; members are removed from the set as they are deleted
             // (not the set itself), so fills that join it meanwhile stay
             // indexed.
-            let first = self.sscan_unlink(set, None).await?;
-            let second = self.sscan_unlink(set, None).await?;
+            let first = self.sscan_remove(set, None, Removal::Delete).await?;
+            let second = self.sscan_remove(set, None, Removal::Delete).await?;
             Ok(first + second)
         })
     }
@@ -393,8 +432,62 @@ impl Store for RedisStore {
         Box::pin(async move {
             // Two reads, as in `delete_members`; members the pattern does
             // not select stay in the set.
-            let first = self.sscan_unlink(set, Some(pattern)).await?;
-            let second = self.sscan_unlink(set, Some(pattern)).await?;
+            let first = self
+                .sscan_remove(set, Some(pattern), Removal::Delete)
+                .await?;
+            let second = self
+                .sscan_remove(set, Some(pattern), Removal::Delete)
+                .await?;
+            Ok(first + second)
+        })
+    }
+
+    fn mark_stale<'a>(&'a self, key: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let keys = [lease_key(key), key.to_owned()];
+            self.remove(&keys, Removal::MarkStale { at_ms }, None).await
+        })
+    }
+
+    fn mark_stale_matching<'a>(
+        &'a self,
+        pattern: &'a KeyPattern,
+        at_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            // Leases first, then the entries (and any lease made during the
+            // first walk), as `delete_matching` walks.
+            let leases = self
+                .scan_remove(&pattern.leases().glob(), Removal::Delete)
+                .await?;
+            let entries = self
+                .scan_remove(&pattern.glob(), Removal::MarkStale { at_ms })
+                .await?;
+            Ok(leases + entries)
+        })
+    }
+
+    fn mark_stale_members<'a>(&'a self, set: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            // Two reads, as in `delete_members`; an entry marked in the
+            // first is stale by then and not counted again.
+            let removal = Removal::MarkStale { at_ms };
+            let first = self.sscan_remove(set, None, removal).await?;
+            let second = self.sscan_remove(set, None, removal).await?;
+            Ok(first + second)
+        })
+    }
+
+    fn mark_stale_members_matching<'a>(
+        &'a self,
+        set: &'a str,
+        pattern: &'a KeyPattern,
+        at_ms: u64,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let removal = Removal::MarkStale { at_ms };
+            let first = self.sscan_remove(set, Some(pattern), removal).await?;
+            let second = self.sscan_remove(set, Some(pattern), removal).await?;
             Ok(first + second)
         })
     }
