@@ -11,23 +11,59 @@
 //! curl -i http://127.0.0.1:8080/some/page   # cache-status: tower-fence; hit; ttl=59
 //! ```
 //!
-//! Options:
+//! Options (`--help` lists them with their defaults):
 //!
 //! - `--upstream http://HOST:PORT` (required): where requests go (plain HTTP).
 //! - `--listen ADDR` (default `127.0.0.1:8080`): where the proxy listens;
 //!   port 0 picks a free one. The proxy prints `listening on ADDR` once it
 //!   accepts connections.
-//! - `--redis redis://...`: cache in that Redis instead of process memory.
+//! - `--redis redis://...`: cache in that Redis instead of process memory;
+//!   `--redis-cluster redis://A,redis://B,...`: in that Redis Cluster.
 //! - `--default-ttl SECS` (default 0): how long a response that states no
 //!   freshness of its own is kept; 0 keeps only what the upstream's headers
 //!   make cacheable.
+//! - `--grace SECS` (default 0): how long an expired entry is still served
+//!   while one background request refreshes it (stale-while-revalidate).
+//! - `--stale-if-error SECS` (default 0): how long after expiry an entry is
+//!   served when the upstream answers 5xx. Independently of it, when the
+//!   upstream cannot be reached at all (refused, reset, timed out) the
+//!   proxy serves what it still holds (RFC 9111 §4.2.4), unless the entry
+//!   says `must-revalidate`, `proxy-revalidate`, `s-maxage` or `no-cache`.
+//! - `--keep SECS` (default 3600): how long an expired entry is held, for
+//!   revalidation (`If-None-Match`) and for those unreachable times.
+//! - `--upstream-timeout SECS` (default 60): how long the upstream may take
+//!   to send a response's head; past it the request gets `504` (or the
+//!   stale entry).
+//! - `--max-body-size BYTES` (default 1048576): larger bodies stream
+//!   through, not stored.
+//! - `--heuristic FRACTION` (default off) and `--heuristic-cap SECS`
+//!   (default 86400): RFC 9111 §4.2.2 heuristic freshness, that fraction of
+//!   the time since `Last-Modified`, capped, for responses that state no
+//!   freshness.
+//! - `--namespace NS` (default `tf:`): the prefix of every key, so proxies
+//!   for different sites can share a Redis.
+//! - `--purge-secret SECRET` (or the environment variable
+//!   `TOWER_FENCE_PURGE_SECRET`; at least 16 visible ASCII characters):
+//!   answer `PURGE` requests carrying `Authorization: Bearer SECRET` (see
+//!   [`tower_fence::purge`]; a path, `Purge-Scope: prefix`, `Purge-Tag:`,
+//!   `Purge-Mode: soft`). Without it a `PURGE` is forwarded like any other
+//!   request and the proxy purges nothing on its own.
+//! - `--soft-purge`: writes (`POST`, `PUT`, …) mark what they touch stale
+//!   instead of deleting it (served within grace while it refreshes).
 //! - `--trust-forwarded`: keep the client's forwarding headers (see below),
 //!   for a proxy that only another, trusted proxy talks to; the cache then
 //!   keys on them.
 //!
+//! Interim responses (`103 Early Hints`, other 1xx) from the upstream are
+//! not forwarded: hyper's server, which this proxy is built on, cannot send
+//! an interim response before the final one (support is an open hyper pull
+//! request, hyperium/hyper#4114). RFC 8297 lets an intermediary drop them;
+//! they are never stored, and the final response is forwarded as usual.
+//!
 //! The request keeps the client's `Host` header, so entries are keyed by the
 //! public host name; hop-by-hop headers are dropped both ways, bodies are
-//! streamed, and an upstream that cannot be reached gives `502 Bad Gateway`.
+//! streamed, and an upstream that cannot be reached gives `502 Bad Gateway`
+//! (`504 Gateway Timeout` when it is too slow), or the stale entry.
 //! A request whose host is ambiguous gets `400 Bad Request` and reaches
 //! neither the cache nor the upstream (RFC 9112 §3.2): two `Host` lines, a
 //! `Host` that is not `host[:port]`, an HTTP/1.1 request without `Host`, or
@@ -56,6 +92,7 @@
 //!
 //! Logs go to stderr; set `RUST_LOG` (e.g. `RUST_LOG=debug`) for more.
 
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -78,7 +115,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tower_fence::{Clock, FenceLayer, FenceService};
+use tower_fence::invalidate::Purge;
+use tower_fence::purge::PurgeService;
+use tower_fence::{Clock, FenceLayer, FenceService, OriginUnreachable};
 use tower_layer::Layer as _;
 use tower_service::Service;
 
@@ -91,22 +130,51 @@ const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long open connections get to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// The usage message printed for bad arguments.
-pub(crate) const USAGE: &str = "\
-usage: proxy --upstream http://HOST:PORT [--listen ADDR] [--redis redis://...] [--default-ttl SECS]
-             [--trust-forwarded]
+/// How long an expired entry is held unless `--keep` says otherwise.
+const DEFAULT_PROXY_KEEP: Duration = Duration::from_secs(3600);
+/// How long the upstream may take to answer unless `--upstream-timeout`
+/// says otherwise.
+const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// The heuristic freshness cap unless `--heuristic-cap` says otherwise.
+const DEFAULT_HEURISTIC_CAP: Duration = Duration::from_secs(86_400);
+/// Where the purge secret is read from when `--purge-secret` is not given.
+pub(crate) const PURGE_SECRET_ENV: &str = "TOWER_FENCE_PURGE_SECRET";
 
-  --upstream URL      where requests are forwarded (http only, no path), required
-  --listen ADDR       address to listen on (default 127.0.0.1:8080; port 0 picks one)
-  --redis URL         cache in this Redis instead of process memory
-  --default-ttl SECS  how long a response without Cache-Control/Expires freshness
-                      is kept (default 0: only what the upstream makes cacheable)
-  --trust-forwarded   keep the client's X-Forwarded-* and Forwarded headers (behind
-                      a trusted proxy) and key the cache on them; by default the
-                      proxy replaces them with its own";
+/// The usage message printed for bad arguments and `--help`.
+pub(crate) const USAGE: &str = "\
+usage: proxy --upstream http://HOST:PORT [options]
+
+  --upstream URL           where requests are forwarded (http only, no path); required
+  --listen ADDR            address to listen on; port 0 picks one (default 127.0.0.1:8080)
+  --redis URL              cache in this Redis (default: process memory)
+  --redis-cluster URLS     cache in this Redis Cluster, nodes comma-separated
+                           (default: process memory)
+  --default-ttl SECS       how long a response without Cache-Control/Expires freshness
+                           is kept (default 0: only what the upstream makes cacheable)
+  --grace SECS             serve an expired entry this long while one request refreshes
+                           it (default 0)
+  --stale-if-error SECS    serve an expired entry this long when the upstream answers
+                           5xx (default 0); when it cannot be reached at all, what is
+                           still held is served anyway, unless the entry forbids it
+  --keep SECS              hold expired entries this long, for revalidation and for
+                           an unreachable upstream (default 3600)
+  --upstream-timeout SECS  longest wait for the upstream's response head (default 60)
+  --max-body-size BYTES    largest body stored (default 1048576)
+  --heuristic FRACTION     heuristic freshness: this fraction of the time since
+                           Last-Modified, for responses that state none (default off)
+  --heuristic-cap SECS     longest heuristic freshness (default 86400)
+  --namespace NS           prefix of every cache key (default tf:)
+  --purge-secret SECRET    answer PURGE requests with Authorization: Bearer SECRET
+                           (default: off; also read from TOWER_FENCE_PURGE_SECRET)
+  --soft-purge             writes mark what they touch stale instead of deleting it
+                           (default off)
+  --trust-forwarded        keep the client's X-Forwarded-* and Forwarded headers (behind
+                           a trusted proxy) and key the cache on them (default off: the
+                           proxy replaces them with its own)
+  -h, --help               print this and exit";
 
 /// The proxy's settings, from the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Args {
     /// Scheme of the upstream (always `http`).
     pub(crate) upstream_scheme: Scheme,
@@ -114,11 +182,31 @@ pub(crate) struct Args {
     pub(crate) upstream_authority: Authority,
     /// Where to listen.
     pub(crate) listen: SocketAddr,
-    /// The Redis URL to cache in; process memory when `None`.
+    /// The Redis URL to cache in.
     pub(crate) redis: Option<String>,
+    /// The Redis Cluster nodes to cache in. Process memory when neither.
+    pub(crate) redis_cluster: Option<Vec<String>>,
     /// TTL of responses that state no freshness; zero stores only those
     /// that do.
     pub(crate) default_ttl: Duration,
+    /// Stale-while-revalidate window.
+    pub(crate) grace: Duration,
+    /// Stale-if-error window (5xx from the upstream).
+    pub(crate) stale_if_error: Duration,
+    /// How long expired entries are held.
+    pub(crate) keep: Duration,
+    /// Longest wait for the upstream's response head.
+    pub(crate) upstream_timeout: Duration,
+    /// Largest body stored.
+    pub(crate) max_body_size: usize,
+    /// Heuristic freshness: fraction and cap.
+    pub(crate) heuristic: Option<(f64, Duration)>,
+    /// Prefix of every key.
+    pub(crate) namespace: String,
+    /// The purge endpoint's shared secret; no endpoint when `None`.
+    pub(crate) purge_secret: Option<String>,
+    /// Whether writes soft-purge.
+    pub(crate) soft_purge: bool,
     /// Whether the client's `X-Forwarded-*` and `Forwarded` headers are kept
     /// (and keyed) instead of replaced.
     pub(crate) trust_forwarded: bool,
@@ -126,6 +214,27 @@ pub(crate) struct Args {
     /// option, a test in this process may set a manual one.
     pub(crate) clock: Clock,
 }
+
+/// Options that take a value.
+pub(crate) const VALUE_OPTIONS: [&str; 14] = [
+    "--upstream",
+    "--listen",
+    "--redis",
+    "--redis-cluster",
+    "--default-ttl",
+    "--grace",
+    "--stale-if-error",
+    "--keep",
+    "--upstream-timeout",
+    "--max-body-size",
+    "--heuristic",
+    "--heuristic-cap",
+    "--namespace",
+    "--purge-secret",
+];
+
+/// Options that take none.
+pub(crate) const SWITCHES: [&str; 2] = ["--trust-forwarded", "--soft-purge"];
 
 /// Parses the command line, without the program name (`std::env::args()
 /// .skip(1)`). Accepts `--flag value` and `--flag=value`. `Err` holds a
@@ -135,11 +244,8 @@ where
     I: IntoIterator<Item = S>,
     S: Into<String>,
 {
-    let mut upstream: Option<String> = None;
-    let mut listen: Option<String> = None;
-    let mut redis: Option<String> = None;
-    let mut default_ttl: Option<String> = None;
-    let mut trust_forwarded = false;
+    let mut values: HashMap<&'static str, String> = HashMap::new();
+    let mut switches: HashSet<&'static str> = HashSet::new();
 
     let mut args = args.into_iter().map(Into::into);
     while let Some(arg) = args.next() {
@@ -149,25 +255,22 @@ where
             }
             _ => (arg.clone(), None),
         };
-        if flag == "--trust-forwarded" {
+        if let Some(&switch) = SWITCHES.iter().find(|s| **s == flag) {
             if inline.is_some() {
                 return Err(format!("{flag} takes no value"));
             }
-            if trust_forwarded {
+            if !switches.insert(switch) {
                 return Err(format!("{flag} given twice"));
             }
-            trust_forwarded = true;
             continue;
         }
-        let slot = match flag.as_str() {
-            "--upstream" => &mut upstream,
-            "--listen" => &mut listen,
-            "--redis" => &mut redis,
-            "--default-ttl" => &mut default_ttl,
-            _ if flag.starts_with('-') => return Err(format!("unknown option {flag:?}")),
-            _ => return Err(format!("unexpected argument {arg:?}")),
+        let Some(&option) = VALUE_OPTIONS.iter().find(|o| **o == flag) else {
+            if flag.starts_with('-') {
+                return Err(format!("unknown option {flag:?}"));
+            }
+            return Err(format!("unexpected argument {arg:?}"));
         };
-        if slot.is_some() {
+        if values.contains_key(option) {
             return Err(format!("{flag} given twice"));
         }
         let value = match inline {
@@ -180,32 +283,91 @@ where
         if value.is_empty() {
             return Err(format!("{flag} needs a value"));
         }
-        *slot = Some(value);
+        values.insert(option, value);
     }
 
-    let upstream = upstream.ok_or("--upstream is required")?;
+    let upstream = values
+        .remove("--upstream")
+        .ok_or("--upstream is required")?;
     let (upstream_scheme, upstream_authority) = parse_upstream(&upstream)?;
+    let listen = values.remove("--listen");
     let listen = listen.as_deref().unwrap_or(DEFAULT_LISTEN);
     let listen = listen
         .parse::<SocketAddr>()
         .map_err(|_| format!("--listen {listen:?} is not an address like 127.0.0.1:8080"))?;
+    let redis = values.remove("--redis");
     if let Some(url) = &redis {
         check_redis_url(url)?;
     }
-    let default_ttl = match default_ttl {
-        None => Duration::ZERO,
-        Some(secs) => secs
-            .parse::<u64>()
-            .map(Duration::from_secs)
-            .map_err(|_| format!("--default-ttl {secs:?} is not a whole number of seconds"))?,
+    let redis_cluster = match values.remove("--redis-cluster") {
+        None => None,
+        Some(nodes) => {
+            let nodes: Vec<String> = nodes.split(',').map(|n| n.trim().to_owned()).collect();
+            for node in &nodes {
+                check_cluster_url(node)?;
+            }
+            Some(nodes)
+        }
     };
+    if redis.is_some() && redis_cluster.is_some() {
+        return Err("--redis and --redis-cluster exclude each other".into());
+    }
+    let mut secs = |flag: &'static str, default: Duration| -> Result<Duration, String> {
+        match values.remove(flag) {
+            None => Ok(default),
+            Some(secs) => secs
+                .parse::<u64>()
+                .map(Duration::from_secs)
+                .map_err(|_| format!("{flag} {secs:?} is not a whole number of seconds")),
+        }
+    };
+    let default_ttl = secs("--default-ttl", Duration::ZERO)?;
+    let grace = secs("--grace", Duration::ZERO)?;
+    let stale_if_error = secs("--stale-if-error", Duration::ZERO)?;
+    let keep = secs("--keep", DEFAULT_PROXY_KEEP)?;
+    let upstream_timeout = secs("--upstream-timeout", DEFAULT_UPSTREAM_TIMEOUT)?;
+    let heuristic_cap = secs("--heuristic-cap", DEFAULT_HEURISTIC_CAP)?;
+    if upstream_timeout.is_zero() {
+        return Err("--upstream-timeout must be at least 1 second".into());
+    }
+    let max_body_size = match values.remove("--max-body-size") {
+        None => tower_fence::DEFAULT_MAX_BODY_SIZE,
+        Some(bytes) => bytes
+            .parse::<usize>()
+            .map_err(|_| format!("--max-body-size {bytes:?} is not a number of bytes"))?,
+    };
+    let heuristic = match values.remove("--heuristic") {
+        None => None,
+        Some(fraction) => match fraction.parse::<f64>() {
+            Ok(f) if f.is_finite() && f > 0.0 && f <= 1.0 => Some((f, heuristic_cap)),
+            _ => {
+                return Err(format!(
+                    "--heuristic {fraction:?} is not a fraction above 0 and at most 1"
+                ))
+            }
+        },
+    };
+    let namespace = values
+        .remove("--namespace")
+        .unwrap_or_else(|| tower_fence::DEFAULT_NAMESPACE.to_owned());
+    let purge_secret = values.remove("--purge-secret");
     Ok(Args {
         upstream_scheme,
         upstream_authority,
         listen,
         redis,
+        redis_cluster,
         default_ttl,
-        trust_forwarded,
+        grace,
+        stale_if_error,
+        keep,
+        upstream_timeout,
+        max_body_size,
+        heuristic,
+        namespace,
+        purge_secret,
+        soft_purge: switches.contains("--soft-purge"),
+        trust_forwarded: switches.contains("--trust-forwarded"),
         clock: Clock::system(),
     })
 }
@@ -254,6 +416,19 @@ fn check_redis_url(_url: &str) -> Result<(), String> {
     Err("--redis needs tower-fence's `redis` feature".to_owned())
 }
 
+#[cfg(feature = "cluster")]
+fn check_cluster_url(url: &str) -> Result<(), String> {
+    use bb8_redis::redis::IntoConnectionInfo as _;
+    url.into_connection_info()
+        .map(drop)
+        .map_err(|e| format!("--redis-cluster node {url:?} is not a Redis URL: {e}"))
+}
+
+#[cfg(not(feature = "cluster"))]
+fn check_cluster_url(_url: &str) -> Result<(), String> {
+    Err("--redis-cluster needs tower-fence's `cluster` feature".to_owned())
+}
+
 /// An error that stops the proxy (binding the port, reaching Redis).
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -266,6 +441,8 @@ pub(crate) struct Forward {
     client: Client<HttpConnector, Incoming>,
     scheme: Scheme,
     authority: Authority,
+    /// Longest wait for the upstream's response head.
+    timeout: Duration,
 }
 
 impl fmt::Debug for Forward {
@@ -280,8 +457,9 @@ impl fmt::Debug for Forward {
 }
 
 impl Forward {
-    /// A forwarder to `scheme://authority` over a pooled HTTP/1 client.
-    pub(crate) fn new(scheme: Scheme, authority: Authority) -> Self {
+    /// A forwarder to `scheme://authority` over a pooled HTTP/1 client,
+    /// waiting at most `timeout` for each response head.
+    pub(crate) fn new(scheme: Scheme, authority: Authority, timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
         connector.set_nodelay(true);
@@ -290,6 +468,7 @@ impl Forward {
             client,
             scheme,
             authority,
+            timeout,
         }
     }
 
@@ -340,6 +519,7 @@ impl Service<Request<Incoming>> for Forward {
         let path = req.uri().path().to_owned();
         let upstream_req = self.rewrite(req);
         let client = self.client.clone();
+        let timeout = self.timeout;
         Box::pin(async move {
             let upstream_req = match upstream_req {
                 Ok(req) => req,
@@ -350,19 +530,33 @@ impl Service<Request<Incoming>> for Forward {
                     );
                 }
             };
-            match client.request(upstream_req).await {
-                Ok(response) => {
+            // The upstream could not be reached (refused, reset, too slow):
+            // the answer is the proxy's own, marked so that the cache may
+            // serve what it still holds instead (RFC 9111 §4.2.4).
+            let unreachable = |status, text| {
+                let mut response = text_response(status, text).map(Either::Right);
+                response.extensions_mut().insert(OriginUnreachable);
+                Ok(response)
+            };
+            match tokio::time::timeout(timeout, client.request(upstream_req)).await {
+                Ok(Ok(response)) => {
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     Ok(Response::from_parts(parts, Either::Left(body)))
                 }
-                Err(err) => {
+                Ok(Err(err)) => {
                     tracing::warn!(%method, %path, error = %error_chain(&err), "upstream request failed");
-                    Ok(text_response(
+                    unreachable(
                         StatusCode::BAD_GATEWAY,
                         "502 Bad Gateway: the upstream could not be reached\n",
                     )
-                    .map(Either::Right))
+                }
+                Err(_) => {
+                    tracing::warn!(%method, %path, ?timeout, "upstream timed out");
+                    unreachable(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "504 Gateway Timeout: the upstream did not answer in time\n",
+                    )
                 }
             }
         })
@@ -494,6 +688,8 @@ pub(crate) struct Guard<S> {
     peer: SocketAddr,
     /// Whether the client's forwarding headers are kept (`--trust-forwarded`).
     trust_forwarded: bool,
+    /// Answers `PURGE` requests, when a purge secret is set.
+    purge: Option<PurgeService>,
 }
 
 impl<S> Guard<S> {
@@ -503,7 +699,15 @@ impl<S> Guard<S> {
             inner,
             peer,
             trust_forwarded,
+            purge: None,
         }
+    }
+
+    /// Sends `PURGE` requests to `purge` instead of the cache and the
+    /// upstream.
+    pub(crate) fn purging(mut self, purge: Option<PurgeService>) -> Self {
+        self.purge = purge;
+        self
     }
 }
 
@@ -545,6 +749,10 @@ where
             host.as_ref(),
             self.trust_forwarded,
         );
+        if let (Some(purge), "PURGE") = (&mut self.purge, req.method().as_str()) {
+            let answer = purge.call(req);
+            return Box::pin(async move { answer.await.map(|r| r.map(Either::Right)) });
+        }
         let response = self.inner.call(req);
         Box::pin(async move { response.await.map(|response| response.map(Either::Left)) })
     }
@@ -737,17 +945,46 @@ fn strip_named_header(headers: &mut HeaderMap, name: &'static str) {
 async fn fence_layer(args: &Args) -> Result<FenceLayer, BoxError> {
     let mut builder = FenceLayer::builder()
         .default_ttl(args.default_ttl)
+        .grace(args.grace)
+        .stale_if_error(args.stale_if_error)
+        .keep(args.keep)
+        .max_body_size(args.max_body_size)
+        .namespace(args.namespace.clone())
         .clock(args.clock.clone());
+    if let Some((fraction, cap)) = args.heuristic {
+        builder = builder.heuristic_freshness(fraction, cap);
+    }
+    if args.soft_purge {
+        builder = builder.write_purge(Purge::Soft);
+    }
     if args.trust_forwarded {
         for name in &FORWARDING_HEADERS {
             builder = builder.key_header(name.as_str());
         }
     }
-    let builder = match &args.redis {
-        None => builder,
-        Some(url) => with_redis(builder, url).await?,
+    let builder = match (&args.redis, &args.redis_cluster) {
+        (Some(url), _) => with_redis(builder, url).await?,
+        (None, Some(nodes)) => with_cluster(builder, nodes)?,
+        (None, None) => builder,
     };
     Ok(builder.build()?)
+}
+
+#[cfg(feature = "cluster")]
+fn with_cluster(
+    builder: tower_fence::FenceLayerBuilder,
+    nodes: &[String],
+) -> Result<tower_fence::FenceLayerBuilder, BoxError> {
+    let store = tower_fence::store::RedisClusterStore::new(nodes.iter().map(String::as_str))?;
+    Ok(builder.store(store))
+}
+
+#[cfg(not(feature = "cluster"))]
+fn with_cluster(
+    _builder: tower_fence::FenceLayerBuilder,
+    _nodes: &[String],
+) -> Result<tower_fence::FenceLayerBuilder, BoxError> {
+    Err("--redis-cluster needs tower-fence's `cluster` feature".into())
 }
 
 #[cfg(feature = "redis")]
@@ -790,9 +1027,17 @@ pub(crate) async fn run_until(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
     let layer = fence_layer(&args).await?;
+    let purge = match &args.purge_secret {
+        None => None,
+        Some(secret) => Some(
+            PurgeService::new(layer.invalidator(), secret)
+                .map_err(|e| format!("--purge-secret: {e}"))?,
+        ),
+    };
     let forward = Forward::new(
         args.upstream_scheme.clone(),
         args.upstream_authority.clone(),
+        args.upstream_timeout,
     );
     let listener = TcpListener::bind(args.listen)
         .await
@@ -801,8 +1046,18 @@ pub(crate) async fn run_until(
     tracing::info!(
         %addr,
         upstream = %format_args!("{}://{}", args.upstream_scheme, args.upstream_authority),
-        store = if args.redis.is_some() { "redis" } else { "memory" },
+        store = match (&args.redis, &args.redis_cluster) {
+            (Some(_), _) => "redis",
+            (None, Some(_)) => "redis-cluster",
+            (None, None) => "memory",
+        },
+        namespace = %args.namespace,
         default_ttl_secs = args.default_ttl.as_secs(),
+        grace_secs = args.grace.as_secs(),
+        stale_if_error_secs = args.stale_if_error.as_secs(),
+        keep_secs = args.keep.as_secs(),
+        purge_endpoint = args.purge_secret.is_some(),
+        soft_purge = args.soft_purge,
         trust_forwarded = args.trust_forwarded,
         "proxy started"
     );
@@ -829,7 +1084,8 @@ pub(crate) async fn run_until(
         };
         let _ = stream.set_nodelay(true);
         let service: Guard<FenceService<Forward>> =
-            Guard::new(layer.layer(forward.clone()), peer, args.trust_forwarded);
+            Guard::new(layer.layer(forward.clone()), peer, args.trust_forwarded)
+                .purging(purge.clone());
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
         connections.spawn(async move {
@@ -899,7 +1155,14 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     let args = match parse_args(argv) {
-        Ok(args) => args,
+        Ok(mut args) => {
+            if args.purge_secret.is_none() {
+                args.purge_secret = std::env::var(PURGE_SECRET_ENV)
+                    .ok()
+                    .filter(|s| !s.is_empty());
+            }
+            args
+        }
         Err(reason) => {
             eprintln!("proxy: {reason}\n\n{USAGE}");
             return std::process::ExitCode::from(2);

@@ -13,7 +13,13 @@
 //! curl -i localhost:3001/feed -H 'x-tenant: a'   # one entry per tenant
 //! curl -i localhost:3001/admin/stats       # never cached
 //! curl -i localhost:3001/report            # per-route layer, same store
+//! curl -i -X PURGE -H "authorization: Bearer $SECRET" localhost:3001/_purge/users/42
+//! curl -i -X PURGE -H "authorization: Bearer $SECRET" -H "purge-tag: user-42" localhost:3001/_purge/
 //! ```
+//!
+//! The purge endpoint (`tower_fence::purge::PurgeService`) is mounted beside
+//! the cached routes, outside the layer; its secret is `PURGE_SECRET`, or a
+//! random one the example prints.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -23,6 +29,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use tower_fence::policy::rules::Rule;
+use tower_fence::purge::PurgeService;
 use tower_fence::FenceLayer;
 use tracing_subscriber::EnvFilter;
 
@@ -59,6 +66,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
+    let secret =
+        std::env::var("PURGE_SECRET").unwrap_or_else(|_| format!("{:032x}", fastrand::u128(..)));
+
     let layer = FenceLayer::builder()
         // Nothing is cached unless a rule (or the response) says so.
         .default_ttl(Duration::ZERO)
@@ -88,7 +98,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .layer(layer.clone())
         // The per-route style: a clone of the same layer, so the same store
         // and the same invalidator.
-        .route("/report", get(report).layer(layer.clone()));
+        .route("/report", get(report).layer(layer.clone()))
+        // Added after `.layer(..)`: the purge endpoint itself is not cached.
+        .nest_service("/_purge", PurgeService::new(layer.invalidator(), &secret)?);
 
     let addr = std::env::var("LISTEN")
         .ok()
@@ -100,6 +112,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "try: curl -i http://{addr}/users/42   (twice), then curl -i -X PUT http://{addr}/users/42"
     );
+    println!("purge secret: {secret}");
     axum::serve(listener, app).await?;
     Ok(())
 }

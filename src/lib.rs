@@ -16,6 +16,7 @@ mod key;
 mod layer;
 mod owed;
 pub mod policy;
+pub mod purge;
 mod respond;
 mod service;
 mod shared;
@@ -23,6 +24,7 @@ mod singleflight;
 mod status;
 pub mod store;
 mod store_client;
+mod unreachable;
 mod validation;
 
 #[doc(inline)]
@@ -48,3 +50,5 @@ pub use service::FenceService;
 pub use shared::{Clock, Stats};
 #[doc(inline)]
 pub use status::{CACHE_NAME, CACHE_STATUS};
+#[doc(inline)]
+pub use unreachable::OriginUnreachable;

@@ -20,7 +20,7 @@ use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -59,6 +59,7 @@ impl Upstream {
             .route("/headers", get(headers))
             .route("/links", get(links))
             .route("/slow", get(slow))
+            .route("/tagged/{id}", get(tagged))
             .with_state(calls.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -104,6 +105,24 @@ async fn slow(State(calls): Calls) -> impl IntoResponse {
     (
         [(header::CACHE_CONTROL, "max-age=60")],
         format!("slow call {n}"),
+    )
+}
+
+/// Fresh for 60 s, tagged `item-{id}` and `items`.
+async fn tagged(
+    State(calls): Calls,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> impl IntoResponse {
+    let n = count(&calls);
+    (
+        [
+            (header::CACHE_CONTROL, "max-age=60".to_owned()),
+            (
+                HeaderName::from_static("surrogate-key"),
+                format!("item-{id} items"),
+            ),
+        ],
+        format!("{id} call {n}"),
     )
 }
 
@@ -185,9 +204,19 @@ impl Proxy {
     /// Starts the proxy with `extra` command-line arguments and
     /// `--listen 127.0.0.1:0`, and waits until it accepts connections.
     async fn start(extra: &[&str]) -> Self {
+        Proxy::start_args(Proxy::args(extra)).await
+    }
+
+    /// The proxy's settings for `extra` command-line arguments and
+    /// `--listen 127.0.0.1:0`.
+    fn args(extra: &[&str]) -> proxy::Args {
         let mut argv: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         argv.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
-        let args = proxy::parse_args(argv).expect("valid arguments");
+        proxy::parse_args(argv).expect("valid arguments")
+    }
+
+    /// Starts the proxy with `args` and waits until it accepts connections.
+    async fn start_args(args: proxy::Args) -> Self {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(proxy::run_until(
@@ -213,8 +242,11 @@ impl Proxy {
     }
 
     async fn for_upstream(upstream: &Upstream, extra: &[&str]) -> Self {
-        let url = upstream.url();
-        let mut argv = vec!["--upstream", url.as_str()];
+        Proxy::for_upstream_url(&upstream.url(), extra).await
+    }
+
+    async fn for_upstream_url(url: &str, extra: &[&str]) -> Self {
+        let mut argv = vec!["--upstream", url];
         argv.extend_from_slice(extra);
         Proxy::start(&argv).await
     }
@@ -1273,4 +1305,392 @@ async fn an_unreachable_redis_stops_the_proxy_at_start() {
         .expect("run_until gives up on Redis within the timeout");
     let err = result.expect_err("no Redis, no proxy");
     assert!(err.to_string().contains("Redis"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// The purge endpoint
+// ---------------------------------------------------------------------------
+
+const SECRET: &str = "correct-horse-battery-staple";
+
+async fn purge(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = Request::builder()
+        .method(http::Method::from_bytes(b"PURGE").unwrap())
+        .uri(proxy.url(path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    send(request.body(empty()).unwrap()).await
+}
+
+const AUTH: (&str, &str) = ("authorization", "Bearer correct-horse-battery-staple");
+
+#[tokio::test]
+async fn purge_needs_the_secret_and_purges_a_path_a_prefix_or_tags() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--purge-secret", SECRET]).await;
+    for path in ["/tagged/1", "/tagged/2", "/max-age"] {
+        get_path(&proxy, path).await;
+        assert!(get_path(&proxy, path).await.is_hit(), "{path}");
+    }
+    assert_eq!(upstream.calls(), 3);
+
+    // No secret, another secret, another scheme: 401, nothing purged, the
+    // upstream never asked.
+    for headers in [
+        vec![],
+        vec![("authorization", "Bearer correct-horse-battery-stapler")],
+        vec![("authorization", "Basic Y29ycmVjdA==")],
+    ] {
+        let refused = purge(&proxy, "/tagged/1", &headers).await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{headers:?}");
+        assert!(refused.headers.contains_key(header::WWW_AUTHENTICATE));
+    }
+    assert!(get_path(&proxy, "/tagged/1").await.is_hit());
+    assert_eq!(upstream.calls(), 3);
+
+    // A path: that one only.
+    let purged = purge(&proxy, "/tagged/1", &[AUTH]).await;
+    assert_eq!(purged.status, StatusCode::OK, "{}", purged.text());
+    assert!(
+        purged.text().contains("path /tagged/1"),
+        "{}",
+        purged.text()
+    );
+    assert!(!get_path(&proxy, "/tagged/1").await.is_hit());
+    assert!(get_path(&proxy, "/tagged/2").await.is_hit());
+    assert_eq!(upstream.calls(), 4);
+
+    // A prefix.
+    let purged = purge(&proxy, "/tagged", &[AUTH, ("purge-scope", "prefix")]).await;
+    assert_eq!(purged.status, StatusCode::OK, "{}", purged.text());
+    assert!(!get_path(&proxy, "/tagged/2").await.is_hit());
+    assert!(get_path(&proxy, "/max-age").await.is_hit());
+    assert_eq!(upstream.calls(), 5);
+
+    // Tags (the tag header never reached the client).
+    get_path(&proxy, "/tagged/1").await;
+    let hit = get_path(&proxy, "/tagged/1").await;
+    assert!(hit.is_hit());
+    assert!(!hit.headers.contains_key("surrogate-key"));
+    let purged = purge(&proxy, "/", &[AUTH, ("purge-tag", "items")]).await;
+    assert_eq!(purged.status, StatusCode::OK, "{}", purged.text());
+    assert!(!get_path(&proxy, "/tagged/1").await.is_hit());
+    assert!(!get_path(&proxy, "/tagged/2").await.is_hit());
+    assert!(get_path(&proxy, "/max-age").await.is_hit());
+
+    // A request it cannot read.
+    let bad = purge(&proxy, "/", &[AUTH, ("purge-scope", "everything")]).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_a_secret_purge_is_just_another_request() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+    get_path(&proxy, "/max-age").await;
+    let forwarded = purge(&proxy, "/max-age", &[AUTH]).await;
+    // The upstream answers it (axum: 405 for a method it has no route
+    // for); a 4xx invalidates nothing.
+    assert_eq!(forwarded.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(get_path(&proxy, "/max-age").await.is_hit());
+}
+
+#[tokio::test]
+async fn a_soft_purge_through_the_endpoint_serves_stale_while_it_refreshes() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--purge-secret", SECRET, "--grace", "60"]).await;
+    assert_eq!(get_path(&proxy, "/max-age").await.text(), "call 1");
+    let purged = purge(&proxy, "/max-age", &[AUTH, ("purge-mode", "soft")]).await;
+    assert_eq!(purged.status, StatusCode::OK, "{}", purged.text());
+    assert!(purged.text().contains("(soft)"), "{}", purged.text());
+    let stale = get_path(&proxy, "/max-age").await;
+    assert_eq!(stale.text(), "call 1");
+    assert!(
+        stale.cache_status().contains("stale-while-revalidate"),
+        "{}",
+        stale.cache_status()
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let reply = get_path(&proxy, "/max-age").await;
+        if reply.text() == "call 2" && reply.is_hit() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "refreshed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[test]
+fn a_short_purge_secret_stops_the_proxy() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let args = Proxy::args(&[
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--purge-secret",
+            "short",
+        ]);
+        let run = proxy::run_until(
+            args,
+            |_| panic!("must not get ready"),
+            std::future::pending(),
+        );
+        let err = tokio::time::timeout(WAIT, run).await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("purge secret"), "{err}");
+    });
+}
+
+// ---------------------------------------------------------------------------
+// An upstream that goes away, and interim responses
+// ---------------------------------------------------------------------------
+
+/// An upstream on a raw socket: answers each connection with the next of
+/// `answers` (bytes as they go on the wire), then closes it. Dropped, it
+/// stops listening: connections are refused.
+struct RawUpstream {
+    addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl RawUpstream {
+    async fn start(answers: Vec<&'static str>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let task = tokio::spawn(async move {
+            let mut answers = answers.into_iter();
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let answer = answers.next();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    match answer {
+                        Some(answer) => {
+                            let _ = stream.write_all(answer.as_bytes()).await;
+                            let _ = stream.shutdown().await;
+                        }
+                        // Out of answers: hold the connection, answer nothing.
+                        None => std::future::pending::<()>().await,
+                    }
+                });
+            }
+        });
+        RawUpstream { addr, calls, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+const FRESH_FOR_A_SECOND: &str = "HTTP/1.1 200 OK\r\ncache-control: max-age=1\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello";
+const MUST_REVALIDATE: &str = "HTTP/1.1 200 OK\r\ncache-control: max-age=1, must-revalidate\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello";
+
+/// The proxy for `upstream` on a manual clock.
+async fn proxy_on_manual_clock(upstream: &str, extra: &[&str]) -> (Proxy, tower_fence::Clock) {
+    let mut argv = vec!["--upstream", upstream];
+    argv.extend_from_slice(extra);
+    let mut args = Proxy::args(&argv);
+    let clock = tower_fence::Clock::manual();
+    args.clock = clock.clone();
+    (Proxy::start_args(args).await, clock)
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_gets_the_stale_entry() {
+    let upstream = RawUpstream::start(vec![FRESH_FOR_A_SECOND]).await;
+    let url = upstream.url();
+    let (proxy, clock) = proxy_on_manual_clock(&url, &[]).await;
+    assert_eq!(get_path(&proxy, "/page").await.text(), "hello");
+    drop(upstream); // connections are refused from now on
+    clock.advance(Duration::from_secs(30));
+    let stale = get_path(&proxy, "/page").await;
+    assert_eq!(stale.status, StatusCode::OK);
+    assert_eq!(stale.text(), "hello");
+    assert!(
+        stale.cache_status().contains("detail=origin-unreachable"),
+        "{}",
+        stale.cache_status()
+    );
+    // Another path, never cached: the 502 itself.
+    let missing = get_path(&proxy, "/other").await;
+    assert_eq!(missing.status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn must_revalidate_forbids_the_stale_entry_when_unreachable() {
+    let upstream = RawUpstream::start(vec![MUST_REVALIDATE]).await;
+    let url = upstream.url();
+    let (proxy, clock) = proxy_on_manual_clock(&url, &[]).await;
+    assert_eq!(get_path(&proxy, "/page").await.text(), "hello");
+    drop(upstream);
+    clock.advance(Duration::from_secs(30));
+    let refused = get_path(&proxy, "/page").await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn a_timed_out_upstream_gets_the_stale_entry_or_504() {
+    // One answer; the next connection is held open and never answered.
+    let upstream = RawUpstream::start(vec![FRESH_FOR_A_SECOND]).await;
+    let url = upstream.url();
+    let (proxy, clock) = proxy_on_manual_clock(&url, &["--upstream-timeout", "1"]).await;
+    assert_eq!(get_path(&proxy, "/page").await.text(), "hello");
+    clock.advance(Duration::from_secs(30));
+    let stale = get_path(&proxy, "/page").await;
+    assert_eq!(stale.text(), "hello");
+    assert!(
+        stale.cache_status().contains("detail=origin-unreachable"),
+        "{}",
+        stale.cache_status()
+    );
+    let timed_out = get_path(&proxy, "/other").await;
+    assert_eq!(timed_out.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(upstream.calls(), 3);
+}
+
+#[tokio::test]
+async fn interim_responses_are_dropped_and_never_stored() {
+    let upstream = RawUpstream::start(vec![concat!(
+        "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 5\r\n",
+        "connection: close\r\n\r\nhello"
+    )])
+    .await;
+    let proxy = Proxy::for_upstream_url(&upstream.url(), &[]).await;
+    let raw = raw_exchange(
+        &proxy,
+        "GET /hints HTTP/1.1\r\nhost: example.com\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&raw), 200, "{raw}");
+    assert!(!raw.contains("103"), "{raw}");
+    assert!(raw.ends_with("hello"), "{raw}");
+    let hit = raw_exchange(
+        &proxy,
+        "GET /hints HTTP/1.1\r\nhost: example.com\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&hit), 200, "{hit}");
+    assert!(hit.contains("tower-fence; hit"), "{hit}");
+    assert!(hit.ends_with("hello"), "{hit}");
+    assert_eq!(upstream.calls(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Operator options
+// ---------------------------------------------------------------------------
+
+#[test]
+fn parse_args_reads_operator_options() {
+    let args = proxy::parse_args([
+        "--upstream",
+        "http://a:1",
+        "--grace",
+        "30",
+        "--stale-if-error",
+        "600",
+        "--keep",
+        "7200",
+        "--upstream-timeout",
+        "5",
+        "--max-body-size",
+        "2048",
+        "--heuristic",
+        "0.1",
+        "--heuristic-cap",
+        "3600",
+        "--namespace",
+        "site-a:",
+        "--purge-secret",
+        SECRET,
+        "--soft-purge",
+    ])
+    .unwrap();
+    assert_eq!(args.grace, Duration::from_secs(30));
+    assert_eq!(args.stale_if_error, Duration::from_secs(600));
+    assert_eq!(args.keep, Duration::from_secs(7200));
+    assert_eq!(args.upstream_timeout, Duration::from_secs(5));
+    assert_eq!(args.max_body_size, 2048);
+    assert_eq!(args.heuristic, Some((0.1, Duration::from_secs(3600))));
+    assert_eq!(args.namespace, "site-a:");
+    assert_eq!(args.purge_secret.as_deref(), Some(SECRET));
+    assert!(args.soft_purge);
+
+    let defaults = proxy::parse_args(["--upstream", "http://a:1"]).unwrap();
+    assert_eq!(defaults.grace, Duration::ZERO);
+    assert_eq!(defaults.keep, Duration::from_secs(3600));
+    assert_eq!(defaults.upstream_timeout, Duration::from_secs(60));
+    assert_eq!(defaults.max_body_size, tower_fence::DEFAULT_MAX_BODY_SIZE);
+    assert_eq!(defaults.heuristic, None);
+    assert_eq!(defaults.namespace, "tf:");
+    assert_eq!(defaults.purge_secret, None);
+    assert!(!defaults.soft_purge);
+    assert_eq!(defaults.redis_cluster, None);
+
+    for bad in [
+        &["--heuristic", "0"][..],
+        &["--heuristic", "1.5"][..],
+        &["--heuristic", "NaN"][..],
+        &["--upstream-timeout", "0"][..],
+        &["--max-body-size", "-1"][..],
+        &["--grace", "soon"][..],
+        &["--soft-purge=yes"][..],
+        &["--redis", "redis://a:1", "--redis-cluster", "redis://b:1"][..],
+    ] {
+        let mut argv = vec!["--upstream", "http://a:1"];
+        argv.extend_from_slice(bad);
+        let result = proxy::parse_args(argv.iter().copied());
+        assert!(result.is_err(), "{bad:?} was accepted: {result:?}");
+    }
+}
+
+#[test]
+fn help_lists_every_option_with_its_default() {
+    for option in proxy::VALUE_OPTIONS.iter().chain(&proxy::SWITCHES) {
+        let line = proxy::USAGE
+            .lines()
+            .position(|line| line.trim_start().starts_with(option))
+            .unwrap_or_else(|| panic!("{option} is not in --help"));
+        // The option's description, up to the next option, names a default
+        // (or says it is required).
+        let described: String = proxy::USAGE
+            .lines()
+            .skip(line)
+            .take_while({
+                let mut first = true;
+                move |l| std::mem::take(&mut first) || !l.trim_start().starts_with('-')
+            })
+            .collect();
+        assert!(
+            described.contains("default") || described.contains("required"),
+            "{option}: {described}"
+        );
+    }
 }

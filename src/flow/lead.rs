@@ -228,7 +228,7 @@ where
                 }
             }
         }
-        Head::OriginError => {
+        Head::OriginError { detail } => {
             settle::release(&shared, key, &fence).await;
             if let Some(stale) = stale {
                 lead.land(Landing::Response(stale.clone()));
@@ -238,7 +238,7 @@ where
                     now_ms,
                     false,
                     status,
-                    "stale-if-error",
+                    detail,
                     Some(headers),
                 )));
             }

@@ -11,12 +11,13 @@ use http_body::Body;
 use http_body_util::BodyExt;
 
 use crate::body::{into_bytes, Piece, PieceSender, Recorded, Recorder};
-use crate::entry::Entry;
+use crate::entry::{flags, Entry};
 use crate::flow::Keyed;
 use crate::invalidate;
 use crate::policy::{self, Freshness};
 use crate::respond::vary_values;
 use crate::shared::Shared;
+use crate::unreachable::OriginUnreachable;
 use crate::validation;
 
 /// What a rebuild keeps of the client's request before it turns it into
@@ -70,8 +71,9 @@ pub(crate) fn prepare<B>(
 pub(crate) enum Head<RB, E> {
     /// The inner service failed.
     Failed(E),
-    /// The origin answered 5xx and a stale entry may be served instead.
-    OriginError,
+    /// The origin answered 5xx (or could not be reached) and a stale entry
+    /// may be served instead; `detail` says which.
+    OriginError { detail: &'static str },
     /// `304 Not Modified` to a revalidation: the stored entry, refreshed;
     /// `storable` when its new headers allow storing it.
     NotModified {
@@ -119,8 +121,21 @@ pub(crate) fn classify<RB: Body, E>(
     }
     let tags = invalidate::tags(shared, &parts.headers);
     invalidate::strip_tags(shared, &mut parts.headers);
-    if parts.status.is_server_error() && stale_on_error {
-        return Head::OriginError;
+    if parts.status.is_server_error() {
+        // A disconnected cache may serve what it holds (RFC 9111 §4.2.4),
+        // unless the entry says it must be revalidated first.
+        let unreachable = parts.extensions.get::<OriginUnreachable>().is_some()
+            && current.is_some_and(|c| !c.has(flags::REVALIDATE) && !c.has(flags::NO_STALE));
+        if unreachable {
+            return Head::OriginError {
+                detail: "origin-unreachable",
+            };
+        }
+        if stale_on_error {
+            return Head::OriginError {
+                detail: "stale-if-error",
+            };
+        }
     }
     let now = shared.clock.now();
     if parts.status == StatusCode::NOT_MODIFIED {
