@@ -91,6 +91,16 @@ impl StoreError {
         }
     }
 
+    /// The `result` label of a failed store call's metric.
+    pub(crate) fn metric_label(&self) -> &'static str {
+        match self.kind {
+            Kind::Timeout => "timeout",
+            Kind::Unavailable => "unavailable",
+            Kind::Skipped => "skipped",
+            Kind::Backend => "error",
+        }
+    }
+
     /// A short token for `Cache-Status` `detail` and for logs.
     pub(crate) fn detail(&self) -> &'static str {
         match self.kind {

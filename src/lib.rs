@@ -14,6 +14,7 @@ mod http_date;
 pub mod invalidate;
 mod key;
 mod layer;
+pub mod metrics;
 mod owed;
 pub mod policy;
 pub mod purge;

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::entry::Entry;
 use crate::invalidate::config::InvalidationConfig;
 use crate::key::KeyConfig;
+use crate::metrics::Counter;
 use crate::policy::rules::Rules;
 use crate::policy::{ClientCacheControl, PolicyConfig};
 use crate::singleflight::SingleFlight;
@@ -89,8 +90,8 @@ impl Shared {
     }
 
     /// Bumps one counter.
-    pub(crate) fn bump(&self, counter: fn(&Counters) -> &AtomicU64) {
-        counter(&self.counters).fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn bump(&self, counter: fn(&Counters) -> &Counter) {
+        counter(&self.counters).bump();
     }
 
     /// What the layer's services have done so far.
@@ -320,29 +321,54 @@ pub struct Stats {
     pub distrusted: u64,
 }
 
-#[derive(Debug, Default)]
+/// The counters behind [`Stats`], each also a metric (see
+/// [`crate::metrics`]).
+#[derive(Debug)]
 pub(crate) struct Counters {
-    pub(crate) hits: AtomicU64,
-    pub(crate) misses: AtomicU64,
-    pub(crate) bypasses: AtomicU64,
-    pub(crate) stores: AtomicU64,
-    pub(crate) collapsed: AtomicU64,
-    pub(crate) stale_hits: AtomicU64,
-    pub(crate) early_refreshes: AtomicU64,
-    pub(crate) refreshes: AtomicU64,
-    pub(crate) remote_waits: AtomicU64,
-    pub(crate) wait_timeouts: AtomicU64,
-    pub(crate) fenced_out: AtomicU64,
-    pub(crate) invalidations: AtomicU64,
-    pub(crate) invalidation_errors: AtomicU64,
-    pub(crate) invalidations_dead: AtomicU64,
-    pub(crate) revalidated: AtomicU64,
-    pub(crate) shared_errors: AtomicU64,
+    pub(crate) hits: Counter,
+    pub(crate) misses: Counter,
+    pub(crate) bypasses: Counter,
+    pub(crate) stores: Counter,
+    pub(crate) collapsed: Counter,
+    pub(crate) stale_hits: Counter,
+    pub(crate) early_refreshes: Counter,
+    pub(crate) refreshes: Counter,
+    pub(crate) remote_waits: Counter,
+    pub(crate) wait_timeouts: Counter,
+    pub(crate) fenced_out: Counter,
+    pub(crate) invalidations: Counter,
+    pub(crate) invalidation_errors: Counter,
+    pub(crate) invalidations_dead: Counter,
+    pub(crate) revalidated: Counter,
+    pub(crate) shared_errors: Counter,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            hits: Counter::new("tower_fence_hits_total"),
+            misses: Counter::new("tower_fence_misses_total"),
+            bypasses: Counter::new("tower_fence_bypassed_total"),
+            stores: Counter::new("tower_fence_stores_total"),
+            collapsed: Counter::new("tower_fence_collapsed_total"),
+            stale_hits: Counter::new("tower_fence_stale_served_total"),
+            early_refreshes: Counter::new("tower_fence_early_refreshes_total"),
+            refreshes: Counter::new("tower_fence_refreshes_total"),
+            remote_waits: Counter::new("tower_fence_lease_contention_total"),
+            wait_timeouts: Counter::new("tower_fence_wait_timeouts_total"),
+            fenced_out: Counter::new("tower_fence_fills_rejected_total"),
+            invalidations: Counter::new("tower_fence_invalidations_done_total"),
+            invalidation_errors: Counter::new("tower_fence_invalidation_errors_total"),
+            invalidations_dead: Counter::new("tower_fence_invalidations_dead_total"),
+            revalidated: Counter::new("tower_fence_revalidated_total"),
+            shared_errors: Counter::new("tower_fence_shared_errors_total"),
+        }
+    }
 }
 
 impl Counters {
     fn snapshot(&self) -> Stats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let get = Counter::get;
         Stats {
             hits: get(&self.hits),
             misses: get(&self.misses),

@@ -8,15 +8,64 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::HeaderName;
 
 use crate::breaker::{Admission, Breaker, Turn};
 use crate::entry::{Entry, Record};
 use crate::error::StoreError;
+use crate::metrics;
 use crate::owed::Owed;
 use crate::store::{Fill, FillSubscription, KeyPattern, Store};
+
+/// A kind of store call: its metric label and what a log line says.
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    name: &'static str,
+    doing: &'static str,
+}
+
+const GET: Op = Op {
+    name: "get",
+    doing: "a lookup",
+};
+const PROBE: Op = Op {
+    name: "probe",
+    doing: "a probe",
+};
+const TRY_LEASE: Op = Op {
+    name: "try_lease",
+    doing: "taking a lease",
+};
+const EXTEND_LEASE: Op = Op {
+    name: "extend_lease",
+    doing: "extending a lease",
+};
+const RELEASE_LEASE: Op = Op {
+    name: "release_lease",
+    doing: "releasing a lease",
+};
+const FILL: Op = Op {
+    name: "fill",
+    doing: "storing a response",
+};
+const DELETE: Op = Op {
+    name: "delete",
+    doing: "deleting a key",
+};
+const PURGE_MATCHING: Op = Op {
+    name: "purge_matching",
+    doing: "purging by pattern",
+};
+const PURGE_MEMBERS: Op = Op {
+    name: "purge_members",
+    doing: "purging a set's members",
+};
+const PURGE_KEY: Op = Op {
+    name: "purge_key",
+    doing: "purging a key",
+};
 
 /// The key a probe reads (nothing is stored under it).
 const PROBE_KEY: &str = "tower-fence:probe";
@@ -114,11 +163,11 @@ impl StoreClient {
     /// logged with `doing` and `key`.
     async fn bounded<T>(
         &self,
-        doing: &'static str,
+        op: Op,
         key: &str,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        self.guarded(doing, key, self.timeout, call).await
+        self.guarded(op, key, self.timeout, call).await
     }
 
     /// Runs `call` if the breaker lets it, under `timeout`; tells the
@@ -126,19 +175,20 @@ impl StoreClient {
     /// [`StoreError::skipped`], without a log line of its own.
     async fn guarded<T>(
         &self,
-        doing: &'static str,
+        op: Op,
         key: &str,
         timeout: Option<Duration>,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let admission = self.breaker.admit();
         if admission == Admission::Skip {
+            metrics::count(metrics::STORE_SKIPPED);
             return Err(StoreError::skipped());
         }
-        let result = self.attempt(admission, timeout, call).await;
+        let result = self.attempt(op, admission, timeout, call).await;
         if let Err(err) = &result {
             self.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(key, error = %err, "tower-fence: {doing} failed");
+            tracing::warn!(key, error = %err, "tower-fence: {} failed", op.doing);
         }
         result
     }
@@ -148,6 +198,7 @@ impl StoreClient {
     /// call probe.
     async fn attempt<T>(
         &self,
+        op: Op,
         admission: Admission,
         timeout: Option<Duration>,
         call: impl Future<Output = Result<T, StoreError>>,
@@ -156,6 +207,7 @@ impl StoreClient {
             breaker: &self.breaker,
             admission,
         };
+        let started = Instant::now();
         let result = match timeout {
             None => call.await,
             Some(limit) => tokio::time::timeout(limit, call)
@@ -163,9 +215,15 @@ impl StoreClient {
                 .unwrap_or_else(|_| Err(StoreError::timeout())),
         };
         probe.admission = Admission::Call;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(err) => err.metric_label(),
+        };
+        metrics::store_call(op.name, started.elapsed(), outcome);
         let healthy = result.as_ref().map_or_else(|err| !err.is_sick(), |_| true);
         match self.breaker.record(admission, healthy) {
             Turn::Opened => {
+                metrics::breaker(true);
                 self.store.reconnect();
                 tracing::warn!(
                     cool_down = ?self.breaker.cool_down(),
@@ -173,6 +231,7 @@ impl StoreClient {
                 );
             }
             Turn::Closed => {
+                metrics::breaker(false);
                 tracing::info!("tower-fence: the store answers again (circuit breaker closed)");
             }
             Turn::Stayed => {}
@@ -193,14 +252,16 @@ impl StoreClient {
         }
         let limit = self.timeout.unwrap_or(Duration::from_secs(1));
         let call = self.store.get(PROBE_KEY);
-        let result = self.attempt(Admission::Probe, Some(limit), call).await;
+        let result = self
+            .attempt(PROBE, Admission::Probe, Some(limit), call)
+            .await;
         result.map_or_else(|err| !err.is_sick(), |_| true)
     }
 
     /// Reads and decodes the record under `key`. A record that does not
     /// decode is a miss (and is deleted in the background).
     pub(crate) async fn read(self: &Arc<Self>, key: &str) -> Found {
-        let record = match self.bounded("a lookup", key, self.store.get(key)).await {
+        let record = match self.bounded(GET, key, self.store.get(key)).await {
             Ok(Some(record)) => record,
             Ok(None) => return Found::Nothing,
             Err(err) => return Found::Failed(err),
@@ -210,6 +271,7 @@ impl StoreClient {
                 // Maybe older than a write whose invalidation is not
                 // applied yet: rebuilt, not served.
                 self.distrusted.fetch_add(1, Ordering::Relaxed);
+                metrics::count(metrics::DISTRUSTED);
                 tracing::debug!(
                     key,
                     "tower-fence: entry older than an unapplied invalidation; treated as a miss"
@@ -227,6 +289,7 @@ impl StoreClient {
             // Corrupt, retired or written for another key: never served.
             Err(err) => {
                 self.decode_errors.fetch_add(1, Ordering::Relaxed);
+                metrics::count(metrics::DECODE_ERRORS);
                 tracing::warn!(key, error = %err, "tower-fence: deleting a record that does not decode");
                 self.spawn_delete(key.to_owned());
                 Found::Nothing
@@ -252,7 +315,7 @@ impl StoreClient {
         sets: &[String],
     ) -> Result<bool, StoreError> {
         let call = self.store.try_lease(key, token, ttl, sets);
-        self.bounded("taking a lease", key, call).await
+        self.bounded(TRY_LEASE, key, call).await
     }
 
     /// Extends the lease of `key` if `token` holds it.
@@ -263,13 +326,13 @@ impl StoreClient {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let call = self.store.extend_lease(key, token, ttl);
-        self.bounded("extending a lease", key, call).await
+        self.bounded(EXTEND_LEASE, key, call).await
     }
 
     /// Releases the lease of `key` if `token` holds it.
     pub(crate) async fn release_lease(&self, key: &str, token: &str) {
         let call = self.store.release_lease(key, token);
-        let _ = self.bounded("releasing a lease", key, call).await;
+        let _ = self.bounded(RELEASE_LEASE, key, call).await;
     }
 
     /// Stores a record (see [`Store::fill`]): `Ok(false)` when its lease
@@ -277,13 +340,12 @@ impl StoreClient {
     pub(crate) async fn fill(&self, fill: Fill<'_>) -> Result<bool, StoreError> {
         let key = fill.key;
         let call = self.store.fill(fill.clone());
-        self.bounded("storing a response", key, call).await
+        self.bounded(FILL, key, call).await
     }
 
     /// Deletes `key` (and its lease).
     pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.bounded("deleting a key", key, self.store.delete(key))
-            .await
+        self.bounded(DELETE, key, self.store.delete(key)).await
     }
 
     /// A subscription to fills of `key` by other processes.
@@ -305,7 +367,7 @@ impl StoreClient {
             None => self.store.delete_matching(pattern),
             Some(at_ms) => self.store.mark_stale_matching(pattern, at_ms),
         };
-        self.guarded("purging by pattern", &pattern.glob(), Some(limit), call)
+        self.guarded(PURGE_MATCHING, &pattern.glob(), Some(limit), call)
             .await
     }
 
@@ -321,8 +383,7 @@ impl StoreClient {
             None => self.store.delete_members(set),
             Some(at_ms) => self.store.mark_stale_members(set, at_ms),
         };
-        self.guarded("purging a set's members", set, Some(limit), call)
-            .await
+        self.guarded(PURGE_MEMBERS, set, Some(limit), call).await
     }
 
     /// Removes the members of `set` that `pattern` selects, within `limit`.
@@ -337,8 +398,7 @@ impl StoreClient {
             None => self.store.delete_members_matching(set, pattern),
             Some(at_ms) => self.store.mark_stale_members_matching(set, pattern, at_ms),
         };
-        self.guarded("purging a set's members", set, Some(limit), call)
-            .await
+        self.guarded(PURGE_MEMBERS, set, Some(limit), call).await
     }
 
     /// Removes `key` and its lease within `limit`: deleted, or (with
@@ -356,7 +416,7 @@ impl StoreClient {
             }),
             Some(at_ms) => self.store.mark_stale(key, at_ms),
         };
-        self.guarded("purging a key", key, Some(limit), call).await
+        self.guarded(PURGE_KEY, key, Some(limit), call).await
     }
 }
 

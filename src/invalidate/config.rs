@@ -61,6 +61,16 @@ pub enum Purge {
     Soft,
 }
 
+impl Purge {
+    /// `hard` or `soft`: a metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Purge::Hard => "hard",
+            Purge::Soft => "soft",
+        }
+    }
+}
+
 /// Which request methods invalidate.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) enum WriteMethods {

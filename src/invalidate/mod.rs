@@ -317,10 +317,12 @@ fn record(shared: &Shared, target: &Target, purge: Purge, result: &Result<u64, S
     match result {
         Ok(changed) => {
             shared.bump(|c| &c.invalidations);
+            crate::metrics::invalidation(purge.label(), Some(*changed));
             tracing::debug!(%target, ?purge, changed, "tower-fence: invalidated");
         }
         Err(err) => {
             shared.bump(|c| &c.invalidation_errors);
+            crate::metrics::invalidation(purge.label(), None);
             tracing::warn!(%target, ?purge, error = %err, "tower-fence: invalidation failed");
         }
     }
