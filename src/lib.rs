@@ -16,6 +16,7 @@ mod key;
 mod layer;
 mod owed;
 pub mod policy;
+mod range;
 mod respond;
 mod service;
 mod shared;

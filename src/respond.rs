@@ -9,6 +9,7 @@ use http_body::Body;
 
 use crate::body::FenceBody;
 use crate::entry::Entry;
+use crate::range;
 use crate::status::CacheStatus;
 use crate::validation;
 
@@ -16,7 +17,8 @@ use crate::validation;
 /// adds `Age` (RFC 9111 §5.1) for responses served from the cache; `head`
 /// leaves the body out; `conditional` holds the request's headers when its
 /// validators are to be evaluated: a match gives `304 Not Modified`
-/// (RFC 9110 §13.2).
+/// (RFC 9110 §13.2); else its `Range` (with `If-Range`) gives `206` or
+/// `416` from a stored `200` (RFC 9110 §14, see [`range`]).
 pub(crate) fn entry_response<B: Body>(
     entry: Entry,
     now_ms: u64,
@@ -38,6 +40,23 @@ pub(crate) fn entry_response<B: Body>(
         status.append_to(response.headers_mut());
         return response;
     }
+    // RFC 9110 §14.2: ranges are defined for `GET` only (a `HEAD` with
+    // `Range` gets the full response's head).
+    let selected = match conditional {
+        Some(request) if !head => range::select(&entry, request),
+        _ => range::Selected::Full,
+    };
+    if let Some(partial) = range::partial(&selected, &entry.headers, &entry.body) {
+        let mut response = Response::new(FenceBody::cached(partial.body, None));
+        *response.status_mut() = partial.status;
+        *response.headers_mut() = partial.headers;
+        let headers = response.headers_mut();
+        if with_age {
+            headers.insert(header::AGE, HeaderValue::from(age));
+        }
+        status.append_to(headers);
+        return response;
+    }
     let body_len = entry.body.len();
     let body = if head {
         FenceBody::cached(Bytes::new(), None)
@@ -48,6 +67,11 @@ pub(crate) fn entry_response<B: Body>(
     *response.status_mut() = entry.status;
     *response.headers_mut() = entry.headers;
     let headers = response.headers_mut();
+    // A full `200` says that its ranges may be asked for (RFC 9110 §14.3),
+    // unless its origin said otherwise.
+    if entry.status == StatusCode::OK && !headers.contains_key(header::ACCEPT_RANGES) {
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
     if may_have_content_length(entry.status) && !headers.contains_key(header::CONTENT_LENGTH) {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     }
