@@ -25,6 +25,7 @@ mod status;
 pub mod store;
 mod store_client;
 mod validation;
+mod vary;
 
 #[doc(inline)]
 pub use body::FenceBody;

@@ -12,6 +12,7 @@ use crate::entry::Entry;
 use crate::range;
 use crate::status::CacheStatus;
 use crate::validation;
+use crate::vary;
 
 /// A response built from an entry, `now_ms` being the time now. `with_age`
 /// adds `Age` (RFC 9111 §5.1) for responses served from the cache; `head`
@@ -163,37 +164,24 @@ pub(crate) fn origin_failed<B: Body>(status: CacheStatus) -> Response<FenceBody<
     own(StatusCode::BAD_GATEWAY, "origin error\n", status)
 }
 
-/// The request's values for the headers a stored response varies on: all
-/// field lines joined by `, `; `None` for an absent header.
+/// The request's values for the headers a stored response varies on:
+/// all field lines joined by `, `, normalised (see [`vary`]); `None` for an
+/// absent header.
 pub(crate) fn vary_values(
     names: &[HeaderName],
     request: &HeaderMap,
 ) -> Vec<(HeaderName, Option<HeaderValue>)> {
     names
         .iter()
-        .map(|name| (name.clone(), joined(request, name)))
+        .map(|name| (name.clone(), vary::value(request, name)))
         .collect()
 }
 
-fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
-    let mut values = headers.get_all(name).iter();
-    let first = values.next()?;
-    let mut rest = values.peekable();
-    if rest.peek().is_none() {
-        return Some(first.clone());
-    }
-    let mut out = first.as_bytes().to_vec();
-    for value in rest {
-        out.extend_from_slice(b", ");
-        out.extend_from_slice(value.as_bytes());
-    }
-    HeaderValue::from_bytes(&out).ok()
-}
-
-/// Whether the request has the values of the headers the entry varies on.
+/// Whether the request has the values of the headers the entry varies on
+/// (both normalised: an entry stored before normalisation may miss once).
 pub(crate) fn vary_matches(entry: &Entry, request: &HeaderMap) -> bool {
-    entry
-        .vary
-        .iter()
-        .all(|(name, stored)| joined(request, name).as_ref() == stored.as_ref())
+    entry.vary.iter().all(|(name, stored)| {
+        let stored = stored.as_ref().map(|v| vary::normalise(name, v));
+        vary::value(request, name) == stored
+    })
 }
