@@ -132,7 +132,9 @@ where
     S: Service<Request<B>>,
     RB: Body,
 {
-    pub(crate) fn lookup(pending: Pending<S, B>) -> Self {
+    pub(crate) fn lookup(mut pending: Pending<S, B>) -> Self {
+        // The origin chooses for the variant the request is keyed under.
+        crate::vary::normalise_request(pending.req.headers_mut());
         let lookup = Box::pin(lookup(
             pending.keyed.shared.clone(),
             pending.keyed.key.clone(),
@@ -147,7 +149,8 @@ where
     }
 
     /// A request that waits on a rebuild already running in this process.
-    pub(crate) fn waiting(wait: Wait<Landing>, pending: Pending<S, B>) -> Self {
+    pub(crate) fn waiting(wait: Wait<Landing>, mut pending: Pending<S, B>) -> Self {
+        crate::vary::normalise_request(pending.req.headers_mut());
         ResponseFuture {
             state: waiting(wait, pending, None, Fwd::UriMiss, 1),
         }

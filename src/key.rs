@@ -183,21 +183,20 @@ fn push_escaped(out: &mut String, ch: char) {
 
 /// The key of one variant of a URL whose responses vary on `names`: the
 /// base key with a hash of the request's values of those headers (each
-/// header's field lines joined by `, `, surrounding whitespace trimmed).
-/// It keeps the base key's readable path and hash tag.
+/// header's field lines joined by `, ` and normalised, see
+/// [`vary`](crate::vary)), so requests the origin cannot tell apart share
+/// one variant. It keeps the base key's readable path and hash tag.
 pub(crate) fn variant(base: &CacheKey, names: &[HeaderName], headers: &HeaderMap) -> CacheKey {
     let mut hasher = Sha256::new();
-    frame(&mut hasher, b"tower-fence variant v1");
+    frame(&mut hasher, b"tower-fence variant v2");
     for name in names {
         frame(&mut hasher, name.as_str().as_bytes());
-        let values: Vec<&[u8]> = headers
-            .get_all(name)
-            .iter()
-            .map(|v| v.as_bytes().trim_ascii())
-            .collect();
-        hasher.update((values.len() as u64).to_be_bytes());
-        for value in values {
-            frame(&mut hasher, value);
+        match crate::vary::value(headers, name) {
+            None => hasher.update([0u8]),
+            Some(value) => {
+                hasher.update([1u8]);
+                frame(&mut hasher, value.as_bytes());
+            }
         }
     }
     let digest = hasher.finalize();
@@ -665,6 +664,16 @@ mod tests {
         let mut de_trimmed = HeaderMap::new();
         de_trimmed.insert("accept-language", "de".parse().unwrap());
         assert_eq!(variant(&base, &names, &de_trimmed), v_de);
+        // Normalised: one variant for lists that differ in whitespace and
+        // case only, another for another order.
+        let al = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("accept-language", v.parse().unwrap());
+            variant(&base, &names, &h)
+        };
+        assert_eq!(al("en, fr"), al("EN,fr"));
+        assert_ne!(al("en, fr"), al("fr, en"));
+        assert_ne!(al(""), variant(&base, &names, &HeaderMap::new()));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod metrics;
 mod owed;
 pub mod policy;
 pub mod purge;
+mod range;
 mod respond;
 mod service;
 mod shared;
@@ -27,6 +28,7 @@ pub mod store;
 mod store_client;
 mod unreachable;
 mod validation;
+mod vary;
 
 #[doc(inline)]
 pub use body::FenceBody;

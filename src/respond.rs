@@ -9,14 +9,17 @@ use http_body::Body;
 
 use crate::body::FenceBody;
 use crate::entry::Entry;
+use crate::range;
 use crate::status::CacheStatus;
 use crate::validation;
+use crate::vary;
 
 /// A response built from an entry, `now_ms` being the time now. `with_age`
 /// adds `Age` (RFC 9111 §5.1) for responses served from the cache; `head`
 /// leaves the body out; `conditional` holds the request's headers when its
 /// validators are to be evaluated: a match gives `304 Not Modified`
-/// (RFC 9110 §13.2).
+/// (RFC 9110 §13.2); else its `Range` (with `If-Range`) gives `206` or
+/// `416` from a stored `200` (RFC 9110 §14, see [`range`]).
 pub(crate) fn entry_response<B: Body>(
     entry: Entry,
     now_ms: u64,
@@ -38,6 +41,23 @@ pub(crate) fn entry_response<B: Body>(
         status.append_to(response.headers_mut());
         return response;
     }
+    // RFC 9110 §14.2: ranges are defined for `GET` only (a `HEAD` with
+    // `Range` gets the full response's head).
+    let selected = match conditional {
+        Some(request) if !head => range::select(&entry, request),
+        _ => range::Selected::Full,
+    };
+    if let Some(partial) = range::partial(&selected, &entry.headers, &entry.body) {
+        let mut response = Response::new(FenceBody::cached(partial.body, None));
+        *response.status_mut() = partial.status;
+        *response.headers_mut() = partial.headers;
+        let headers = response.headers_mut();
+        if with_age {
+            headers.insert(header::AGE, HeaderValue::from(age));
+        }
+        status.append_to(headers);
+        return response;
+    }
     let body_len = entry.body.len();
     let body = if head {
         FenceBody::cached(Bytes::new(), None)
@@ -48,6 +68,11 @@ pub(crate) fn entry_response<B: Body>(
     *response.status_mut() = entry.status;
     *response.headers_mut() = entry.headers;
     let headers = response.headers_mut();
+    // A full `200` says that its ranges may be asked for (RFC 9110 §14.3),
+    // unless its origin said otherwise.
+    if entry.status == StatusCode::OK && !headers.contains_key(header::ACCEPT_RANGES) {
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
     if may_have_content_length(entry.status) && !headers.contains_key(header::CONTENT_LENGTH) {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     }
@@ -139,37 +164,24 @@ pub(crate) fn origin_failed<B: Body>(status: CacheStatus) -> Response<FenceBody<
     own(StatusCode::BAD_GATEWAY, "origin error\n", status)
 }
 
-/// The request's values for the headers a stored response varies on: all
-/// field lines joined by `, `; `None` for an absent header.
+/// The request's values for the headers a stored response varies on:
+/// all field lines joined by `, `, normalised (see [`vary`]); `None` for an
+/// absent header.
 pub(crate) fn vary_values(
     names: &[HeaderName],
     request: &HeaderMap,
 ) -> Vec<(HeaderName, Option<HeaderValue>)> {
     names
         .iter()
-        .map(|name| (name.clone(), joined(request, name)))
+        .map(|name| (name.clone(), vary::value(request, name)))
         .collect()
 }
 
-fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
-    let mut values = headers.get_all(name).iter();
-    let first = values.next()?;
-    let mut rest = values.peekable();
-    if rest.peek().is_none() {
-        return Some(first.clone());
-    }
-    let mut out = first.as_bytes().to_vec();
-    for value in rest {
-        out.extend_from_slice(b", ");
-        out.extend_from_slice(value.as_bytes());
-    }
-    HeaderValue::from_bytes(&out).ok()
-}
-
-/// Whether the request has the values of the headers the entry varies on.
+/// Whether the request has the values of the headers the entry varies on
+/// (both normalised: an entry stored before normalisation may miss once).
 pub(crate) fn vary_matches(entry: &Entry, request: &HeaderMap) -> bool {
-    entry
-        .vary
-        .iter()
-        .all(|(name, stored)| joined(request, name).as_ref() == stored.as_ref())
+    entry.vary.iter().all(|(name, stored)| {
+        let stored = stored.as_ref().map(|v| vary::normalise(name, v));
+        vary::value(request, name) == stored
+    })
 }

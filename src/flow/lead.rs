@@ -21,7 +21,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -34,6 +34,7 @@ use crate::flow::settle::{self, Fence, Filled};
 use crate::flow::{Inner, Keyed, SendBody};
 use crate::key::{self, CacheKey};
 use crate::policy;
+use crate::range;
 use crate::respond::{self, vary_matches};
 use crate::shared::{Landing, Shared};
 use crate::singleflight::Lead;
@@ -106,8 +107,12 @@ where
     let key = &keyed.key;
     let prepared = origin::prepare(&shared, &mut req, stale.as_deref());
     let headers = &prepared.request_headers;
-    let respond = |result: LeaderResult<RB, S::Error>| {
-        let _ = reply.send(result);
+    // Answers the leader's client (once: later answers are dropped).
+    let mut reply = Some(reply);
+    let mut respond = |result: LeaderResult<RB, S::Error>| {
+        if let Some(reply) = reply.take() {
+            let _ = reply.send(result);
+        }
     };
 
     // 1. Acquire.
@@ -361,10 +366,18 @@ where
             }
             let mut head = parts.clone();
             status.append_to(&mut head.headers);
-            respond(Ok(Response::from_parts(
-                head,
-                FenceBody::streamed(rx, hint),
-            )));
+            let streamed = Response::from_parts(head, FenceBody::streamed(rx, hint));
+            // A `Range` request waits for the whole body (within the cap
+            // and the rebuild timeout) so that its ranges are cut from the
+            // entry; if the body is not recorded whole, it gets the full
+            // response (RFC 9110 §14.2 lets a server ignore `Range`).
+            let ranged = range::asks_range(headers) && parts.status == StatusCode::OK;
+            let mut held = if ranged && stop.is_none() {
+                Some(streamed)
+            } else {
+                respond(Ok(streamed));
+                None
+            };
             let teed = match stop {
                 Some("too-large") => {
                     let _ = tx.send(Piece::Rest(body));
@@ -377,10 +390,26 @@ where
                 Teed::Complete(recorded) => {
                     let op = lead.seal();
                     let (entry, filled) = settle(recorded).await;
-                    settle_flight(lead, filled, entry, op);
+                    settle_flight(lead, filled, entry.clone(), op);
+                    if held.take().is_some() {
+                        status.stored = filled == Filled::Stored;
+                        let now_ms = shared.clock.now_ms();
+                        let with_age = entry.age_secs(now_ms) > 0;
+                        respond(Ok(respond::shared_entry_response(
+                            entry,
+                            now_ms,
+                            false,
+                            status,
+                            with_age,
+                            Some(headers),
+                        )));
+                    }
                     let _ = tx.send(Piece::End);
                 }
                 Teed::Incomplete(why) => {
+                    if let Some(streamed) = held.take() {
+                        respond(Ok(streamed));
+                    }
                     settle::release(&shared, key, &fence).await;
                     if why == "too-large" {
                         shared.hit_for_miss.insert(key.as_str().to_owned(), ());

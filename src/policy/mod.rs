@@ -140,10 +140,9 @@ pub(crate) fn plan_request(
     if method != Method::GET && method != Method::HEAD {
         return RequestPlan::Bypass("method");
     }
-    // A stored full response is not sliced into ranges; `206` is not stored.
-    if headers.contains_key(header::RANGE) {
-        return RequestPlan::Bypass("range");
-    }
+    // A `Range` request is looked up like any other: a stored full `200`
+    // answers it (crate `range`), and a rebuild fetches the full response
+    // (`206` is never stored).
     // A protocol switch (WebSocket) is not a cacheable exchange.
     if headers.contains_key(header::UPGRADE) {
         return RequestPlan::Bypass("upgrade");
@@ -815,10 +814,10 @@ mod tests {
             plan_request(&m, &headers(pairs), ClientCacheControl::Obey, &config())
         };
         assert_eq!(plan(Method::POST, &[]), RequestPlan::Bypass("method"));
-        assert_eq!(
+        assert!(matches!(
             plan(Method::GET, &[("range", "bytes=0-1")]),
-            RequestPlan::Bypass("range")
-        );
+            RequestPlan::Lookup(_)
+        ));
         let RequestPlan::Lookup(facts) = plan(Method::GET, &[("authorization", "Bearer x")]) else {
             panic!()
         };
