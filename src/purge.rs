@@ -55,7 +55,7 @@ pub const PURGE_MODE: &str = "purge-mode";
 /// use tower_fence::FenceLayer;
 ///
 /// let layer = FenceLayer::memory();
-/// let purge = PurgeService::new(layer.invalidator(), "a long random shared secret")?;
+/// let purge = PurgeService::new(layer.invalidator(), "a-long-random-shared-secret")?;
 /// // With axum: Router::new().nest_service("/_purge", purge)
 /// # let _ = purge;
 /// # Ok::<(), tower_fence::ConfigError>(())
