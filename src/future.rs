@@ -620,7 +620,7 @@ where
                 if !keyed.facts.may_store {
                     status.detail = Some("request-no-store");
                 }
-                status.append_to(&mut parts.headers);
+                status.stamp_parts(&mut parts);
                 return Response::from_parts(parts, FenceBody::passthrough(body));
             }
             let tags = invalidate::tags(&shared, &parts.headers);
@@ -683,7 +683,7 @@ where
             (status, body)
         }
     };
-    status.append_to(&mut parts.headers);
+    status.stamp_parts(&mut parts);
     Response::from_parts(parts, body)
 }
 

@@ -52,6 +52,6 @@ pub use service::FenceService;
 #[doc(inline)]
 pub use shared::{Clock, Stats};
 #[doc(inline)]
-pub use status::{CACHE_NAME, CACHE_STATUS};
+pub use status::{CacheOutcome, Served, CACHE_NAME, CACHE_STATUS};
 #[doc(inline)]
 pub use unreachable::OriginUnreachable;

@@ -38,7 +38,7 @@ pub(crate) fn entry_response<B: Body>(
                 .headers_mut()
                 .insert(header::AGE, HeaderValue::from(age));
         }
-        status.append_to(response.headers_mut());
+        status.stamp(&mut response);
         return response;
     }
     // RFC 9110 §14.2: ranges are defined for `GET` only (a `HEAD` with
@@ -51,11 +51,12 @@ pub(crate) fn entry_response<B: Body>(
         let mut response = Response::new(FenceBody::cached(partial.body, None));
         *response.status_mut() = partial.status;
         *response.headers_mut() = partial.headers;
-        let headers = response.headers_mut();
         if with_age {
-            headers.insert(header::AGE, HeaderValue::from(age));
+            response
+                .headers_mut()
+                .insert(header::AGE, HeaderValue::from(age));
         }
-        status.append_to(headers);
+        status.stamp(&mut response);
         return response;
     }
     let body_len = entry.body.len();
@@ -79,7 +80,7 @@ pub(crate) fn entry_response<B: Body>(
     if with_age {
         headers.insert(header::AGE, HeaderValue::from(age));
     }
-    status.append_to(headers);
+    status.stamp(&mut response);
     response
 }
 
@@ -108,6 +109,7 @@ pub(crate) fn stale_response<B: Body>(
     status.hit = status.fwd.is_none();
     status.ttl = Some(stale.ttl_ms(now_ms).div_euclid(1000));
     status.detail = Some(detail);
+    status.served_stale = true;
     entry_response(Entry::clone(stale), now_ms, head, status, true, conditional)
 }
 
@@ -130,7 +132,7 @@ fn own<B: Body>(
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
-    status.append_to(headers);
+    status.stamp(&mut response);
     response
 }
 

@@ -50,6 +50,8 @@ pub(crate) struct CacheStatus {
     /// The request waited for another request's forward (RFC 9211 §2.6).
     pub(crate) collapsed: bool,
     pub(crate) detail: Option<&'static str>,
+    /// A stale entry was served (not rendered: `ttl` and `detail` say it).
+    pub(crate) served_stale: bool,
 }
 
 impl CacheStatus {
@@ -84,6 +86,7 @@ impl CacheStatus {
             hit: true,
             ttl: Some(ttl_secs),
             detail: Some(detail),
+            served_stale: true,
             ..CacheStatus::default()
         }
     }
@@ -129,6 +132,139 @@ impl CacheStatus {
         if let Ok(value) = HeaderValue::from_str(&self.render()) {
             headers.append(CACHE_STATUS.clone(), value);
         }
+    }
+
+    /// Says what the cache did on `response`: its `Cache-Status` member,
+    /// and the [`CacheOutcome`] in its extensions.
+    pub(crate) fn stamp<B>(self, response: &mut http::Response<B>) {
+        self.append_to(response.headers_mut());
+        response
+            .extensions_mut()
+            .insert(CacheOutcome { status: self });
+    }
+
+    /// [`stamp`](Self::stamp) on a response's head.
+    pub(crate) fn stamp_parts(self, parts: &mut http::response::Parts) {
+        self.append_to(&mut parts.headers);
+        parts.extensions.insert(CacheOutcome { status: self });
+    }
+}
+
+/// What the cache did for one response: in the response's extensions, so
+/// that middleware (`TraceLayer`, metrics) and tests read it without
+/// parsing `Cache-Status`, which says the same.
+///
+/// ```
+/// use axum::{routing::get, Router};
+/// use tower::ServiceExt;
+/// use tower_fence::{CacheOutcome, FenceLayer, Served};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let app = Router::new()
+///     .route("/", get(|| async { ([("cache-control", "max-age=60")], "hi") }))
+///     .layer(FenceLayer::memory());
+/// let get = || http::Request::get("/").body(axum::body::Body::empty()).unwrap();
+/// let first = app.clone().oneshot(get()).await.unwrap();
+/// let outcome = first.extensions().get::<CacheOutcome>().unwrap();
+/// assert_eq!(outcome.served(), Served::Miss);
+/// assert!(outcome.stored());
+/// let second = app.oneshot(get()).await.unwrap();
+/// assert_eq!(second.extensions().get::<CacheOutcome>().unwrap().served(), Served::Hit);
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheOutcome {
+    status: CacheStatus,
+}
+
+/// How a response was served; see [`CacheOutcome::served`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Served {
+    /// From a fresh entry.
+    Hit,
+    /// From a stale entry: within grace while it refreshes, instead of an
+    /// origin error or an unreachable origin, after a wait ran out, or to
+    /// a request that accepted it (`max-stale`).
+    Stale,
+    /// With the response another request's rebuild fetched.
+    Collapsed,
+    /// By the inner service, for a cacheable request: no usable entry
+    /// (missing, stale, another variant) or the request's own directives.
+    Miss,
+    /// By the inner service, without the cache: method, credentials, a
+    /// route rule, a store failure and the like ([`CacheOutcome::detail`]).
+    Bypass,
+}
+
+impl Served {
+    /// `hit`, `stale`, `collapsed`, `miss` or `bypass`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Served::Hit => "hit",
+            Served::Stale => "stale",
+            Served::Collapsed => "collapsed",
+            Served::Miss => "miss",
+            Served::Bypass => "bypass",
+        }
+    }
+}
+
+impl CacheOutcome {
+    /// How the response was served.
+    pub fn served(&self) -> Served {
+        let status = &self.status;
+        if status.served_stale {
+            Served::Stale
+        } else if status.hit {
+            Served::Hit
+        } else if status.collapsed {
+            Served::Collapsed
+        } else if status.fwd == Some(Fwd::Bypass) {
+            Served::Bypass
+        } else {
+            Served::Miss
+        }
+    }
+
+    /// Why the request went forward (RFC 9211 `fwd`): `bypass`,
+    /// `uri-miss`, `vary-miss`, `stale` or `request`; `None` for a hit.
+    pub fn fwd(&self) -> Option<&'static str> {
+        self.status.fwd.map(Fwd::as_str)
+    }
+
+    /// The status the inner service answered with, when it was asked.
+    pub fn fwd_status(&self) -> Option<u16> {
+        self.status.fwd_status
+    }
+
+    /// Remaining freshness of the entry served, in seconds (negative when
+    /// stale).
+    pub fn ttl(&self) -> Option<i64> {
+        self.status.ttl
+    }
+
+    /// Whether the response was stored (or, for a body still streaming,
+    /// is being recorded to be).
+    pub fn stored(&self) -> bool {
+        self.status.stored
+    }
+
+    /// Whether the request waited for another request's rebuild.
+    pub fn collapsed(&self) -> bool {
+        self.status.collapsed
+    }
+
+    /// The `detail` token: why the cache was bypassed, why stale was
+    /// served, why a response was not stored.
+    pub fn detail(&self) -> Option<&'static str> {
+        self.status.detail
+    }
+
+    /// The `Cache-Status` member this outcome renders as.
+    pub fn cache_status(&self) -> String {
+        self.status.render()
     }
 }
 

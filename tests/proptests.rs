@@ -68,6 +68,36 @@ async fn send(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    // Every response carries the typed outcome, and it says what the
+    // header says.
+    let outcome = response
+        .extensions()
+        .get::<tower_fence::CacheOutcome>()
+        .expect("every response carries its CacheOutcome");
+    assert_eq!(outcome.cache_status(), status);
+    use tower_fence::Served;
+    let stale_details = [
+        "stale-while-revalidate",
+        "stale-if-error",
+        "max-stale",
+        "wait-timeout",
+        "origin-unreachable",
+    ];
+    let expected = if stale_details
+        .iter()
+        .any(|d| status.contains(&format!("detail={d}")))
+    {
+        Served::Stale
+    } else if status.contains("; hit") {
+        Served::Hit
+    } else if status.contains("; collapsed") {
+        Served::Collapsed
+    } else if status.contains("fwd=bypass") {
+        Served::Bypass
+    } else {
+        Served::Miss
+    };
+    assert_eq!(outcome.served(), expected, "{status}");
     response.into_body().collect().await.unwrap();
     status
 }

@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use tower::{Layer, ServiceExt};
 use tower_fence::invalidate::{Invalidator, PrefixStrategy, Purge};
 use tower_fence::store::{MemoryStore, RedisStore, Store};
-use tower_fence::{FenceLayer, FenceLayerBuilder};
+use tower_fence::{CacheOutcome, FenceLayer, FenceLayerBuilder, Served};
 
 /// An origin whose content has a version: `GET /items/{id}` answers
 /// `item {id} v{version}` with a strong ETag of the version, `304` to a
@@ -159,6 +159,7 @@ struct Answer {
     status: StatusCode,
     body: String,
     cache_status: String,
+    served: Option<Served>,
 }
 
 async fn send(svc: &Svc, method: Method, path: &str) -> Answer {
@@ -172,6 +173,10 @@ async fn send(svc: &Svc, method: Method, path: &str) -> Answer {
         .expect("the layer answers")
         .unwrap();
     let status = response.status();
+    let served = response
+        .extensions()
+        .get::<CacheOutcome>()
+        .map(CacheOutcome::served);
     let cache_status = response
         .headers()
         .get("cache-status")
@@ -182,6 +187,7 @@ async fn send(svc: &Svc, method: Method, path: &str) -> Answer {
         status,
         body: String::from_utf8(body.to_vec()).unwrap(),
         cache_status,
+        served,
     }
 }
 
@@ -262,6 +268,7 @@ async fn a_soft_purge_serves_stale_once_and_refreshes_once() {
             let stale = get_path(&svc, "/items/1").await;
             assert_eq!(stale.status, StatusCode::OK, "{case}");
             assert_eq!(stale.body, "item 1 v1", "{case}");
+            assert_eq!(stale.served, Some(Served::Stale), "{case}");
             assert!(
                 stale.cache_status.contains("ttl=-") || stale.cache_status.contains("ttl=0"),
                 "{case}: {}",

@@ -293,7 +293,7 @@ where
                 detail: Some(store_failure.unwrap_or(reason)),
                 ..CacheStatus::forward(fwd)
             };
-            status.append_to(response.headers_mut());
+            status.stamp(&mut response);
             let (parts, body) = response.into_parts();
             respond(Ok(Response::from_parts(
                 parts,
@@ -365,7 +365,7 @@ where
                 let _ = tx.send(piece);
             }
             let mut head = parts.clone();
-            status.append_to(&mut head.headers);
+            status.clone().stamp_parts(&mut head);
             let streamed = Response::from_parts(head, FenceBody::streamed(rx, hint));
             // A `Range` request waits for the whole body (within the cap
             // and the rebuild timeout) so that its ranges are cut from the
