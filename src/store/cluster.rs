@@ -12,11 +12,11 @@ use ::redis::{self as rds, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisE
 use bytes::Bytes;
 
 use super::feed::{
-    ttl_millis, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS, FILL_FEED_MAXLEN, RELEASE_LEASE,
-    SCAN_COUNT, SSCAN_COUNT,
+    ttl_millis, xadd_key_change, xadd_many_changed, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS,
+    FILL_FEED_MAXLEN, RELEASE_LEASE, SCAN_COUNT, SSCAN_COUNT,
 };
 use super::{
-    lease_key, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture,
+    lease_key, ChangeWatcher, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture,
     DEFAULT_FILL_FEED_KEY,
 };
 
@@ -527,7 +527,10 @@ impl Store for RedisClusterStore {
             // The entry and its lease share a hash tag: one slot, one command.
             let mut cmd = rds::cmd("UNLINK");
             cmd.arg(key).arg(lease_key(key));
-            self.query::<()>(&cmd).await
+            self.query::<()>(&cmd).await?;
+            // The feed is in a slot of its own: a second command.
+            self.query::<()>(&xadd_key_change(&self.feed.key, key))
+                .await
         })
     }
 
@@ -642,7 +645,8 @@ impl Store for RedisClusterStore {
             let leases = self
                 .scan_unlink_all(&masters, &pattern.leases().glob())
                 .await?;
-            let entries = self.scan_unlink_all(&masters, &pattern.glob()).await?;
+            let glob = pattern.glob();
+            let entries = self.scan_unlink_all(&masters, &glob).await?;
             // A failover during the walk: a replica now serves keys the walk
             // did not see. Fail, so that the invalidation is retried.
             if self.masters().await?.addresses != masters.addresses {
@@ -650,6 +654,8 @@ impl Store for RedisClusterStore {
                     "the cluster's masters changed during the walk",
                 ));
             }
+            self.query::<()>(&xadd_many_changed(&self.feed.key, &glob))
+                .await?;
             Ok(leases + entries)
         })
     }
@@ -658,6 +664,8 @@ impl Store for RedisClusterStore {
         Box::pin(async move {
             let first = self.sscan_unlink(set, None).await?;
             let second = self.sscan_unlink(set, None).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -670,6 +678,8 @@ impl Store for RedisClusterStore {
         Box::pin(async move {
             let first = self.sscan_unlink(set, Some(pattern)).await?;
             let second = self.sscan_unlink(set, Some(pattern)).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -677,6 +687,12 @@ impl Store for RedisClusterStore {
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
         self.start_feed_reader();
         Some(self.feed.subscribe(key))
+    }
+
+    fn watch_changes(&self, watcher: ChangeWatcher) -> bool {
+        self.feed.watch(watcher);
+        self.start_feed_reader();
+        true
     }
 }
 

@@ -10,10 +10,12 @@ use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
 
 use super::feed::{
-    ttl_millis, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS, FILL_FEED_MAXLEN, RELEASE_LEASE,
-    SCAN_COUNT, SSCAN_COUNT,
+    ttl_millis, xadd_key_change, xadd_many_changed, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS,
+    FILL_FEED_MAXLEN, RELEASE_LEASE, SCAN_COUNT, SSCAN_COUNT,
 };
-use super::{lease_key, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture};
+use super::{
+    lease_key, ChangeWatcher, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture,
+};
 
 /// The stream that carries fill notifications, unless
 /// [`RedisStore::fill_feed_key`] says otherwise.
@@ -49,6 +51,11 @@ pub type RedisPool = bb8::Pool<RedisConnectionManager>;
 /// reader that reconnects resumes from the last entry it saw instead of
 /// losing the fills in between. Waiters also poll, so a lost notification
 /// only costs latency.
+///
+/// Invalidations are appended to the same feed (one `XADD` after the
+/// deletes), so that the local tiers of every process
+/// ([`local_tier`](crate::FenceLayerBuilder::local_tier)) drop their
+/// copies; see [`Store::watch_changes`].
 ///
 /// ```no_run
 /// use bb8_redis::RedisConnectionManager;
@@ -267,9 +274,14 @@ impl Store for RedisStore {
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut cmd = redis::cmd("UNLINK");
-            cmd.arg(key).arg(lease_key(key));
-            self.query::<()>(&cmd).await
+            let mut pipe = redis::pipe();
+            pipe.cmd("UNLINK").arg(key).arg(lease_key(key)).ignore();
+            pipe.add_command(xadd_key_change(&self.feed.key, key))
+                .ignore();
+            let mut conn = self.connection().await?;
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.fail(e))
         })
     }
 
@@ -367,8 +379,11 @@ impl Store for RedisStore {
             // while that walk ran made a key the walk may have missed, but
             // that key exists for all of the second walk, which removes it
             // with every other entry.
+            let glob = pattern.glob();
             let leases = self.scan_unlink(&pattern.leases().glob()).await?;
-            let entries = self.scan_unlink(&pattern.glob()).await?;
+            let entries = self.scan_unlink(&glob).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, &glob))
+                .await?;
             Ok(leases + entries)
         })
     }
@@ -381,6 +396,8 @@ impl Store for RedisStore {
             // indexed.
             let first = self.sscan_unlink(set, None).await?;
             let second = self.sscan_unlink(set, None).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -395,6 +412,8 @@ impl Store for RedisStore {
             // not select stay in the set.
             let first = self.sscan_unlink(set, Some(pattern)).await?;
             let second = self.sscan_unlink(set, Some(pattern)).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -402,5 +421,11 @@ impl Store for RedisStore {
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
         self.start_feed_reader();
         Some(self.feed.subscribe(key))
+    }
+
+    fn watch_changes(&self, watcher: ChangeWatcher) -> bool {
+        self.feed.watch(watcher);
+        self.start_feed_reader();
+        true
     }
 }
