@@ -19,7 +19,7 @@ use crate::policy::{ClientCacheControl, PolicyConfig, DEFAULT_CACHEABLE_STATUSES
 use crate::service::FenceService;
 use crate::shared::{Clock, Counters, Shared, Stats};
 use crate::singleflight::SingleFlight;
-use crate::store::{MemoryStore, Store};
+use crate::store::{monotonic_ms, MemoryStore, NowMs, Store, TieredStore};
 use crate::store_client::StoreClient;
 
 use crate::breaker::Breaker;
@@ -225,6 +225,7 @@ pub struct FenceLayerBuilder {
     rules: Rules,
     rebuild_timeout: Duration,
     clock: Clock,
+    local_tier: Option<(u64, Duration)>,
 }
 
 impl Default for FenceLayerBuilder {
@@ -265,6 +266,7 @@ impl Default for FenceLayerBuilder {
             rules: Rules::new(),
             rebuild_timeout: DEFAULT_REBUILD_TIMEOUT,
             clock: Clock::system(),
+            local_tier: None,
         }
     }
 }
@@ -304,6 +306,7 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("rules", &self.rules)
             .field("rebuild_timeout", &self.rebuild_timeout)
             .field("clock", &self.clock)
+            .field("local_tier", &self.local_tier)
             .finish()
     }
 }
@@ -703,6 +706,45 @@ impl FenceLayerBuilder {
         self
     }
 
+    /// Keeps a local tier in this process in front of the store: records
+    /// read from the store are kept here, at most `capacity_bytes` of them
+    /// (keys and records) and each at most `ttl`, and served without a
+    /// round trip. Off by default; meant for a shared store (Redis), whose
+    /// hottest hits then cost no network.
+    ///
+    /// # Coherence, and its bound
+    ///
+    /// Every fill and invalidation of *this* process drops the local copies
+    /// it touches before it completes, so in this process a read never
+    /// returns data older than a write whose response has left the layer.
+    /// Other processes drop their copies when their store's change feed
+    /// ([`Store::watch_changes`]; the Redis stores' fill feed, which carries
+    /// fills and invalidations) tells them: a round trip or so after the
+    /// change while the feed is connected. A process whose feed breaks
+    /// drops every copy and keeps none until it reads the feed again; a
+    /// change that never reaches it (lost, or on a store with no feed) is
+    /// seen at the latest when the copy's `ttl` ends. So across processes a
+    /// read may be up to `ttl` older than a completed write: weaker than
+    /// the layer's guarantee without the tier, and why it is opt-in. Keep
+    /// `ttl` short (seconds).
+    ///
+    /// A prefix or tag invalidation drops every local copy (the tier does
+    /// not know which keys a prefix or tag covers).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_fence::FenceLayer;
+    ///
+    /// let layer = FenceLayer::builder()
+    ///     .local_tier(16 * 1024 * 1024, Duration::from_secs(2))
+    ///     .build()
+    ///     .unwrap();
+    /// ```
+    pub fn local_tier(mut self, capacity_bytes: u64, ttl: Duration) -> Self {
+        self.local_tier = Some((capacity_bytes, ttl));
+        self
+    }
+
     /// Where the time of day comes from. Defaults to [`Clock::system`];
     /// tests that pause Tokio's time use [`Clock::tokio`], tests over real
     /// sockets [`Clock::manual`].
@@ -843,9 +885,20 @@ impl FenceLayerBuilder {
                 ConfigError::new(format!("tag header {name:?} is not a header name"))
             })?),
         };
-        let store = self
+        let mut store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::default()));
+        if let Some((capacity_bytes, ttl)) = self.local_tier {
+            // The tier's TTL follows a test clock; the system clock's
+            // time of day may jump, so then a monotonic one.
+            let now_ms: NowMs = if self.clock == Clock::system() {
+                monotonic_ms()
+            } else {
+                let clock = self.clock.clone();
+                Arc::new(move || clock.now_ms())
+            };
+            store = Arc::new(TieredStore::new(store, capacity_bytes, ttl, now_ms));
+        }
         let hit_for_miss = moka::sync::Cache::builder()
             .max_capacity(HIT_FOR_MISS_CAPACITY)
             .time_to_live(self.hit_for_miss_ttl.max(Duration::from_millis(1)))

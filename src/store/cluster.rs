@@ -12,12 +12,12 @@ use ::redis::{self as rds, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisE
 use bytes::Bytes;
 
 use super::feed::{
-    ttl_millis, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS, FILL_FEED_MAXLEN, RELEASE_LEASE,
-    SCAN_COUNT, SSCAN_COUNT,
+    ttl_millis, xadd_key_change, xadd_many_changed, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS,
+    FILL_FEED_MAXLEN, RELEASE_LEASE, SCAN_COUNT, SSCAN_COUNT,
 };
 use super::removal::Removal;
 use super::{
-    lease_key, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture,
+    lease_key, ChangeWatcher, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture,
     DEFAULT_FILL_FEED_KEY,
 };
 
@@ -503,6 +503,9 @@ impl RedisClusterStore {
                 "the cluster's masters changed during the walk",
             ));
         }
+        // Local tiers of other instances drop what they hold.
+        self.query::<()>(&xadd_many_changed(&self.feed.key, &pattern.glob()))
+            .await?;
         Ok(leases + entries)
     }
 }
@@ -606,7 +609,10 @@ impl Store for RedisClusterStore {
             // The entry and its lease share a hash tag: one slot, one command.
             let mut cmd = rds::cmd("UNLINK");
             cmd.arg(key).arg(lease_key(key));
-            self.query::<()>(&cmd).await
+            self.query::<()>(&cmd).await?;
+            // The feed is in a slot of its own: a second command.
+            self.query::<()>(&xadd_key_change(&self.feed.key, key))
+                .await
         })
     }
 
@@ -721,6 +727,8 @@ impl Store for RedisClusterStore {
         Box::pin(async move {
             let first = self.sscan_remove(set, None, Removal::Delete).await?;
             let second = self.sscan_remove(set, None, Removal::Delete).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -737,6 +745,8 @@ impl Store for RedisClusterStore {
             let second = self
                 .sscan_remove(set, Some(pattern), Removal::Delete)
                 .await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -744,7 +754,10 @@ impl Store for RedisClusterStore {
     fn mark_stale<'a>(&'a self, key: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
         Box::pin(async move {
             let keys = vec![lease_key(key), key.to_owned()];
-            self.remove(keys, Removal::MarkStale { at_ms }).await
+            let changed = self.remove(keys, Removal::MarkStale { at_ms }).await?;
+            self.query::<()>(&xadd_key_change(&self.feed.key, key))
+                .await?;
+            Ok(changed)
         })
     }
 
@@ -761,6 +774,8 @@ impl Store for RedisClusterStore {
             let removal = Removal::MarkStale { at_ms };
             let first = self.sscan_remove(set, None, removal).await?;
             let second = self.sscan_remove(set, None, removal).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -775,6 +790,8 @@ impl Store for RedisClusterStore {
             let removal = Removal::MarkStale { at_ms };
             let first = self.sscan_remove(set, Some(pattern), removal).await?;
             let second = self.sscan_remove(set, Some(pattern), removal).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -782,6 +799,12 @@ impl Store for RedisClusterStore {
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
         self.start_feed_reader();
         Some(self.feed.subscribe(key))
+    }
+
+    fn watch_changes(&self, watcher: ChangeWatcher) -> bool {
+        self.feed.watch(watcher);
+        self.start_feed_reader();
+        true
     }
 }
 

@@ -1,5 +1,11 @@
-//! What the two Redis stores share: the fill feed (its waiters and its
-//! reader), the lease scripts, the step sizes of scans and TTL conversion.
+//! What the two Redis stores share: the fill feed (its waiters, its
+//! watchers of changes and its reader), the lease scripts, the step sizes
+//! of scans and TTL conversion.
+//!
+//! The feed is a capped stream. A fill appends `k` = key; an invalidation
+//! appends `i` = key (one key and its lease) or `m` = what it matched (a
+//! prefix, a tag's set: keys not named). Readers that know no field skip
+//! the entry, so a feed can carry new kinds of change to old readers.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,7 +18,7 @@ use bb8_redis::redis::streams::{StreamRangeReply, StreamReadReply};
 use bb8_redis::redis::{self, RedisResult, Script};
 use tokio::sync::watch;
 
-use super::FillSubscription;
+use super::{Change, ChangeWatcher, FillSubscription};
 
 /// Length the fill feed is trimmed to (approximately).
 pub(super) const FILL_FEED_MAXLEN: usize = 10_000;
@@ -46,6 +52,45 @@ pub(super) struct FillFeed {
     pub(super) key: String,
     waiters: Mutex<HashMap<String, watch::Sender<u64>>>,
     reading: AtomicBool,
+    watchers: Mutex<Watchers>,
+}
+
+/// Who hears of changes, and whether the reader reads from a known
+/// position (so that a new watcher hears [`Change::Resumed`] at once).
+#[derive(Debug, Default)]
+struct Watchers {
+    live: bool,
+    list: Vec<ChangeWatcher>,
+}
+
+/// The field of a feed entry naming a filled key.
+const FILLED: &str = "k";
+/// The field of a feed entry naming an invalidated key.
+const INVALIDATED_KEY: &str = "i";
+/// The field of a feed entry telling of keys not named (a pattern, a set).
+const INVALIDATED_MANY: &str = "m";
+
+/// `XADD` of an invalidation of `key` to the feed `stream`.
+pub(super) fn xadd_key_change(stream: &str, key: &str) -> redis::Cmd {
+    xadd(stream, INVALIDATED_KEY, key)
+}
+
+/// `XADD` of an invalidation of keys not named (`what`: a glob or a set)
+/// to the feed `stream`.
+pub(super) fn xadd_many_changed(stream: &str, what: &str) -> redis::Cmd {
+    xadd(stream, INVALIDATED_MANY, what)
+}
+
+fn xadd(stream: &str, field: &str, value: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(FILL_FEED_MAXLEN)
+        .arg("*")
+        .arg(field)
+        .arg(value);
+    cmd
 }
 
 impl FillFeed {
@@ -54,7 +99,42 @@ impl FillFeed {
             key,
             waiters: Mutex::new(HashMap::new()),
             reading: AtomicBool::new(false),
+            watchers: Mutex::new(Watchers::default()),
         }
+    }
+
+    fn watchers(&self) -> MutexGuard<'_, Watchers> {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds `watcher`; tells it [`Change::Resumed`] at once when the feed
+    /// is read already.
+    pub(super) fn watch(&self, watcher: ChangeWatcher) {
+        let mut watchers = self.watchers();
+        if watchers.live && !watcher.notify(Change::Resumed) {
+            return;
+        }
+        watchers.list.push(watcher);
+    }
+
+    /// Tells every watcher of `change`, forgetting those that are gone.
+    /// Under the lock, so that a watcher added meanwhile hears of the
+    /// feed's state and every change after it, in order.
+    fn changed(&self, change: Change<'_>) {
+        let mut watchers = self.watchers();
+        match change {
+            Change::Lost => {
+                if !watchers.live {
+                    return;
+                }
+                watchers.live = false;
+            }
+            Change::Resumed => watchers.live = true,
+            _ => {}
+        }
+        watchers.list.retain(|watcher| watcher.notify(change));
     }
 
     fn waiters(&self) -> MutexGuard<'_, HashMap<String, watch::Sender<u64>>> {
@@ -122,6 +202,9 @@ where
             Ok(conn) => conn,
             Err(err) => {
                 tracing::debug!(error = %err, "tower-fence: fill feed reader cannot connect");
+                if let Some(feed) = feed.upgrade() {
+                    feed.changed(Change::Lost);
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
                 continue;
@@ -149,6 +232,9 @@ where
                 }
                 Err(err) => {
                     tracing::debug!(error = %err, "tower-fence: fill feed reader cannot read");
+                    if let Some(feed) = feed.upgrade() {
+                        feed.changed(Change::Lost);
+                    }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                     continue;
@@ -156,6 +242,12 @@ where
             }
         }
         pause = Duration::from_millis(50);
+        // Read from a known position again: whatever was kept while the
+        // feed was not read may have missed changes, so watchers drop it.
+        match feed.upgrade() {
+            Some(feed) => feed.changed(Change::Resumed),
+            None => return,
+        }
         loop {
             let from = last_id.clone().unwrap_or_else(|| "$".to_owned());
             let reply: RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
@@ -175,8 +267,14 @@ where
                 Ok(Some(reply)) => {
                     for key in reply.keys {
                         for entry in key.ids {
-                            if let Some(filled) = entry.get::<String>("k") {
+                            if let Some(filled) = entry.get::<String>(FILLED) {
+                                // Copies go before waiters wake and read.
+                                feed.changed(Change::Key(&filled));
                                 feed.notify(&filled);
+                            } else if let Some(key) = entry.get::<String>(INVALIDATED_KEY) {
+                                feed.changed(Change::Key(&key));
+                            } else if entry.map.contains_key(INVALIDATED_MANY) {
+                                feed.changed(Change::Many);
                             }
                             last_id = Some(entry.id);
                         }
@@ -185,6 +283,7 @@ where
                 Ok(None) => {}
                 Err(err) => {
                     tracing::debug!(error = %err, "tower-fence: fill feed read failed; reconnecting");
+                    feed.changed(Change::Lost);
                     tokio::time::sleep(pause).await;
                     break;
                 }

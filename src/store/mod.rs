@@ -26,6 +26,10 @@ pub use crate::key::{lease_key, KeyPattern};
 mod memory;
 pub use memory::{MemoryStore, DEFAULT_MEMORY_CAPACITY_BYTES};
 
+mod tiered;
+pub(crate) use tiered::{monotonic_ms, NowMs, TieredStore};
+pub use tiered::{Change, ChangeWatcher};
+
 #[cfg(feature = "redis")]
 mod feed;
 #[cfg(feature = "redis")]
@@ -139,6 +143,21 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
         let _ = key;
         None
+    }
+
+    /// Tells `watcher` of every [`Change`] any process makes to the
+    /// records from now on (fills, deletes, invalidations), as the store's
+    /// change feed carries them, and of the feed breaking
+    /// ([`Change::Lost`]) and being read again ([`Change::Resumed`]; at once
+    /// when it is read already). `false` when the store has no such feed:
+    /// the local tier then relies on its TTL alone. The Redis stores carry
+    /// changes on their fill feed. A store that marks entries stale must
+    /// publish that as a change too.
+    ///
+    /// The default has no feed and returns `false`.
+    fn watch_changes(&self, watcher: ChangeWatcher) -> bool {
+        let _ = watcher;
+        false
     }
 
     /// Drops connections that may be dead: called by the layer when its
@@ -400,6 +419,10 @@ impl<T: Store + ?Sized> Store for Arc<T> {
 
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
         (**self).subscribe_fill(key)
+    }
+
+    fn watch_changes(&self, watcher: ChangeWatcher) -> bool {
+        (**self).watch_changes(watcher)
     }
 
     fn reconnect(&self) {

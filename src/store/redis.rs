@@ -10,11 +10,13 @@ use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
 
 use super::feed::{
-    ttl_millis, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS, FILL_FEED_MAXLEN, RELEASE_LEASE,
-    SCAN_COUNT, SSCAN_COUNT,
+    ttl_millis, xadd_key_change, xadd_many_changed, FillFeed, EXTEND_LEASE, FILL_FEED_BLOCK_MS,
+    FILL_FEED_MAXLEN, RELEASE_LEASE, SCAN_COUNT, SSCAN_COUNT,
 };
 use super::removal::{Removal, MARK_STALE};
-use super::{lease_key, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture};
+use super::{
+    lease_key, ChangeWatcher, Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture,
+};
 
 /// The stream that carries fill notifications, unless
 /// [`RedisStore::fill_feed_key`] says otherwise.
@@ -50,6 +52,11 @@ pub type RedisPool = bb8::Pool<RedisConnectionManager>;
 /// reader that reconnects resumes from the last entry it saw instead of
 /// losing the fills in between. Waiters also poll, so a lost notification
 /// only costs latency.
+///
+/// Invalidations are appended to the same feed (one `XADD` after the
+/// deletes), so that the local tiers of every process
+/// ([`local_tier`](crate::FenceLayerBuilder::local_tier)) drop their
+/// copies; see [`Store::watch_changes`].
 ///
 /// ```no_run
 /// use bb8_redis::RedisConnectionManager;
@@ -304,9 +311,14 @@ impl Store for RedisStore {
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut cmd = redis::cmd("UNLINK");
-            cmd.arg(key).arg(lease_key(key));
-            self.query::<()>(&cmd).await
+            let mut pipe = redis::pipe();
+            pipe.cmd("UNLINK").arg(key).arg(lease_key(key)).ignore();
+            pipe.add_command(xadd_key_change(&self.feed.key, key))
+                .ignore();
+            let mut conn = self.connection().await?;
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.fail(e))
         })
     }
 
@@ -404,10 +416,13 @@ impl Store for RedisStore {
             // while that walk ran made a key the walk may have missed, but
             // that key exists for all of the second walk, which removes it
             // with every other entry.
+            let glob = pattern.glob();
             let leases = self
                 .scan_remove(&pattern.leases().glob(), Removal::Delete)
                 .await?;
-            let entries = self.scan_remove(&pattern.glob(), Removal::Delete).await?;
+            let entries = self.scan_remove(&glob, Removal::Delete).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, &glob))
+                .await?;
             Ok(leases + entries)
         })
     }
@@ -420,6 +435,8 @@ impl Store for RedisStore {
             // indexed.
             let first = self.sscan_remove(set, None, Removal::Delete).await?;
             let second = self.sscan_remove(set, None, Removal::Delete).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -438,6 +455,8 @@ impl Store for RedisStore {
             let second = self
                 .sscan_remove(set, Some(pattern), Removal::Delete)
                 .await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -445,7 +464,12 @@ impl Store for RedisStore {
     fn mark_stale<'a>(&'a self, key: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
         Box::pin(async move {
             let keys = [lease_key(key), key.to_owned()];
-            self.remove(&keys, Removal::MarkStale { at_ms }, None).await
+            let changed = self
+                .remove(&keys, Removal::MarkStale { at_ms }, None)
+                .await?;
+            self.query::<()>(&xadd_key_change(&self.feed.key, key))
+                .await?;
+            Ok(changed)
         })
     }
 
@@ -460,8 +484,11 @@ impl Store for RedisStore {
             let leases = self
                 .scan_remove(&pattern.leases().glob(), Removal::Delete)
                 .await?;
+            let glob = pattern.glob();
             let entries = self
-                .scan_remove(&pattern.glob(), Removal::MarkStale { at_ms })
+                .scan_remove(&glob, Removal::MarkStale { at_ms })
+                .await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, &glob))
                 .await?;
             Ok(leases + entries)
         })
@@ -474,6 +501,8 @@ impl Store for RedisStore {
             let removal = Removal::MarkStale { at_ms };
             let first = self.sscan_remove(set, None, removal).await?;
             let second = self.sscan_remove(set, None, removal).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -488,6 +517,8 @@ impl Store for RedisStore {
             let removal = Removal::MarkStale { at_ms };
             let first = self.sscan_remove(set, Some(pattern), removal).await?;
             let second = self.sscan_remove(set, Some(pattern), removal).await?;
+            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+                .await?;
             Ok(first + second)
         })
     }
@@ -495,5 +526,11 @@ impl Store for RedisStore {
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
         self.start_feed_reader();
         Some(self.feed.subscribe(key))
+    }
+
+    fn watch_changes(&self, watcher: ChangeWatcher) -> bool {
+        self.feed.watch(watcher);
+        self.start_feed_reader();
+        true
     }
 }
