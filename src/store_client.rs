@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use http::HeaderName;
 
@@ -300,9 +301,10 @@ impl StoreClient {
     fn spawn_delete(self: &Arc<Self>, key: String) {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let client = self.clone();
-            handle.spawn(async move {
+            let delete = async move {
                 let _ = client.delete(&key).await;
-            });
+            };
+            handle.spawn(delete.instrument(tracing::Span::current()));
         }
     }
 

@@ -20,6 +20,7 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
@@ -84,7 +85,9 @@ where
         return Err(Box::new(job));
     };
     let (tx, reply) = oneshot::channel();
-    let task = runtime.spawn(run(job, tx));
+    // The rebuild carries the request's span: one trace for its client's
+    // request and the origin call it made.
+    let task = runtime.spawn(run(job, tx).instrument(tracing::Span::current()));
     Ok(Leading { reply, task })
 }
 

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument;
 
 use http::Request;
 
@@ -33,7 +34,7 @@ where
     else {
         return;
     };
-    runtime.spawn(async move {
+    let refresh = async move {
         let mut svc = svc;
         let mut req = req;
         let key = &keyed.key;
@@ -97,5 +98,7 @@ where
         if filled == Filled::Stored {
             lead.land(Landing::Response(Arc::new(entry)));
         }
-    });
+    };
+    // The refresh carries the span of the request that started it.
+    runtime.spawn(refresh.instrument(tracing::Span::current()));
 }

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use http::{HeaderMap, HeaderName};
 
@@ -250,6 +251,6 @@ pub(crate) fn fill_behind(
     });
     let mut cx = Context::from_waker(Waker::noop());
     if work.as_mut().poll(&mut cx).is_pending() {
-        handle.spawn(work);
+        handle.spawn(work.instrument(tracing::Span::current()));
     }
 }

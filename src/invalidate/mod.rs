@@ -86,6 +86,7 @@ use std::time::Duration;
 use http::header::{self, HeaderMap};
 use http::{Request, StatusCode, Uri};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::error::StoreError;
 use crate::flow::plan;
@@ -476,11 +477,14 @@ pub(crate) async fn inline(shared: Arc<Shared>, targets: Vec<Target>) {
                 let shared = shared.clone();
                 let work = target.clone();
                 shared.invalidation.running.fetch_add(1, Ordering::Relaxed);
-                let task = runtime.spawn(async move {
+                let task = async move {
                     let done = run(&shared, &work, purge).await.is_ok();
                     shared.invalidation.running.fetch_sub(1, Ordering::Relaxed);
                     done
-                });
+                };
+                // In the write's span: one trace for the write and what it
+                // invalidated.
+                let task = runtime.spawn(task.instrument(tracing::Span::current()));
                 Some((target, task))
             })
             .collect(),
@@ -539,13 +543,14 @@ impl Drop for Running {
             };
             let debt = self.shared.store.owed().owe(self.since_ms);
             let shared = self.shared.clone();
-            runtime.spawn(async move {
+            let settle = async move {
                 if task.await.unwrap_or(false) {
                     shared.store.owed().pay(debt);
                 } else {
                     retry_owed(&shared, target, purge, debt);
                 }
-            });
+            };
+            runtime.spawn(settle.instrument(tracing::Span::current()));
         }
     }
 }
