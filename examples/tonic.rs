@@ -1,0 +1,3 @@
+//! Placeholder.
+mod proto;
+fn main() {}
