@@ -503,6 +503,26 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_does_not_end_in_time_is_handed_on_as_it_came() {
+        use futures_util::StreamExt;
+        use http_body_util::StreamBody;
+        // One message, then nothing (a bidi call waiting for its answer).
+        let first = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+            Bytes::from(message(b"a")),
+        ))]);
+        let body = StreamBody::new(first.chain(futures_util::stream::pending()));
+        match collect(body, 1024, Duration::from_secs(1)).await {
+            Collected::Partial(mut replay, detail) => {
+                assert_eq!(detail, "request-timeout");
+                let frame = replay.frame().await.unwrap().unwrap();
+                assert_eq!(frame.into_data().unwrap(), Bytes::from(message(b"a")));
+                assert!(!replay.is_end_stream(), "the rest is still to come");
+            }
+            Collected::Whole(_) => panic!("a body that never ended was read whole"),
+        }
+    }
+
     #[tokio::test]
     async fn a_partly_read_body_is_replayed_whole() {
         use http_body_util::StreamBody;
