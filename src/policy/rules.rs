@@ -1837,6 +1837,88 @@ mod tests {
     }
 
     #[test]
+    fn grpc_rules_name_one_method_and_match_grpc_calls_only() {
+        for bad in [
+            "pkg.Svc/Get",
+            "/pkg.Svc",
+            "/pkg.Svc/",
+            "//Get",
+            "/a/b/c",
+            "/a/{m}",
+        ] {
+            assert!(Rule::grpc(bad).validate().is_err(), "{bad}");
+        }
+        let rules: Rules = [
+            Rule::prefix("/"),
+            Rule::grpc("/pkg.Svc/Get"),
+            Rule::grpc("/pkg.Svc/Put").invalidate_tags(["t"]),
+        ]
+        .into_iter()
+        .collect();
+        assert!(rules.validate().is_ok());
+        let grpc = |path| {
+            rules
+                .find_kind(&Method::POST, path, true)
+                .map(|m| m.rule.source.clone())
+        };
+        assert_eq!(grpc("/pkg.Svc/Get").as_deref(), Some("/pkg.Svc/Get"));
+        assert_eq!(
+            grpc("/pkg.Svc/Other"),
+            None,
+            "an HTTP rule names no gRPC method"
+        );
+        assert_eq!(grpc("/pkg.Svc/Get/x"), None);
+        assert!(rules
+            .find_kind(&Method::GET, "/pkg.Svc/Get", true)
+            .is_none());
+        // Plain HTTP requests never match a gRPC rule.
+        let http = rules.find(&Method::POST, "/pkg.Svc/Get").unwrap();
+        assert_eq!(http.rule.source, "/");
+        let writes: Vec<bool> = rules.rules.iter().map(Rule::is_grpc_write).collect();
+        assert_eq!(writes, [false, false, true]);
+    }
+
+    #[test]
+    fn header_params_fill_tags_and_are_checked() {
+        let rule = Rule::grpc("/u.U/Get")
+            .header_param("id", "x-user-id")
+            .tags(["user-{id}"]);
+        assert!(rule.validate().is_ok());
+        assert!(Rule::grpc("/u.U/Get")
+            .tags(["user-{id}"])
+            .validate()
+            .is_err());
+        assert!(Rule::path("/users/{id}")
+            .header_param("id", "x-id")
+            .validate()
+            .is_err());
+        assert!(Rule::grpc("/u.U/Get")
+            .header_param("id", "not a header")
+            .validate()
+            .is_err());
+        let rules: Rules = [rule].into_iter().collect();
+        let mut parts = http::Request::post("/u.U/Get")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let mut matched = rules.find_kind(&Method::POST, "/u.U/Get", true).unwrap();
+        assert_eq!(matched.rule.bypass_reason(&parts), Some("param-missing"));
+        for bad in ["a*b", "a/b", "", "a b"] {
+            parts.headers.insert("x-user-id", bad.parse().unwrap());
+            assert_eq!(
+                matched.rule.bypass_reason(&parts),
+                Some("param-missing"),
+                "{bad:?}"
+            );
+        }
+        parts.headers.insert("x-user-id", "42".parse().unwrap());
+        assert_eq!(matched.rule.bypass_reason(&parts), None);
+        matched.add_header_params(&parts.headers);
+        assert_eq!(matched.tags(), ["user-42"]);
+    }
+
+    #[test]
     fn invalid_patterns_are_reported_not_panicked() {
         let bad = [
             "",
