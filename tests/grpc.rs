@@ -155,6 +155,19 @@ fn cache_status<T>(response: &Response<T>) -> String {
         .unwrap_or_default()
 }
 
+/// Waits until `condition` holds; a bound on the wait, not on timing (the
+/// counts decide): past it the test fails with `what` instead of hanging.
+async fn until(mut condition: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let waited = tokio::time::timeout(Duration::from_secs(120), async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    if waited.await.is_err() {
+        panic!("never happened: {}", what());
+    }
+}
+
 fn layer(rules: impl IntoIterator<Item = Rule>) -> FenceLayer {
     FenceLayer::builder().rules(rules).build().unwrap()
 }
@@ -293,12 +306,11 @@ async fn an_error_status_is_never_cached_nor_given_to_waiters() {
             tokio::spawn(async move { client.get(get("gate-fail")).await })
         })
         .collect();
-    loop {
-        if fake.at_gate.load(Ordering::SeqCst) >= 1 && stats.stats().misses >= 12 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    until(
+        || fake.at_gate.load(Ordering::SeqCst) >= 1 && stats.stats().misses >= 12,
+        || format!("all ten calls waiting: {:?}", stats.stats()),
+    )
+    .await;
     while !calls.iter().all(|c| c.is_finished()) {
         fake.gate.notify_waiters();
         tokio::task::yield_now().await;
@@ -398,9 +410,11 @@ async fn a_thousand_concurrent_identical_calls_reach_the_service_once() {
         })
         .collect();
     // Every call reached the layer (and waits) before the leader answers.
-    while !(fake.at_gate.load(Ordering::SeqCst) == 1 && stats.stats().misses >= 1000) {
-        tokio::task::yield_now().await;
-    }
+    until(
+        || fake.at_gate.load(Ordering::SeqCst) >= 1 && stats.stats().misses >= 1000,
+        || format!("all calls waiting: {:?}", stats.stats()),
+    )
+    .await;
     fake.gate.notify_waiters();
     let mut names = std::collections::HashSet::new();
     for call in calls {
@@ -444,24 +458,20 @@ async fn two_processes_on_redis_share_one_call() {
             tokio::spawn(async move { client.get(get("gate-r")).await })
         })
         .collect();
-    let arrived = async {
-        while !(fake.at_gate.load(Ordering::SeqCst) >= 1
-            && layers.iter().map(|l| l.stats().misses).sum::<u64>() >= 1000
-            && layers.iter().map(|l| l.stats().remote_waits).sum::<u64>() >= 1)
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    // A bound on the wait, not on timing: the counts decide.
-    tokio::time::timeout(Duration::from_secs(120), arrived)
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "calls never all arrived: at gate {}, stats {:?}",
-                fake.at_gate.load(Ordering::SeqCst),
+    until(
+        || {
+            fake.at_gate.load(Ordering::SeqCst) >= 1
+                && layers.iter().map(|l| l.stats().misses).sum::<u64>() >= 1000
+                && layers.iter().map(|l| l.stats().remote_waits).sum::<u64>() >= 1
+        },
+        || {
+            format!(
+                "all calls waiting: {:?}",
                 layers.iter().map(|l| l.stats()).collect::<Vec<_>>()
             )
-        });
+        },
+    )
+    .await;
     fake.gate.notify_waiters();
     for call in calls {
         call.await.unwrap().unwrap();
