@@ -3,6 +3,8 @@
 //! function of [`flow`](crate::flow) what to do next.
 //!
 //! ```text
+//! ReadGrpc ─┬─ Lookup / Waiting (a gRPC call a rule caches, its message read)
+//!           └─ Inner (pass: not one message in time, or no rule now)
 //! Lookup ─┬─ Serve ───────────────────────────────► Done
 //!         ├─ Lookup (the variant)
 //!         ├─ Waiting ─┬─ Serve / 502 ─────────────► Done
@@ -31,10 +33,11 @@ use crate::entry::Entry;
 use crate::flow::hit::{self, Miss, Verdict};
 use crate::flow::lead::{self, Job, Leading};
 use crate::flow::lookup::lookup;
-use crate::flow::plan::Write;
+use crate::flow::plan::{self, Plan, Write};
 use crate::flow::settle::{self, Fence};
 use crate::flow::wait::{self, AfterWait};
 use crate::flow::{refresh, Inner, Keyed, SendBody};
+use crate::grpc;
 use crate::invalidate::{self, InvalidationMode};
 use crate::policy;
 use crate::respond::{self, vary_values};
@@ -74,6 +77,12 @@ pin_project! {
         S: Service<Request<B>>,
         RB: Body,
     {
+        ReadGrpc {
+            read: BoxFuture<grpc::Read<B>>,
+            svc: Option<S>,
+            parts: Option<http::request::Parts>,
+            shared: Arc<Shared>,
+        },
         Lookup {
             lookup: BoxFuture<Found>,
             pending: Option<Pending<S, B>>,
@@ -132,6 +141,56 @@ where
     S: Service<Request<B>>,
     RB: Body,
 {
+    /// A gRPC call a rule caches: its request message is read first.
+    pub(crate) fn read_grpc(
+        svc: S,
+        parts: http::request::Parts,
+        body: B,
+        shared: Arc<Shared>,
+    ) -> Self
+    where
+        B: Send + 'static,
+    {
+        let read = Box::pin(grpc::read_request(
+            body,
+            shared.grpc_max_request,
+            shared.grpc_read_timeout,
+        ));
+        ResponseFuture {
+            state: State::ReadGrpc {
+                read,
+                svc: Some(svc),
+                parts: Some(parts),
+                shared,
+            },
+        }
+    }
+
+    /// A request the cache may answer: it waits on a rebuild already
+    /// running in this process, or looks its key up.
+    pub(crate) fn start(pending: Pending<S, B>) -> Self {
+        let keyed = &pending.keyed;
+        let may_join = (pending.req.method() == Method::GET || is_grpc_lookup(&pending.req))
+            && keyed.may_share()
+            && !keyed.facts.only_if_cached
+            && !keyed.facts.no_cache;
+        let join = may_join
+            .then(|| {
+                keyed
+                    .shared
+                    .flights
+                    .join_running(keyed.key.as_str(), keyed.epoch)
+            })
+            .flatten();
+        match join {
+            Some(wait) => {
+                keyed.shared.bump(|c| &c.misses);
+                ResponseFuture::waiting(wait, pending)
+            }
+            None => ResponseFuture::lookup(pending),
+        }
+    }
+
     pub(crate) fn lookup(mut pending: Pending<S, B>) -> Self {
         // The origin chooses for the variant the request is keyed under.
         crate::vary::normalise_request(pending.req.headers_mut());
@@ -194,6 +253,7 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
+            State::ReadGrpc { .. } => "ReadGrpc",
             State::Lookup { .. } => "Lookup",
             State::Waiting { .. } => "Waiting",
             State::Leading { .. } => "Leading",
@@ -236,6 +296,18 @@ where
         let mut state = self.project().state;
         loop {
             let step = match state.as_mut().project() {
+                StateProj::ReadGrpc {
+                    read,
+                    svc,
+                    parts,
+                    shared,
+                } => {
+                    let read = ready!(read.as_mut().poll(cx));
+                    match (svc.take(), parts.take()) {
+                        (Some(svc), Some(parts)) => after_read(svc, parts, read, shared),
+                        _ => Step::Go(State::Done),
+                    }
+                }
                 StateProj::Lookup { lookup, pending } => {
                     let found = ready!(lookup.as_mut().poll(cx));
                     match pending.take() {
@@ -347,6 +419,60 @@ where
     }
 }
 
+/// A gRPC call a rule caches, once its body was read: looked up under a key
+/// that holds its message, or passed as it came.
+fn after_read<S, B, RB>(
+    mut svc: S,
+    parts: http::request::Parts,
+    read: grpc::Read<B>,
+    shared: &Arc<Shared>,
+) -> Step<S, B, RB>
+where
+    S: Service<Request<B>>,
+    RB: Body,
+{
+    let (keyed, req) = match read {
+        grpc::Read::Message { message, body } => {
+            match plan::plan_grpc(shared, &parts, &message) {
+                Plan::Lookup(keyed) => (keyed, Request::from_parts(parts, body)),
+                Plan::Pass(status) => {
+                    let fut = svc.call(Request::from_parts(parts, body));
+                    let outcome = Outcome::Pass(shared.clone(), status);
+                    return Step::Go(State::Inner {
+                        fut,
+                        outcome: Some(outcome),
+                    });
+                }
+                // `plan_grpc` neither writes nor reads again.
+                Plan::Write(_) | Plan::ReadGrpc => {
+                    let fut = svc.call(Request::from_parts(parts, body));
+                    let outcome = Outcome::Pass(shared.clone(), CacheStatus::bypass("method"));
+                    return Step::Go(State::Inner {
+                        fut,
+                        outcome: Some(outcome),
+                    });
+                }
+            }
+        }
+        grpc::Read::Pass { body, detail } => {
+            shared.bump(|c| &c.bypasses);
+            let fut = svc.call(Request::from_parts(parts, body));
+            let outcome = Outcome::Pass(shared.clone(), CacheStatus::bypass(detail));
+            return Step::Go(State::Inner {
+                fut,
+                outcome: Some(outcome),
+            });
+        }
+    };
+    Step::Go(ResponseFuture::start(Pending { svc, req, keyed }).state)
+}
+
+/// Whether a request in a lookup is a gRPC call (a `POST` only ever is,
+/// planned by [`plan::plan_grpc`]).
+pub(crate) fn is_grpc_lookup<B>(req: &Request<B>) -> bool {
+    req.method() == Method::POST && grpc::is_grpc(req.headers())
+}
+
 /// A write's response: invalidate what it touched, inline (the response
 /// waits, within the invalidation budget) or in the background.
 fn after_write<S, B, RB>(
@@ -358,16 +484,24 @@ where
     S: Service<Request<B>>,
     RB: Body,
 {
-    let mut targets = invalidate::targets_of_write(
-        &shared,
-        &write.uri,
-        write.host.as_deref(),
-        response.status(),
-        response.headers(),
-    );
+    // A gRPC call failed when its (trailers-only) head says so; else its
+    // outcome is in trailers still to come, and invalidating then is the
+    // safe side (at worst one more miss).
+    let mut targets = if write.grpc && grpc::head_failed(response.headers()) {
+        Vec::new()
+    } else {
+        invalidate::targets_of_write(
+            &shared,
+            &write.uri,
+            write.host.as_deref(),
+            response.status(),
+            response.headers(),
+        )
+    };
     if !targets.is_empty() {
-        for path in write.also {
-            let target = invalidate::Target::Prefix(path);
+        let also = write.also.into_iter().map(invalidate::Target::Prefix);
+        let tags = write.tags.into_iter().map(invalidate::Target::Tag);
+        for target in also.chain(tags) {
             if !targets.contains(&target) {
                 targets.push(target);
             }
@@ -548,7 +682,7 @@ where
     /// response is stored only under a permit taken first (`store`).
     fn alone(pending: Pending<S, B>, fwd: Fwd, store: bool) -> Self {
         let may_store = store
-            && pending.req.method() == Method::GET
+            && (pending.req.method() == Method::GET || is_grpc_lookup(&pending.req))
             && pending.keyed.facts.may_store
             && tokio::runtime::Handle::try_current().is_ok();
         if !may_store {

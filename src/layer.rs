@@ -31,6 +31,10 @@ pub const DEFAULT_NAMESPACE: &str = "tf:";
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 /// Default largest body that is cached: 1 MiB.
 pub const DEFAULT_MAX_BODY_SIZE: usize = 1024 * 1024;
+/// Default largest gRPC request message read for a key: 64 KiB.
+pub const DEFAULT_GRPC_MAX_REQUEST: usize = 64 * 1024;
+/// Default longest wait for a gRPC request body to end: 1 s.
+pub const DEFAULT_GRPC_READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default longest wait for one store call: 50 ms.
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
 /// Default longest wait for another request's rebuild: 5 s.
@@ -195,6 +199,8 @@ pub struct FenceLayerBuilder {
     default_ttl: Duration,
     grace: Duration,
     max_body_size: usize,
+    grpc_max_request: usize,
+    grpc_read_timeout: Duration,
     cacheable_statuses: Vec<StatusCode>,
     store_timeout: Option<Duration>,
     key_headers: Vec<String>,
@@ -236,6 +242,8 @@ impl Default for FenceLayerBuilder {
             default_ttl: DEFAULT_TTL,
             grace: Duration::ZERO,
             max_body_size: DEFAULT_MAX_BODY_SIZE,
+            grpc_max_request: DEFAULT_GRPC_MAX_REQUEST,
+            grpc_read_timeout: DEFAULT_GRPC_READ_TIMEOUT,
             cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
             store_timeout: Some(DEFAULT_STORE_TIMEOUT),
             key_headers: Vec::new(),
@@ -279,6 +287,8 @@ impl fmt::Debug for FenceLayerBuilder {
             .field("default_ttl", &self.default_ttl)
             .field("grace", &self.grace)
             .field("max_body_size", &self.max_body_size)
+            .field("grpc_max_request", &self.grpc_max_request)
+            .field("grpc_read_timeout", &self.grpc_read_timeout)
             .field("cacheable_statuses", &self.cacheable_statuses)
             .field("store_timeout", &self.store_timeout)
             .field("key_headers", &self.key_headers)
@@ -677,6 +687,27 @@ impl FenceLayerBuilder {
         self
     }
 
+    /// Largest request body of a gRPC call a
+    /// [`Rule::grpc`](crate::policy::rules::Rule::grpc) caches that is read
+    /// to key the call, in bytes. A larger one is handed on as it came and
+    /// the call is not cached (`detail=request-too-large`). Defaults to
+    /// 64 KiB.
+    pub fn grpc_max_request(mut self, bytes: usize) -> Self {
+        self.grpc_max_request = bytes;
+        self
+    }
+
+    /// Longest the layer waits for the request body of a gRPC call a
+    /// [`Rule::grpc`](crate::policy::rules::Rule::grpc) caches to end. A
+    /// unary call's body ends right after its one message; a streaming call
+    /// named by a rule by mistake is handed on, as it came, once this runs
+    /// out (`detail=request-timeout`), so it is delayed, never stuck.
+    /// Defaults to 1 s.
+    pub fn grpc_read_timeout(mut self, timeout: Duration) -> Self {
+        self.grpc_read_timeout = timeout;
+        self
+    }
+
     /// Statuses cached under the [default TTL](Self::default_ttl) when the
     /// response states no freshness. A response that does state it is cached
     /// whatever its final status (RFC 9111 §3), except `206` and `304`.
@@ -864,6 +895,7 @@ impl FenceLayerBuilder {
             )));
         }
         self.rules.validate()?;
+        self.rules.announce_grpc();
         if let Some((fraction, _)) = self.heuristic_freshness {
             if !(fraction.is_finite() && fraction > 0.0 && fraction <= 1.0) {
                 return Err(ConfigError::new(format!(
@@ -923,6 +955,8 @@ impl FenceLayerBuilder {
                     credential_headers,
                 },
                 max_body_size: self.max_body_size,
+                grpc_max_request: self.grpc_max_request,
+                grpc_read_timeout: self.grpc_read_timeout,
                 wait_timeout: self.wait_timeout,
                 rebuild_timeout: self.rebuild_timeout.max(Duration::from_millis(1)),
                 lease_ttl: self.lease_ttl,

@@ -5,7 +5,7 @@ use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
@@ -101,34 +101,22 @@ where
                 return ResponseFuture::inner(fut, Outcome::Write(self.shared.clone(), write));
             }
             Plan::Lookup(keyed) => keyed,
+            Plan::ReadGrpc => {
+                let clone = self.inner.clone();
+                let svc = mem::replace(&mut self.inner, clone);
+                return ResponseFuture::read_grpc(svc, parts, body, self.shared.clone());
+            }
         };
-        // A missing entry is being rebuilt in this process: wait for it in
-        // memory, without a store round trip.
-        let join = (parts.method == Method::GET
-            && keyed.may_share()
-            && !keyed.facts.only_if_cached
-            && !keyed.facts.no_cache)
-            .then(|| {
-                self.shared
-                    .flights
-                    .join_running(keyed.key.as_str(), keyed.epoch)
-            })
-            .flatten();
         // `poll_ready` readied `self.inner`: take that one for this request
         // and leave a fresh clone behind (tower's clone-and-swap).
         let clone = self.inner.clone();
         let svc = mem::replace(&mut self.inner, clone);
-        let pending = Pending {
+        // A missing entry being rebuilt in this process is waited for in
+        // memory, without a store round trip.
+        ResponseFuture::start(Pending {
             svc,
             req: Request::from_parts(parts, body),
             keyed,
-        };
-        match join {
-            Some(wait) => {
-                self.shared.bump(|c| &c.misses);
-                ResponseFuture::waiting(wait, pending)
-            }
-            None => ResponseFuture::lookup(pending),
-        }
+        })
     }
 }

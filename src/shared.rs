@@ -36,6 +36,10 @@ pub(crate) struct Shared {
     pub(crate) key: KeyConfig,
     pub(crate) policy: PolicyConfig,
     pub(crate) max_body_size: usize,
+    /// Largest gRPC request body read for a key.
+    pub(crate) grpc_max_request: usize,
+    /// Longest wait for a gRPC request body to end.
+    pub(crate) grpc_read_timeout: Duration,
     pub(crate) wait_timeout: Duration,
     pub(crate) lease_ttl: Duration,
     pub(crate) rebuild_timeout: Duration,

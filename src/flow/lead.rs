@@ -33,6 +33,7 @@ use crate::entry::{flags, Entry};
 use crate::flow::origin::{self, Head, Teed};
 use crate::flow::settle::{self, Fence, Filled};
 use crate::flow::{Inner, Keyed, SendBody};
+use crate::grpc;
 use crate::key::{self, CacheKey};
 use crate::policy;
 use crate::range;
@@ -432,7 +433,9 @@ where
 /// it for requests that joined after the fill (operation `op`) started: a
 /// write of another process may have invalidated it since.
 fn settle_flight(lead: Lead<Landing>, filled: Filled, entry: Arc<Entry>, op: u64) {
-    if filled == Filled::FencedOut {
+    // A failed gRPC call (or a stream) is its caller's alone: the waiters
+    // call again, one at a time.
+    if filled == Filled::FencedOut || !grpc::storable(&entry) {
         drop(lead);
     } else {
         lead.land_by(Landing::Response(entry), op);

@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use crate::body::{into_bytes, Piece, PieceSender, Recorded, Recorder};
 use crate::entry::{flags, Entry};
 use crate::flow::Keyed;
+use crate::grpc;
 use crate::invalidate;
 use crate::policy::{self, Freshness};
 use crate::respond::vary_values;
@@ -43,6 +44,15 @@ pub(crate) fn prepare<B>(
     let request_headers = req.headers().clone();
     let path = req.uri().path().to_owned();
     let lease_sets = invalidate::lease_sets(shared, &path);
+    // A gRPC call is sent as it came: a `POST` with its message, no
+    // validators (its responses have none).
+    if req.method() == Method::POST && grpc::is_grpc(req.headers()) {
+        return Prepared {
+            request_headers,
+            path,
+            lease_sets,
+        };
+    }
     *req.method_mut() = Method::GET;
     let headers = req.headers_mut();
     for name in [
@@ -177,6 +187,11 @@ pub(crate) fn classify<RB: Body, E>(
         reason,
         remember,
     };
+    if grpc::is_grpc(&parts.headers) && grpc::head_failed(&parts.headers) {
+        // A failed call (trailers-only): for its own caller only; the
+        // waiters call again, one at a time, not with hit-for-miss.
+        return unshared(parts, body, "grpc-status", false);
+    }
     if is_event_stream(&parts.headers) {
         // A stream has no end to wait for: never recorded, never shared.
         return unshared(parts, body, "streaming", true);

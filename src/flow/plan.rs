@@ -8,6 +8,7 @@ use http::request::Parts;
 use http::Uri;
 
 use crate::flow::Keyed;
+use crate::grpc;
 
 use crate::key::{self, CacheKey};
 use crate::policy::rules::Matched;
@@ -25,6 +26,9 @@ pub(crate) enum Plan {
     Write(Write),
     /// Look it up.
     Lookup(Keyed),
+    /// A gRPC call a rule caches: read its request message first, then
+    /// [`plan_grpc`] it.
+    ReadGrpc,
 }
 
 /// A write's request, kept to work out what its success invalidates.
@@ -34,10 +38,17 @@ pub(crate) struct Write {
     pub(crate) host: Option<String>,
     /// More prefixes the route's rule invalidates.
     pub(crate) also: Vec<String>,
+    /// Tags the route's rule invalidates.
+    pub(crate) tags: Vec<String>,
+    /// A gRPC call: it succeeded unless its head says it failed.
+    pub(crate) grpc: bool,
 }
 
 /// Plans the request whose head is `parts`.
 pub(crate) fn plan(shared: &Arc<Shared>, parts: &Parts) -> Plan {
+    if grpc::is_grpc_family(&parts.headers) {
+        return plan_grpc_head(shared, parts);
+    }
     let matched = matched_rule(shared, parts);
     let route_bypass = matched.as_ref().and_then(|m| m.rule.bypass_reason(parts));
     let request_plan = match route_bypass {
@@ -79,11 +90,16 @@ pub(crate) fn plan(shared: &Arc<Shared>, parts: &Parts) -> Plan {
                     .as_ref()
                     .map(|m| m.invalidations())
                     .unwrap_or_default(),
+                tags: matched
+                    .as_ref()
+                    .map(|m| m.invalidated_tags())
+                    .unwrap_or_default(),
+                grpc: false,
             });
         }
         RequestPlan::Lookup(facts) => facts,
     };
-    let (key, overrides) = key_and_overrides(shared, parts, matched.as_ref());
+    let (key, overrides) = key_and_overrides(shared, parts, matched.as_ref(), &[]);
     Plan::Lookup(Keyed {
         shared: shared.clone(),
         base: key.clone(),
@@ -107,7 +123,7 @@ pub(crate) fn key_of(shared: &Shared, parts: &Parts) -> Option<CacheKey> {
     {
         return None;
     }
-    Some(key_and_overrides(shared, parts, matched.as_ref()).0)
+    Some(key_and_overrides(shared, parts, matched.as_ref(), &[]).0)
 }
 
 /// The key `request` is cached under, with its route's key parts (see
@@ -123,24 +139,96 @@ pub(crate) fn key_of_request<B>(shared: &Shared, request: &http::Request<B>) -> 
         .unwrap_or_else(|| key::derive_from(&shared.key, &parts.method, &parts.uri, &parts.headers))
 }
 
+/// A gRPC (or gRPC-Web) call, before its body is read: passed, unless a
+/// [`Rule::grpc`](crate::policy::rules::Rule::grpc) names its method, to
+/// cache it (gRPC only) or to invalidate on its success.
+fn plan_grpc_head(shared: &Arc<Shared>, parts: &Parts) -> Plan {
+    let pass = |detail| {
+        shared.bump(|c| &c.bypasses);
+        Plan::Pass(CacheStatus::bypass(detail))
+    };
+    let Some(matched) = matched_rule(shared, parts) else {
+        return pass("method");
+    };
+    if matched.rule.is_grpc_write() {
+        shared.bump(|c| &c.bypasses);
+        return Plan::Write(Write {
+            uri: parts.uri.clone(),
+            host: None,
+            also: matched.invalidations(),
+            tags: matched.invalidated_tags(),
+            grpc: true,
+        });
+    }
+    if grpc::is_grpc_web(&parts.headers) {
+        return pass("grpc-web");
+    }
+    if let Some(detail) = matched.rule.bypass_reason(parts) {
+        return pass(detail);
+    }
+    Plan::ReadGrpc
+}
+
+/// Plans a gRPC call a rule caches, once its request `message` was read
+/// (see [`grpc::read_request`]): a lookup under a key that holds the
+/// message's hash, or a pass.
+pub(crate) fn plan_grpc(shared: &Arc<Shared>, parts: &Parts, message: &[u8]) -> Plan {
+    let matched =
+        matched_rule(shared, parts).filter(|m| m.rule.is_grpc() && !m.rule.is_grpc_write());
+    let Some(matched) = matched else {
+        shared.bump(|c| &c.bypasses);
+        return Plan::Pass(CacheStatus::bypass("method"));
+    };
+    // Read as a `GET` would be: its credentials and directives.
+    let facts = match policy::plan_request(
+        &http::Method::GET,
+        &parts.headers,
+        shared.client_cache_control,
+        &shared.policy,
+    ) {
+        RequestPlan::Lookup(facts) => facts,
+        RequestPlan::Bypass(detail) => {
+            shared.bump(|c| &c.bypasses);
+            return Plan::Pass(CacheStatus::bypass(detail));
+        }
+    };
+    let extra = [grpc::key_part(message, &parts.headers)];
+    let (key, overrides) = key_and_overrides(shared, parts, Some(&matched), &extra);
+    Plan::Lookup(Keyed {
+        shared: shared.clone(),
+        base: key.clone(),
+        key,
+        facts,
+        overrides,
+        epoch: shared.epoch(),
+    })
+}
+
 fn matched_rule<'a>(shared: &'a Shared, parts: &Parts) -> Option<Matched<'a>> {
     if shared.rules.is_empty() {
         return None;
     }
-    shared.rules.find(&parts.method, parts.uri.path())
+    let grpc = grpc::is_grpc_family(&parts.headers);
+    let mut matched = shared
+        .rules
+        .find_kind(&parts.method, parts.uri.path(), grpc)?;
+    matched.add_header_params(&parts.headers);
+    Some(matched)
 }
 
 fn key_and_overrides(
     shared: &Shared,
     parts: &Parts,
     matched: Option<&Matched<'_>>,
+    more: &[Vec<u8>],
 ) -> (CacheKey, Overrides) {
     let Some(m) = matched else {
-        let key = key::derive_from(&shared.key, &parts.method, &parts.uri, &parts.headers);
+        let key = key::derive_with(&shared.key, &parts.method, &parts.uri, &parts.headers, more);
         return (key, Overrides::default());
     };
     let rule = m.rule;
-    let extra = rule.key_parts(parts);
+    let mut extra = rule.key_parts(parts);
+    extra.extend_from_slice(more);
     let key = key::derive_with(
         &shared.key,
         &parts.method,

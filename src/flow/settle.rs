@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderName};
 
 use crate::entry::{Entry, Record};
 use crate::flow::Keyed;
+use crate::grpc;
 use crate::invalidate;
 use crate::key::{self, CacheKey};
 use crate::shared::Shared;
@@ -112,6 +113,11 @@ pub(crate) async fn fill(
     declared_vary: &[HeaderName],
 ) -> Filled {
     if !fence.allows_store() {
+        return Filled::NotStored;
+    }
+    // A gRPC call that failed (or a stream) is never stored.
+    if !grpc::storable(entry) {
+        release(shared, key, fence).await;
         return Filled::NotStored;
     }
     let ttl = entry.store_ttl(shared.clock.now_ms(), shared.keep_ms());

@@ -78,6 +78,12 @@ pub struct Rule {
     key_extensions: Vec<ExtensionKey>,
     tags: Vec<String>,
     invalidate: Vec<String>,
+    invalidate_tags: Vec<String>,
+    /// Placeholders filled from request headers (gRPC metadata): name,
+    /// header.
+    header_params: Vec<(String, HeaderName)>,
+    /// A gRPC method rule ([`Rule::grpc`]).
+    grpc: bool,
     no_invalidation: bool,
     off: bool,
     authorization_keyed: bool,
@@ -140,6 +146,79 @@ impl Rule {
         rule
     }
 
+    /// A rule for one gRPC method, by its path `/package.Service/Method`
+    /// (exactly; no parameters). Only calls such a rule names are ever
+    /// cached or invalidate: every other gRPC call, and every gRPC-Web
+    /// call, goes to the inner service untouched and is not a write.
+    ///
+    /// - Without [`invalidate`](Rule::invalidate) or
+    ///   [`invalidate_tags`](Rule::invalidate_tags), the method's calls are
+    ///   cached, for an idempotent **unary** method: the key holds a
+    ///   SHA-256 of the request message as it came (read up to
+    ///   [`grpc_max_request`](crate::FenceLayerBuilder::grpc_max_request)
+    ///   bytes, then handed on intact) and its encoding metadata, never
+    ///   `grpc-timeout`, `te` or other per-call metadata unless named with
+    ///   [`key_header`](Rule::key_header). A response is stored only when
+    ///   it is one message with `grpc-status: 0` (in the trailers, or in a
+    ///   trailers-only response); every other answer goes to its own caller
+    ///   only, never to the calls waiting for it. Trailers are stored and
+    ///   replayed.
+    /// - With them, the method is a write: when a call's response head is
+    ///   not a failure (`200`, no failing `grpc-status` in a trailers-only
+    ///   response), what they name is invalidated. Its calls are never
+    ///   cached.
+    ///
+    /// Streaming calls are never cached, even when a rule names them: a
+    /// request that is not one message, or not ended within
+    /// [`grpc_read_timeout`](crate::FenceLayerBuilder::grpc_read_timeout),
+    /// passes through, and a response that is not one message is not stored.
+    /// Reading the request body needs a body type the layer can hand on
+    /// again: tonic's (feature `tonic`), or `http_body_util::Full<Bytes>`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_fence::policy::rules::{Rule, Rules};
+    ///
+    /// let rules: Rules = [
+    ///     Rule::grpc("/users.Users/GetUser")
+    ///         .ttl(Duration::from_secs(60))
+    ///         .header_param("id", "x-user-id")
+    ///         .tags(["user-{id}"]),
+    ///     // Its success invalidates the user's tag, and every cached
+    ///     // `ListUsers` call.
+    ///     Rule::grpc("/users.Users/UpdateUser")
+    ///         .header_param("id", "x-user-id")
+    ///         .invalidate_tags(["user-{id}"])
+    ///         .invalidate(["/users.Users/ListUsers"]),
+    /// ]
+    /// .into_iter()
+    /// .collect();
+    /// assert_eq!(rules.len(), 2);
+    /// ```
+    pub fn grpc(method_path: &str) -> Rule {
+        let mut rule = Rule::empty(method_path);
+        let valid = method_path
+            .strip_prefix('/')
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(service, method)| {
+                !service.is_empty()
+                    && !method.is_empty()
+                    && !method.contains('/')
+                    && method_path
+                        .chars()
+                        .all(|c| c.is_ascii_graphic() && !matches!(c, '{' | '}' | '?' | '#'))
+            });
+        if valid {
+            rule.matcher = parse_pattern(method_path).ok();
+        }
+        if rule.matcher.is_none() {
+            rule.fail("a gRPC method path is `/package.Service/Method`");
+        }
+        rule.methods = Some(vec![Method::POST]);
+        rule.grpc = true;
+        rule
+    }
+
     fn empty(source: &str) -> Rule {
         Rule {
             source: source.to_owned(),
@@ -155,6 +234,9 @@ impl Rule {
             key_extensions: Vec::new(),
             tags: Vec::new(),
             invalidate: Vec::new(),
+            invalidate_tags: Vec::new(),
+            header_params: Vec::new(),
+            grpc: false,
             no_invalidation: false,
             off: false,
             authorization_keyed: false,
@@ -308,6 +390,41 @@ impl Rule {
         self
     }
 
+    /// Adds tags a write on this route invalidates, with placeholders as in
+    /// [`tags`](Rule::tags) (from the path, or from request headers named
+    /// by [`header_param`](Rule::header_param)); one that cannot be filled
+    /// is left out. Defaults to none.
+    pub fn invalidate_tags(mut self, tags: impl IntoIterator<Item = impl Into<String>>) -> Rule {
+        self.invalidate_tags
+            .extend(tags.into_iter().map(Into::into));
+        self
+    }
+
+    /// A placeholder `{name}` for [`tags`](Rule::tags),
+    /// [`invalidate`](Rule::invalidate) and
+    /// [`invalidate_tags`](Rule::invalidate_tags), filled from the request
+    /// header (gRPC metadata) `header`: its one value, if it is visible
+    /// ASCII without `/`, `*`, `?`, `[`, `]`, `{`, `}` or `\`. A cached
+    /// request without such a value is not cached
+    /// (`detail=param-missing`): its entry could not be found by its tag.
+    /// A name the path captures too, or an invalid header name, is a
+    /// configuration error. Defaults to none.
+    pub fn header_param(mut self, name: &str, header: &str) -> Rule {
+        match HeaderName::from_bytes(header.as_bytes()) {
+            Ok(header) if !name.is_empty() => {
+                if self.header_params.iter().any(|(n, _)| n == name) {
+                    self.fail(format!("header parameter {name:?} given twice"));
+                } else {
+                    self.header_params.push((name.to_owned(), header));
+                }
+            }
+            _ => self.fail(format!(
+                "header parameter {name:?}: {header:?} is not a header name"
+            )),
+        }
+        self
+    }
+
     /// Writes on this route invalidate nothing, not even their own path.
     /// Giving [`invalidate`](Rule::invalidate) too is a configuration
     /// error. Defaults to off: writes invalidate.
@@ -429,6 +546,16 @@ impl Rule {
         self.no_invalidation
     }
 
+    /// A gRPC method rule ([`Rule::grpc`]).
+    pub(crate) fn is_grpc(&self) -> bool {
+        self.grpc
+    }
+
+    /// A gRPC method rule whose calls are writes (it invalidates).
+    pub(crate) fn is_grpc_write(&self) -> bool {
+        self.grpc && (!self.invalidate.is_empty() || !self.invalidate_tags.is_empty())
+    }
+
     /// The route is never cached.
     #[cfg_attr(not(test), allow(dead_code))] // read by tests
     pub(crate) fn is_off(&self) -> bool {
@@ -471,6 +598,13 @@ impl Rule {
             .any(|e| (e.digest)(&parts.extensions).is_none())
         {
             return Some("extension-missing");
+        }
+        if self
+            .header_params
+            .iter()
+            .any(|(_, header)| header_param_value(&parts.headers, header).is_none())
+        {
+            return Some("param-missing");
         }
         None
     }
@@ -568,7 +702,25 @@ impl Rule {
         if self.no_invalidation && !self.invalidate.is_empty() {
             return fail("no_invalidation() and invalidate() contradict each other".to_owned());
         }
-        let names = matcher.param_names();
+        let mut names = matcher.param_names();
+        for (name, _) in &self.header_params {
+            if names.contains(&name.as_str()) {
+                return fail(format!(
+                    "header parameter {name:?} is captured by the path too"
+                ));
+            }
+            names.push(name);
+        }
+        for tag in &self.invalidate_tags {
+            if let Err(e) = render(tag, |name| names.contains(&name).then_some("")) {
+                return fail(format!("invalidated tag {tag:?}: {e}"));
+            }
+            if tag.is_empty() || tag.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return fail(format!(
+                    "invalidated tag {tag:?} is empty or holds whitespace"
+                ));
+            }
+        }
         let lookup = |name: &str| names.contains(&name).then_some("");
         for tag in &self.tags {
             if let Err(e) = render(tag, lookup) {
@@ -640,14 +792,50 @@ impl Rules {
 
     /// The first rule that applies to `method` and `path` (the request's
     /// path, without the query), and the parameters it captured.
+    #[cfg_attr(not(test), allow(dead_code))] // read by tests
     pub(crate) fn find(&self, method: &Method, path: &str) -> Option<Matched<'_>> {
+        self.find_kind(method, path, false)
+    }
+
+    /// [`find`](Rules::find) among the rules of one kind: gRPC method rules
+    /// ([`Rule::grpc`]) for gRPC calls, the others for everything else.
+    pub(crate) fn find_kind(&self, method: &Method, path: &str, grpc: bool) -> Option<Matched<'_>> {
         self.rules.iter().find_map(|rule| {
-            if !rule.applies_to(method) {
+            if rule.grpc != grpc || !rule.applies_to(method) {
                 return None;
             }
             let params = rule.matcher.as_ref()?.matches(path)?;
             Some(Matched { rule, params })
         })
+    }
+
+    /// Says at `build()` (a `tracing` info event) which gRPC methods are
+    /// cached and which invalidate, and that streaming calls pass through
+    /// even when named: the layer cannot tell a method's kind from its
+    /// rule, only from each call.
+    pub(crate) fn announce_grpc(&self) {
+        let cached: Vec<&str> = self
+            .rules
+            .iter()
+            .filter(|r| r.grpc && !r.is_grpc_write())
+            .map(|r| r.source.as_str())
+            .collect();
+        let writes: Vec<&str> = self
+            .rules
+            .iter()
+            .filter(|r| r.is_grpc_write())
+            .map(|r| r.source.as_str())
+            .collect();
+        if cached.is_empty() && writes.is_empty() {
+            return;
+        }
+        tracing::info!(
+            ?cached,
+            ?writes,
+            "tower-fence: gRPC rules: only unary calls of the cached methods are stored \
+             (one request message, one response message, grpc-status 0); server-streaming, \
+             client-streaming and bidi calls pass through even when a rule names them"
+        );
     }
 
     /// Reports the first rule's configuration mistake.
@@ -688,6 +876,26 @@ impl Matched<'_> {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Adds the values of the rule's [header parameters](Rule::header_param)
+    /// found in `headers` to the captured parameters.
+    pub(crate) fn add_header_params(&mut self, headers: &HeaderMap) {
+        for (name, header) in &self.rule.header_params {
+            if let Some(value) = header_param_value(headers, header) {
+                self.params.push((name.clone(), value.to_owned()));
+            }
+        }
+    }
+
+    /// The tags a write on the route invalidates, placeholders filled; one
+    /// that cannot be filled is left out.
+    pub(crate) fn invalidated_tags(&self) -> Vec<String> {
+        self.rule
+            .invalidate_tags
+            .iter()
+            .filter_map(|t| expand(t, &self.params))
+            .collect()
+    }
+
     /// The rule's tags with their placeholders filled; a tag that cannot be
     /// filled is left out.
     pub(crate) fn tags(&self) -> Vec<String> {
@@ -710,6 +918,20 @@ impl Matched<'_> {
             .filter_map(|p| expand(p, &self.params))
             .collect()
     }
+}
+
+/// The one value of `header` usable as a parameter: visible ASCII, not
+/// empty, without characters that a path prefix or a tag pattern would
+/// read as more than themselves.
+fn header_param_value<'h>(headers: &'h HeaderMap, header: &HeaderName) -> Option<&'h str> {
+    let mut values = headers.get_all(header).iter();
+    let value = values.next()?.to_str().ok()?;
+    let usable = values.next().is_none()
+        && !value.is_empty()
+        && value.chars().all(|c| {
+            c.is_ascii_graphic() && !matches!(c, '/' | '*' | '?' | '[' | ']' | '{' | '}' | '\\')
+        });
+    usable.then_some(value)
 }
 
 /// Fills `{name}` placeholders in a tag or path template from captured
@@ -1612,6 +1834,88 @@ mod tests {
         // Not keyed: the credential adds nothing to the key.
         let plain = Rule::prefix("/").authorization(false);
         assert!(plain.key_parts(&with(secret)).is_empty());
+    }
+
+    #[test]
+    fn grpc_rules_name_one_method_and_match_grpc_calls_only() {
+        for bad in [
+            "pkg.Svc/Get",
+            "/pkg.Svc",
+            "/pkg.Svc/",
+            "//Get",
+            "/a/b/c",
+            "/a/{m}",
+        ] {
+            assert!(Rule::grpc(bad).validate().is_err(), "{bad}");
+        }
+        let rules: Rules = [
+            Rule::prefix("/"),
+            Rule::grpc("/pkg.Svc/Get"),
+            Rule::grpc("/pkg.Svc/Put").invalidate_tags(["t"]),
+        ]
+        .into_iter()
+        .collect();
+        assert!(rules.validate().is_ok());
+        let grpc = |path| {
+            rules
+                .find_kind(&Method::POST, path, true)
+                .map(|m| m.rule.source.clone())
+        };
+        assert_eq!(grpc("/pkg.Svc/Get").as_deref(), Some("/pkg.Svc/Get"));
+        assert_eq!(
+            grpc("/pkg.Svc/Other"),
+            None,
+            "an HTTP rule names no gRPC method"
+        );
+        assert_eq!(grpc("/pkg.Svc/Get/x"), None);
+        assert!(rules
+            .find_kind(&Method::GET, "/pkg.Svc/Get", true)
+            .is_none());
+        // Plain HTTP requests never match a gRPC rule.
+        let http = rules.find(&Method::POST, "/pkg.Svc/Get").unwrap();
+        assert_eq!(http.rule.source, "/");
+        let writes: Vec<bool> = rules.rules.iter().map(Rule::is_grpc_write).collect();
+        assert_eq!(writes, [false, false, true]);
+    }
+
+    #[test]
+    fn header_params_fill_tags_and_are_checked() {
+        let rule = Rule::grpc("/u.U/Get")
+            .header_param("id", "x-user-id")
+            .tags(["user-{id}"]);
+        assert!(rule.validate().is_ok());
+        assert!(Rule::grpc("/u.U/Get")
+            .tags(["user-{id}"])
+            .validate()
+            .is_err());
+        assert!(Rule::path("/users/{id}")
+            .header_param("id", "x-id")
+            .validate()
+            .is_err());
+        assert!(Rule::grpc("/u.U/Get")
+            .header_param("id", "not a header")
+            .validate()
+            .is_err());
+        let rules: Rules = [rule].into_iter().collect();
+        let mut parts = http::Request::post("/u.U/Get")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let mut matched = rules.find_kind(&Method::POST, "/u.U/Get", true).unwrap();
+        assert_eq!(matched.rule.bypass_reason(&parts), Some("param-missing"));
+        for bad in ["a*b", "a/b", "", "a b"] {
+            parts.headers.insert("x-user-id", bad.parse().unwrap());
+            assert_eq!(
+                matched.rule.bypass_reason(&parts),
+                Some("param-missing"),
+                "{bad:?}"
+            );
+        }
+        parts.headers.insert("x-user-id", "42".parse().unwrap());
+        assert_eq!(matched.rule.bypass_reason(&parts), None);
+        matched.add_header_params(&parts.headers);
+        assert_eq!(matched.tags(), ["user-42"]);
     }
 
     #[test]
