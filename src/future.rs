@@ -43,7 +43,7 @@ use crate::policy;
 use crate::respond::{self, vary_values};
 use crate::shared::{Landing, Shared};
 use crate::singleflight::{Role, Wait, Waited};
-use crate::status::{CacheStatus, Fwd};
+use crate::status::{CacheOutcome, CacheStatus, Fwd, Served};
 use crate::store_client::Found;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -67,6 +67,40 @@ pin_project! {
     {
         #[pin]
         state: State<S, B, RB>,
+        telling: Telling,
+    }
+}
+
+/// What a response is told to when it is ready: the request's span (its
+/// `cache` field gets the outcome) and, for metrics, the route rule's
+/// pattern.
+#[derive(Debug)]
+pub(crate) struct Telling {
+    pub(crate) span: tracing::Span,
+    pub(crate) route: Option<Arc<str>>,
+}
+
+impl Default for Telling {
+    fn default() -> Self {
+        Telling {
+            span: tracing::Span::none(),
+            route: None,
+        }
+    }
+}
+
+impl Telling {
+    /// Records what the cache did for `response`.
+    fn tell<B>(&self, response: &Response<B>) {
+        let Some(outcome) = response.extensions().get::<CacheOutcome>() else {
+            return;
+        };
+        let served = outcome.served();
+        self.span.record("cache", served.as_str());
+        let reason = (served == Served::Bypass)
+            .then(|| outcome.detail())
+            .flatten();
+        crate::metrics::request(served.as_str(), reason, self.route.as_deref().unwrap_or(""));
     }
 }
 
@@ -163,6 +197,7 @@ where
                 parts: Some(parts),
                 shared,
             },
+            telling: Telling::default(),
         }
     }
 
@@ -204,6 +239,7 @@ where
                 lookup,
                 pending: Some(pending),
             },
+            telling: Telling::default(),
         }
     }
 
@@ -212,6 +248,7 @@ where
         crate::vary::normalise_request(pending.req.headers_mut());
         ResponseFuture {
             state: waiting(wait, pending, None, Fwd::UriMiss, 1),
+            telling: Telling::default(),
         }
     }
 
@@ -221,7 +258,14 @@ where
                 fut,
                 outcome: Some(outcome),
             },
+            telling: Telling::default(),
         }
+    }
+
+    /// The response will be told to `telling`.
+    pub(crate) fn told(mut self, telling: Telling) -> Self {
+        self.telling = telling;
+        self
     }
 }
 
@@ -293,7 +337,34 @@ where
     type Output = Result<Response<FenceBody<RB>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
+        let this = self.project();
+        // Work spawned while polling (a rebuild, a refresh, an
+        // invalidation) carries this span.
+        let _entered = this.telling.span.enter();
+        let output = ready!(poll_state(this.state, cx));
+        if let Ok(response) = &output {
+            this.telling.tell(response);
+        }
+        Poll::Ready(output)
+    }
+}
+
+/// Advances the response future's state until it has an answer.
+#[allow(clippy::type_complexity)]
+fn poll_state<S, B, RB>(
+    mut state: Pin<&mut State<S, B, RB>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Response<FenceBody<RB>>, S::Error>>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    RB: Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Send,
+{
+    {
         loop {
             let step = match state.as_mut().project() {
                 StateProj::ReadGrpc {

@@ -134,7 +134,6 @@ pub(crate) fn invalidation(purge: &'static str, changed: Option<u64>) {
 /// One response: what the cache did (`outcome`), why it did not use the
 /// cache (`reason`, for a bypass), and the route rule's pattern.
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-#[allow(dead_code)] // recorded with the typed outcome of each response, next
 pub(crate) fn request(outcome: &'static str, reason: Option<&'static str>, route: &str) {
     #[cfg(feature = "metrics")]
     {

@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use crate::body::FenceBody;
 use crate::flow::plan::{self, Plan};
-use crate::future::{Outcome, Pending, ResponseFuture};
+use crate::future::{Outcome, Pending, ResponseFuture, Telling};
 use crate::shared::Shared;
 
 /// Caches the responses of the inner service `S`; made by
@@ -91,20 +91,24 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let (parts, body) = req.into_parts();
+        let telling = telling(&self.shared, &parts);
         let keyed = match plan::plan(&self.shared, &parts) {
             Plan::Pass(status) => {
                 let fut = self.inner.call(Request::from_parts(parts, body));
-                return ResponseFuture::inner(fut, Outcome::Pass(self.shared.clone(), status));
+                return ResponseFuture::inner(fut, Outcome::Pass(self.shared.clone(), status))
+                    .told(telling);
             }
             Plan::Write(write) => {
                 let fut = self.inner.call(Request::from_parts(parts, body));
-                return ResponseFuture::inner(fut, Outcome::Write(self.shared.clone(), write));
+                return ResponseFuture::inner(fut, Outcome::Write(self.shared.clone(), write))
+                    .told(telling);
             }
             Plan::Lookup(keyed) => keyed,
             Plan::ReadGrpc => {
                 let clone = self.inner.clone();
                 let svc = mem::replace(&mut self.inner, clone);
-                return ResponseFuture::read_grpc(svc, parts, body, self.shared.clone());
+                return ResponseFuture::read_grpc(svc, parts, body, self.shared.clone())
+                    .told(telling);
             }
         };
         // `poll_ready` readied `self.inner`: take that one for this request
@@ -118,5 +122,27 @@ where
             req: Request::from_parts(parts, body),
             keyed,
         })
+        .told(telling)
     }
+}
+
+/// The request's span (`tower_fence`, at debug level: its `cache` field
+/// gets the outcome, `route` the rule's pattern) and, when metrics or the
+/// span need it, the route. Nothing is allocated when neither is on.
+fn telling(shared: &Shared, parts: &http::request::Parts) -> Telling {
+    let span = tracing::debug_span!(
+        "tower_fence",
+        method = %parts.method,
+        route = tracing::field::Empty,
+        cache = tracing::field::Empty,
+    );
+    let route = if cfg!(feature = "metrics") || !span.is_disabled() {
+        plan::route_of(shared, parts)
+    } else {
+        None
+    };
+    if let Some(route) = &route {
+        span.record("route", &**route);
+    }
+    Telling { span, route }
 }

@@ -204,6 +204,19 @@ pub(crate) fn plan_grpc(shared: &Arc<Shared>, parts: &Parts, message: &[u8]) -> 
     })
 }
 
+/// The pattern of the route rule `parts` matches: the `route` of its
+/// metrics and span (low-cardinality, never the raw path).
+pub(crate) fn route_of(shared: &Shared, parts: &Parts) -> Option<Arc<str>> {
+    if shared.rules.is_empty() {
+        return None;
+    }
+    let grpc = grpc::is_grpc_family(&parts.headers);
+    let matched = shared
+        .rules
+        .find_kind(&parts.method, parts.uri.path(), grpc)?;
+    Some(Arc::from(matched.rule.pattern()))
+}
+
 fn matched_rule<'a>(shared: &'a Shared, parts: &Parts) -> Option<Matched<'a>> {
     if shared.rules.is_empty() {
         return None;

@@ -474,7 +474,6 @@ impl Rule {
     }
 
     /// The pattern or prefix the rule was made from.
-    #[cfg_attr(not(test), allow(dead_code))] // read by tests
     pub(crate) fn pattern(&self) -> &str {
         &self.source
     }
