@@ -41,8 +41,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The recorder first: the layer reports to whatever is installed.
     let metrics = PrometheusBuilder::new().install_recorder()?;
 
-    let mut builder = FenceLayer::builder()
-        .rule(Rule::path("/products/{id}").ttl(Duration::from_secs(30)));
+    let mut builder =
+        FenceLayer::builder().rule(Rule::path("/products/{id}").ttl(Duration::from_secs(30)));
     if let Ok(url) = std::env::var("REDIS_URL") {
         let manager = bb8_redis::RedisConnectionManager::new(url)?;
         builder = builder.redis(bb8::Pool::builder().build(manager).await?);

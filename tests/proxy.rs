@@ -60,6 +60,7 @@ impl Upstream {
             .route("/links", get(links))
             .route("/slow", get(slow))
             .route("/tagged/{id}", get(tagged))
+            .route("/encoded", get(encoded))
             .with_state(calls.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -105,6 +106,23 @@ async fn slow(State(calls): Calls) -> impl IntoResponse {
     (
         [(header::CACHE_CONTROL, "max-age=60")],
         format!("slow call {n}"),
+    )
+}
+
+/// Varies on `Accept-Encoding`; the body is the value the upstream got.
+async fn encoded(State(calls): Calls, headers: HeaderMap) -> impl IntoResponse {
+    count(&calls);
+    let got = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    (
+        [
+            (header::CACHE_CONTROL, "max-age=60"),
+            (header::VARY, "Accept-Encoding"),
+        ],
+        got,
     )
 }
 
@@ -1693,4 +1711,76 @@ fn help_lists_every_option_with_its_default() {
             "{option}: {described}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Ranges and variants on the wire
+// ---------------------------------------------------------------------------
+
+async fn get_with(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = Request::get(proxy.url(path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    send(request.body(empty()).unwrap()).await
+}
+
+#[tokio::test]
+async fn a_range_is_cut_from_the_full_response_fetched_once() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &["--default-ttl", "60"]).await;
+    // The upstream echoes the request it got: it must not have seen Range.
+    let first = get_with(&proxy, "/headers", &[("range", "bytes=0-")]).await;
+    assert_eq!(
+        first.status,
+        StatusCode::PARTIAL_CONTENT,
+        "{}",
+        first.text()
+    );
+    assert!(!first.text().contains("range:"), "{}", first.text());
+    let full_len = first.body.len();
+    assert_eq!(
+        first.headers[header::CONTENT_RANGE],
+        format!("bytes 0-{}/{full_len}", full_len - 1).as_str()
+    );
+    // Another range: a hit, sliced from the stored body.
+    let slice = get_with(&proxy, "/headers", &[("range", "bytes=0-3")]).await;
+    assert_eq!(slice.status, StatusCode::PARTIAL_CONTENT);
+    assert!(slice.is_hit(), "{}", slice.cache_status());
+    assert_eq!(slice.text(), "uri:");
+    assert_eq!(slice.headers[header::CONTENT_LENGTH], "4");
+    // Unsatisfiable.
+    let beyond = get_with(&proxy, "/headers", &[("range", "bytes=999999-")]).await;
+    assert_eq!(beyond.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    // The whole one, with Accept-Ranges.
+    let whole = get_path(&proxy, "/headers").await;
+    assert_eq!(whole.status, StatusCode::OK);
+    assert_eq!(whole.headers[header::ACCEPT_RANGES], "bytes");
+    assert_eq!(whole.body.len(), full_len);
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn browser_accept_encodings_share_a_normalised_variant() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::for_upstream(&upstream, &[]).await;
+    let first = get_with(
+        &proxy,
+        "/encoded",
+        &[("accept-encoding", "gzip, deflate, br, zstd")],
+    )
+    .await;
+    assert_eq!(first.text(), "br", "the upstream got the normalised value");
+    for other in [
+        "br, gzip",
+        "gzip,deflate,br",
+        "br;q=1.0, gzip;q=0.8, *;q=0.1",
+    ] {
+        let again = get_with(&proxy, "/encoded", &[("accept-encoding", other)]).await;
+        assert!(again.is_hit(), "{other}: {}", again.cache_status());
+        assert_eq!(again.text(), "br", "{other}");
+    }
+    let gzip = get_with(&proxy, "/encoded", &[("accept-encoding", "gzip, deflate")]).await;
+    assert_eq!(gzip.text(), "gzip");
+    assert_eq!(upstream.calls(), 2);
 }
