@@ -217,6 +217,29 @@ impl Out for Line {
     }
 }
 
+/// `00` to `99`: the values 0 to 99 as static slices.
+const TWO_DIGITS: &str = "\
+    00010203040506070809101112131415161718192021222324252627282930313233343536373839\
+    40414243444546474849505152535455565758596061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
+
+/// `value` as a header value (`Age`, `Content-Length`): below 100 a static
+/// slice (no allocation), else rendered on the stack and copied once.
+pub(crate) fn decimal_value(value: u64) -> HeaderValue {
+    if value < 100 {
+        let at = 2 * value as usize;
+        let digits = match value {
+            0..=9 => &TWO_DIGITS[at + 1..at + 2],
+            _ => &TWO_DIGITS[at..at + 2],
+        };
+        return HeaderValue::from_static(digits);
+    }
+    i64::try_from(value)
+        .ok()
+        .and_then(|signed| HeaderValue::from_bytes(Decimal::new(signed).as_str().as_bytes()).ok())
+        .unwrap_or_else(|| HeaderValue::from(value))
+}
+
 /// An integer in decimal, without the formatting machinery.
 struct Decimal {
     digits: [u8; 20],
@@ -395,6 +418,13 @@ mod tests {
             CacheStatus::bypass("store-timeout").render(),
             "tower-fence; fwd=bypass; detail=store-timeout"
         );
+    }
+
+    #[test]
+    fn decimal_values_are_the_numbers() {
+        for n in (0..=1000).chain([65_535, u64::from(u32::MAX), i64::MAX as u64, u64::MAX]) {
+            assert_eq!(decimal_value(n), HeaderValue::from(n), "{n}");
+        }
     }
 
     #[test]
