@@ -113,16 +113,49 @@ pub(crate) fn derive_with(
         material.frame(part);
     }
     let digest = material.finish();
+    CacheKey {
+        storage: key_text(&config.namespace, path, &digest[..16]),
+    }
+}
 
-    let mut storage = String::with_capacity(config.namespace.len() + path.len() + 40);
-    storage.push_str(&config.namespace);
+/// Longest key built on the stack (one allocation, the key's own).
+const STACK_KEY: usize = 256;
+
+/// `{namespace}{readable path}#{{hex of hash}}`. A path that needs no
+/// escape and fits [`STACK_KEY`] is written on the stack and copied once
+/// into the shared key; any other through [`key_string`].
+fn key_text(namespace: &str, path: &str, hash: &[u8]) -> Arc<str> {
+    let len = namespace.len() + path.len() + 2 * hash.len() + 3;
+    let plain = path.len() <= MAX_READABLE_PATH && !path.chars().any(needs_escape);
+    if plain && len <= STACK_KEY {
+        let mut buf = [0u8; STACK_KEY];
+        let mut at = 0;
+        for piece in [namespace.as_bytes(), path.as_bytes(), b"#{"] {
+            buf[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
+        }
+        for &byte in hash {
+            buf[at] = HEX[usize::from(byte >> 4)];
+            buf[at + 1] = HEX[usize::from(byte & 0x0f)];
+            at += 2;
+        }
+        buf[at] = b'}';
+        if let Ok(text) = std::str::from_utf8(&buf[..len]) {
+            return Arc::from(text);
+        }
+    }
+    key_string(namespace, path, hash).into()
+}
+
+/// [`key_text`] for any path: escaped, cut when long.
+fn key_string(namespace: &str, path: &str, hash: &[u8]) -> String {
+    let mut storage = String::with_capacity(namespace.len() + path.len() + 40);
+    storage.push_str(namespace);
     push_readable_path(&mut storage, path);
     storage.push_str("#{");
-    push_hex(&mut storage, &digest[..16]);
+    push_hex(&mut storage, hash);
     storage.push('}');
-    CacheKey {
-        storage: storage.into(),
-    }
+    storage
 }
 
 fn method_class(method: &Method) -> &str {
@@ -247,17 +280,22 @@ fn is_cut(readable: &str) -> bool {
     readable.ends_with(CUT_MARK)
 }
 
+/// Whether `ch` is special in a key or in a `SCAN MATCH` glob (and so
+/// percent-encoded in a key's readable path).
+fn needs_escape(ch: char) -> bool {
+    matches!(
+        ch,
+        '*' | '?' | '[' | ']' | '\\' | '{' | '}' | '#' | '%' | CUT_MARK | ' '
+    ) || ch.is_ascii_control()
+}
+
 /// Appends `ch` to `out`, percent-encoded when it is special in a key or in a
 /// `SCAN MATCH` glob.
 fn push_escaped(out: &mut String, ch: char) {
-    match ch {
-        '*' | '?' | '[' | ']' | '\\' | '{' | '}' | '#' | '%' | CUT_MARK => {
-            let _ = write!(out, "%{:02X}", ch as u32);
-        }
-        c if c.is_ascii_control() || c == ' ' => {
-            let _ = write!(out, "%{:02X}", c as u32);
-        }
-        c => out.push(c),
+    if needs_escape(ch) {
+        let _ = write!(out, "%{:02X}", ch as u32);
+    } else {
+        out.push(ch);
     }
 }
 
@@ -288,10 +326,12 @@ pub(crate) fn variant(base: &CacheKey, names: &[HeaderName], headers: &HeaderMap
     }
 }
 
+/// Lower-case hex digits.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// Appends `bytes` in lower-case hex. A table, not `write!("{:02x}")`:
 /// the formatting machinery was a tenth of a memory hit's instructions.
 fn push_hex(storage: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     for &byte in bytes {
         storage.push(char::from(HEX[usize::from(byte >> 4)]));
         storage.push(char::from(HEX[usize::from(byte & 0x0f)]));
@@ -704,6 +744,26 @@ mod tests {
             key_of(&c, get("http://a.example/p"))
         );
         assert_eq!(with_host(b"CAF\xc3\xa9.example"), a);
+    }
+
+    #[test]
+    fn keys_built_on_the_stack_are_the_escaped_keys() {
+        let hash = [0xab; 16];
+        let long = "/x".repeat(300);
+        for path in [
+            "/",
+            "/users/42",
+            "/caf\u{e9}",
+            "/a b",
+            "/a%20b",
+            "/{x}",
+            &long,
+        ] {
+            for ns in ["tf:", ""] {
+                let built = key_text(ns, path, &hash);
+                assert_eq!(&*built, key_string(ns, path, &hash), "{ns}{path}");
+            }
+        }
     }
 
     #[test]
