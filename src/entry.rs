@@ -381,11 +381,11 @@ impl Entry {
         }
         let rebuild_ms = get_u32(&mut buf)?;
         let flags = get_u8(&mut buf)?;
-        let headers = get_headers(&mut buf)?;
+        let headers = get_headers(&mut buf, SERVED_HEADROOM)?;
         let body = get_bytes(&mut buf)?;
         let trailers = match get_u8(&mut buf)? {
             0 => None,
-            1 => Some(get_headers(&mut buf)?),
+            1 => Some(get_headers(&mut buf, 0)?),
             _ => return Err(DecodeError::Invalid),
         };
         let vary_len = get_len(&mut buf)?;
@@ -558,9 +558,15 @@ fn get_bytes(buf: &mut Bytes) -> Result<Bytes, DecodeError> {
     Ok(buf.split_to(len))
 }
 
-fn get_headers(buf: &mut Bytes) -> Result<HeaderMap, DecodeError> {
+/// Room a decoded entry's header map keeps for the fields a response
+/// served from it adds (`Accept-Ranges`, `Content-Length`, `Age`,
+/// `Cache-Status`), so that serving it never grows the map.
+const SERVED_HEADROOM: usize = 4;
+
+/// Reads a header block into a map with room for `headroom` more fields.
+fn get_headers(buf: &mut Bytes, headroom: usize) -> Result<HeaderMap, DecodeError> {
     let count = get_len(buf)?;
-    let mut headers = HeaderMap::with_capacity(count.min(128));
+    let mut headers = HeaderMap::with_capacity(count.min(128) + headroom);
     for _ in 0..count {
         let name = HeaderName::from_bytes(&get_bytes(buf)?).map_err(|_| DecodeError::Invalid)?;
         let value =

@@ -10,7 +10,7 @@ use http_body::Body;
 use crate::body::FenceBody;
 use crate::entry::Entry;
 use crate::range;
-use crate::status::CacheStatus;
+use crate::status::{decimal_value, CacheStatus};
 use crate::validation;
 use crate::vary;
 
@@ -36,7 +36,7 @@ pub(crate) fn entry_response<B: Body>(
         if with_age {
             response
                 .headers_mut()
-                .insert(header::AGE, HeaderValue::from(age));
+                .insert(header::AGE, decimal_value(age));
         }
         status.stamp(&mut response);
         return response;
@@ -54,7 +54,7 @@ pub(crate) fn entry_response<B: Body>(
         if with_age {
             response
                 .headers_mut()
-                .insert(header::AGE, HeaderValue::from(age));
+                .insert(header::AGE, decimal_value(age));
         }
         status.stamp(&mut response);
         return response;
@@ -75,10 +75,10 @@ pub(crate) fn entry_response<B: Body>(
         headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     }
     if may_have_content_length(entry.status) && !headers.contains_key(header::CONTENT_LENGTH) {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+        headers.insert(header::CONTENT_LENGTH, decimal_value(body_len as u64));
     }
     if with_age {
-        headers.insert(header::AGE, HeaderValue::from(age));
+        headers.insert(header::AGE, decimal_value(age));
     }
     status.stamp(&mut response);
     response

@@ -1,7 +1,5 @@
 //! The `Cache-Status` response header (RFC 9211).
 
-use std::fmt::Write as _;
-
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The name tower-fence gives itself in `Cache-Status`.
@@ -101,35 +99,56 @@ impl CacheStatus {
 
     /// Renders the member, e.g. `tower-fence; fwd=uri-miss; fwd-status=200; stored`.
     pub(crate) fn render(&self) -> String {
-        let mut out = String::from(CACHE_NAME);
+        let mut out = String::with_capacity(64);
+        self.write_to(&mut out);
+        out
+    }
+
+    /// Writes the member to `out`, piece by piece.
+    fn write_to(&self, out: &mut impl Out) {
+        out.push(CACHE_NAME);
         if self.hit {
-            out.push_str("; hit");
+            out.push("; hit");
         }
         if let Some(fwd) = self.fwd {
-            let _ = write!(out, "; fwd={}", fwd.as_str());
+            out.push("; fwd=");
+            out.push(fwd.as_str());
         }
         if let Some(status) = self.fwd_status {
-            let _ = write!(out, "; fwd-status={status}");
+            out.push("; fwd-status=");
+            out.push(Decimal::new(i64::from(status)).as_str());
         }
         if let Some(ttl) = self.ttl {
-            let _ = write!(out, "; ttl={ttl}");
+            out.push("; ttl=");
+            out.push(Decimal::new(ttl).as_str());
         }
         if self.stored {
-            out.push_str("; stored");
+            out.push("; stored");
         }
         if self.collapsed {
-            out.push_str("; collapsed");
+            out.push("; collapsed");
         }
         if let Some(detail) = self.detail {
-            let _ = write!(out, "; detail={detail}");
+            out.push("; detail=");
+            out.push(detail);
         }
-        out
+    }
+
+    /// The member as a header value: rendered on the stack, then copied
+    /// once into the value (one allocation, the value's own).
+    fn header_value(&self) -> Option<HeaderValue> {
+        let mut line = Line::default();
+        self.write_to(&mut line);
+        match line.overflowed {
+            false => HeaderValue::from_bytes(line.as_bytes()).ok(),
+            true => HeaderValue::from_str(&self.render()).ok(),
+        }
     }
 
     /// Appends this member to the response's `Cache-Status` list: the cache
     /// closest to the user comes last (RFC 9211 §2).
     pub(crate) fn append_to(&self, headers: &mut HeaderMap) {
-        if let Ok(value) = HeaderValue::from_str(&self.render()) {
+        if let Some(value) = self.header_value() {
             headers.append(CACHE_STATUS.clone(), value);
         }
     }
@@ -147,6 +166,109 @@ impl CacheStatus {
     pub(crate) fn stamp_parts(self, parts: &mut http::response::Parts) {
         self.append_to(&mut parts.headers);
         parts.extensions.insert(CacheOutcome { status: self });
+    }
+}
+
+/// Where a member is written.
+trait Out {
+    fn push(&mut self, text: &str);
+}
+
+impl Out for String {
+    fn push(&mut self, text: &str) {
+        self.push_str(text);
+    }
+}
+
+/// A member rendered on the stack; `overflowed` when it did not fit (it
+/// is then rendered again into a `String`).
+struct Line {
+    buf: [u8; 128],
+    len: usize,
+    overflowed: bool,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Line {
+            buf: [0; 128],
+            len: 0,
+            overflowed: false,
+        }
+    }
+}
+
+impl Line {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Out for Line {
+    fn push(&mut self, text: &str) {
+        let end = self.len + text.len();
+        match self.buf.get_mut(self.len..end) {
+            Some(room) => {
+                room.copy_from_slice(text.as_bytes());
+                self.len = end;
+            }
+            None => self.overflowed = true,
+        }
+    }
+}
+
+/// `00` to `99`: the values 0 to 99 as static slices.
+const TWO_DIGITS: &str = "\
+    00010203040506070809101112131415161718192021222324252627282930313233343536373839\
+    40414243444546474849505152535455565758596061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
+
+/// `value` as a header value (`Age`, `Content-Length`): below 100 a static
+/// slice (no allocation), else rendered on the stack and copied once.
+pub(crate) fn decimal_value(value: u64) -> HeaderValue {
+    if value < 100 {
+        let at = 2 * value as usize;
+        let digits = match value {
+            0..=9 => &TWO_DIGITS[at + 1..at + 2],
+            _ => &TWO_DIGITS[at..at + 2],
+        };
+        return HeaderValue::from_static(digits);
+    }
+    i64::try_from(value)
+        .ok()
+        .and_then(|signed| HeaderValue::from_bytes(Decimal::new(signed).as_str().as_bytes()).ok())
+        .unwrap_or_else(|| HeaderValue::from(value))
+}
+
+/// An integer in decimal, without the formatting machinery.
+struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    fn new(value: i64) -> Self {
+        let mut digits = [b'-'; 20];
+        let mut start = digits.len();
+        let mut rest = value.unsigned_abs();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        if value < 0 {
+            // `digits` is pre-filled with `-`.
+            start -= 1;
+        }
+        Decimal { digits, start }
+    }
+
+    fn as_str(&self) -> &str {
+        // ASCII digits and `-` only.
+        std::str::from_utf8(&self.digits[self.start..]).unwrap_or("0")
     }
 }
 
@@ -296,6 +418,33 @@ mod tests {
             CacheStatus::bypass("store-timeout").render(),
             "tower-fence; fwd=bypass; detail=store-timeout"
         );
+    }
+
+    #[test]
+    fn decimal_values_are_the_numbers() {
+        for n in (0..=1000).chain([65_535, u64::from(u32::MAX), i64::MAX as u64, u64::MAX]) {
+            assert_eq!(decimal_value(n), HeaderValue::from(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn numbers_render_exactly() {
+        for n in [0, 7, -1, 42, -3600, 65535, i64::MAX, i64::MIN] {
+            assert_eq!(Decimal::new(n).as_str(), n.to_string());
+            let status = CacheStatus::hit(n);
+            assert_eq!(status.render(), format!("tower-fence; hit; ttl={n}"));
+            assert_eq!(status.header_value().unwrap(), status.render().as_str());
+        }
+        let long = CacheStatus {
+            fwd: Some(Fwd::VaryMiss),
+            fwd_status: Some(65535),
+            ttl: Some(i64::MIN),
+            stored: true,
+            collapsed: true,
+            detail: Some("stale-while-revalidate"),
+            ..CacheStatus::hit(0)
+        };
+        assert_eq!(long.header_value().unwrap(), long.render().as_str());
     }
 
     #[test]
