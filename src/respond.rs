@@ -70,15 +70,21 @@ pub(crate) fn entry_response<B: Body>(
     *response.headers_mut() = entry.headers;
     let headers = response.headers_mut();
     // A full `200` says that its ranges may be asked for (RFC 9110 §14.3),
-    // unless its origin said otherwise.
-    if entry.status == StatusCode::OK && !headers.contains_key(header::ACCEPT_RANGES) {
-        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    // unless its origin said otherwise. One lookup per field (`entry`, not
+    // `contains_key` then `insert`); a map at its size limit gets nothing
+    // added rather than a panic.
+    if entry.status == StatusCode::OK {
+        if let Ok(field) = headers.try_entry(header::ACCEPT_RANGES) {
+            let _ = field.or_try_insert_with(|| HeaderValue::from_static("bytes"));
+        }
     }
-    if may_have_content_length(entry.status) && !headers.contains_key(header::CONTENT_LENGTH) {
-        headers.insert(header::CONTENT_LENGTH, decimal_value(body_len as u64));
+    if may_have_content_length(entry.status) {
+        if let Ok(field) = headers.try_entry(header::CONTENT_LENGTH) {
+            let _ = field.or_try_insert_with(|| decimal_value(body_len as u64));
+        }
     }
     if with_age {
-        headers.insert(header::AGE, decimal_value(age));
+        let _ = headers.try_insert(header::AGE, decimal_value(age));
     }
     status.stamp(&mut response);
     response
