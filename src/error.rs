@@ -92,6 +92,7 @@ impl StoreError {
     }
 
     /// The `result` label of a failed store call's metric.
+    #[cfg(feature = "metrics")]
     pub(crate) fn metric_label(&self) -> &'static str {
         match self.kind {
             Kind::Timeout => "timeout",

@@ -92,6 +92,10 @@ impl Default for Telling {
 impl Telling {
     /// Records what the cache did for `response`.
     fn tell<B>(&self, response: &Response<B>) {
+        // Nothing to tell without metrics and with no span enabled.
+        if !cfg!(feature = "metrics") && self.span.is_disabled() {
+            return;
+        }
         let Some(outcome) = response.extensions().get::<CacheOutcome>() else {
             return;
         };
