@@ -484,3 +484,67 @@ async fn a_soft_purge_in_redis_keeps_the_records_ttl() {
     // Twice is once: it is stale already.
     assert_eq!(soft_purge(&layer.invalidator(), Kind::Path).await, 0);
 }
+
+/// The Redis script and the memory store mark a record stale the same way,
+/// byte for byte: for records with and without grace and stale-if-error
+/// windows (one saturated past what a Lua number holds exactly), at times
+/// before, at and after their freshness ends.
+#[tokio::test]
+async fn redis_and_memory_mark_records_stale_alike() {
+    let redis = RedisProcess::start_async().await;
+    let redis_store = RedisStore::new(redis.pool().await);
+    let windows = [
+        (Duration::ZERO, Duration::ZERO),
+        (Duration::from_secs(60), Duration::ZERO),
+        (Duration::from_secs(60), Duration::from_secs(3600)),
+        (Duration::ZERO, Duration::from_secs(u64::MAX / 4)),
+    ];
+    let mut patched = 0;
+    for (i, (grace, stale_if_error)) in windows.into_iter().enumerate() {
+        let memory = MemoryStore::default();
+        let origin = Origin::new();
+        let layer = FenceLayer::builder()
+            .store(memory.clone())
+            .namespace("alike:")
+            .grace(grace)
+            .stale_if_error(stale_if_error)
+            .build()
+            .unwrap();
+        let svc = layer.layer(origin.router());
+        get_path(&svc, "/items/1").await;
+        let key = layer.cache_key(&Request::get("/items/1").body(()).unwrap());
+        let record = memory.get(&key).await.unwrap().expect("stored");
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        for at_ms in [
+            now_ms - 1_000,
+            now_ms,
+            now_ms + 59_999,
+            now_ms + 60_000,
+            now_ms + 120_000,
+        ] {
+            let memory_copy = MemoryStore::default();
+            memory_copy
+                .put(&key, record.clone(), Duration::from_secs(600))
+                .await
+                .unwrap();
+            redis_store
+                .put(&key, record.clone(), Duration::from_secs(600))
+                .await
+                .unwrap();
+            let by_memory = memory_copy.mark_stale(&key, at_ms).await.unwrap();
+            let by_redis = redis_store.mark_stale(&key, at_ms).await.unwrap();
+            assert_eq!(by_memory, by_redis, "case {i} at {at_ms}: keys changed");
+            patched += by_memory;
+            assert_eq!(
+                memory_copy.get(&key).await.unwrap(),
+                redis_store.get(&key).await.unwrap(),
+                "case {i} at {at_ms}: the records differ"
+            );
+        }
+    }
+    // Times before each record's freshness ended did patch it.
+    assert_eq!(patched, 4 * 3);
+}
