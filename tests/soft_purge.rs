@@ -518,12 +518,15 @@ async fn redis_and_memory_mark_records_stale_alike() {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64;
+        // Fresh for 60 s from the origin's `Date` (whole seconds): the first
+        // three times are before the end of its freshness, the others
+        // after.
         for at_ms in [
             now_ms - 1_000,
             now_ms,
-            now_ms + 59_999,
-            now_ms + 60_000,
+            now_ms + 30_000,
             now_ms + 120_000,
+            now_ms + 10_000_000,
         ] {
             let memory_copy = MemoryStore::default();
             memory_copy
