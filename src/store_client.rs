@@ -30,46 +30,22 @@ struct Op {
     doing: &'static str,
 }
 
-const GET: Op = Op {
-    name: "get",
-    doing: "a lookup",
-};
-const PROBE: Op = Op {
-    name: "probe",
-    doing: "a probe",
-};
-const TRY_LEASE: Op = Op {
-    name: "try_lease",
-    doing: "taking a lease",
-};
-const EXTEND_LEASE: Op = Op {
-    name: "extend_lease",
-    doing: "extending a lease",
-};
-const RELEASE_LEASE: Op = Op {
-    name: "release_lease",
-    doing: "releasing a lease",
-};
-const FILL: Op = Op {
-    name: "fill",
-    doing: "storing a response",
-};
-const DELETE: Op = Op {
-    name: "delete",
-    doing: "deleting a key",
-};
-const PURGE_MATCHING: Op = Op {
-    name: "purge_matching",
-    doing: "purging by pattern",
-};
-const PURGE_MEMBERS: Op = Op {
-    name: "purge_members",
-    doing: "purging a set's members",
-};
-const PURGE_KEY: Op = Op {
-    name: "purge_key",
-    doing: "purging a key",
-};
+impl Op {
+    const fn new(name: &'static str, doing: &'static str) -> Self {
+        Op { name, doing }
+    }
+}
+
+const GET: Op = Op::new("get", "a lookup");
+const PROBE: Op = Op::new("probe", "a probe");
+const TRY_LEASE: Op = Op::new("try_lease", "taking a lease");
+const EXTEND_LEASE: Op = Op::new("extend_lease", "extending a lease");
+const RELEASE_LEASE: Op = Op::new("release_lease", "releasing a lease");
+const FILL: Op = Op::new("fill", "storing a response");
+const DELETE: Op = Op::new("delete", "deleting a key");
+const PURGE_MATCHING: Op = Op::new("purge_matching", "purging by pattern");
+const PURGE_MEMBERS: Op = Op::new("purge_members", "purging a set's members");
+const PURGE_KEY: Op = Op::new("purge_key", "purging a key");
 
 /// The key a probe reads (nothing is stored under it).
 const PROBE_KEY: &str = "tower-fence:probe";

@@ -487,7 +487,7 @@ impl RedisClusterStore {
 impl RedisClusterStore {
     /// Two walks of every master, leases first (deleted), then what
     /// `pattern` selects, removed as `removal` says, for the reason
-    /// `RedisStore::delete_matching` gives.
+    /// `RedisStore::walk` gives.
     async fn walk(&self, pattern: &KeyPattern, removal: Removal) -> Result<u64, StoreError> {
         let masters = self.masters().await?;
         let leases = self
@@ -507,6 +507,21 @@ impl RedisClusterStore {
         self.query::<()>(&xadd_many_changed(&self.feed.key, &pattern.glob()))
             .await?;
         Ok(leases + entries)
+    }
+
+    /// Two reads of the set (as `RedisStore::purge_members`), removing the
+    /// members `only` selects as `removal` says.
+    async fn purge_members(
+        &self,
+        set: &str,
+        only: Option<&KeyPattern>,
+        removal: Removal,
+    ) -> Result<u64, StoreError> {
+        let first = self.sscan_remove(set, only, removal).await?;
+        let second = self.sscan_remove(set, only, removal).await?;
+        self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+            .await?;
+        Ok(first + second)
     }
 }
 
@@ -720,17 +735,11 @@ impl Store for RedisClusterStore {
     }
 
     fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
-        Box::pin(async move { self.walk(pattern, Removal::Delete).await })
+        Box::pin(self.walk(pattern, Removal::Delete))
     }
 
     fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            let first = self.sscan_remove(set, None, Removal::Delete).await?;
-            let second = self.sscan_remove(set, None, Removal::Delete).await?;
-            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
-                .await?;
-            Ok(first + second)
-        })
+        Box::pin(self.purge_members(set, None, Removal::Delete))
     }
 
     fn delete_members_matching<'a>(
@@ -738,17 +747,7 @@ impl Store for RedisClusterStore {
         set: &'a str,
         pattern: &'a KeyPattern,
     ) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            let first = self
-                .sscan_remove(set, Some(pattern), Removal::Delete)
-                .await?;
-            let second = self
-                .sscan_remove(set, Some(pattern), Removal::Delete)
-                .await?;
-            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
-                .await?;
-            Ok(first + second)
-        })
+        Box::pin(self.purge_members(set, Some(pattern), Removal::Delete))
     }
 
     fn mark_stale<'a>(&'a self, key: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
@@ -766,18 +765,11 @@ impl Store for RedisClusterStore {
         pattern: &'a KeyPattern,
         at_ms: u64,
     ) -> StoreFuture<'a, u64> {
-        Box::pin(async move { self.walk(pattern, Removal::MarkStale { at_ms }).await })
+        Box::pin(self.walk(pattern, Removal::MarkStale { at_ms }))
     }
 
     fn mark_stale_members<'a>(&'a self, set: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            let removal = Removal::MarkStale { at_ms };
-            let first = self.sscan_remove(set, None, removal).await?;
-            let second = self.sscan_remove(set, None, removal).await?;
-            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
-                .await?;
-            Ok(first + second)
-        })
+        Box::pin(self.purge_members(set, None, Removal::MarkStale { at_ms }))
     }
 
     fn mark_stale_members_matching<'a>(
@@ -786,14 +778,7 @@ impl Store for RedisClusterStore {
         pattern: &'a KeyPattern,
         at_ms: u64,
     ) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            let removal = Removal::MarkStale { at_ms };
-            let first = self.sscan_remove(set, Some(pattern), removal).await?;
-            let second = self.sscan_remove(set, Some(pattern), removal).await?;
-            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
-                .await?;
-            Ok(first + second)
-        })
+        Box::pin(self.purge_members(set, Some(pattern), Removal::MarkStale { at_ms }))
     }
 
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {

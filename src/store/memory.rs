@@ -192,6 +192,26 @@ impl MemoryStore {
         matches!(result, CompResult::ReplacedWith(_))
     }
 
+    /// Removes the leases `pattern` selects (first: a rebuild under it can
+    /// no longer store) and returns how many there were, with the keys of
+    /// the records it selects.
+    fn select(&self, pattern: &KeyPattern) -> (u64, Vec<String>) {
+        let leases = {
+            let mut meta = self.meta();
+            let before = meta.leases.len();
+            meta.leases
+                .retain(|key, _| !pattern.matches(&super::lease_key(key)));
+            (before - meta.leases.len()) as u64
+        };
+        let keys = self
+            .cache
+            .iter()
+            .filter(|(key, _)| pattern.matches(key))
+            .map(|(key, _)| String::clone(&key))
+            .collect();
+        (leases, keys)
+    }
+
     /// Removes the leases among `members` and returns how many there were.
     fn remove_leases<'k>(meta: &mut Meta, members: impl IntoIterator<Item = &'k String>) -> u64 {
         let mut removed = 0;
@@ -360,43 +380,20 @@ impl Store for MemoryStore {
     }
 
     fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
-        let mut deleted = 0u64;
-        {
-            // Leases first: a rebuild under the prefix can no longer store.
-            let mut meta = self.meta();
-            let before = meta.leases.len();
-            meta.leases
-                .retain(|key, _| !pattern.matches(&super::lease_key(key)));
-            deleted += (before - meta.leases.len()) as u64;
-        }
-        let doomed: Vec<String> = self
-            .cache
-            .iter()
-            .filter(|(key, _)| pattern.matches(key))
-            .map(|(key, _)| String::clone(&key))
-            .collect();
+        let (leases, doomed) = self.select(pattern);
         for key in &doomed {
             self.cache.invalidate(key);
         }
-        deleted += doomed.len() as u64;
-        Box::pin(std::future::ready(Ok(deleted)))
+        Box::pin(std::future::ready(Ok(leases + doomed.len() as u64)))
     }
 
     fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
-        let mut deleted = 0u64;
-        let members = {
+        let (leases, members) = {
             let mut meta = self.meta();
             let members = meta.sets.remove(set).unwrap_or_default();
-            for member in &members {
-                if let Some(key) = member.strip_suffix(":lease") {
-                    if meta.leases.remove(key).is_some() {
-                        deleted += 1;
-                    }
-                }
-            }
-            members
+            (Self::remove_leases(&mut meta, &members), members)
         };
-        deleted += self.delete_entries(&members);
+        let deleted = leases + self.delete_entries(&members);
         Box::pin(std::future::ready(Ok(deleted)))
     }
 
@@ -405,10 +402,9 @@ impl Store for MemoryStore {
         set: &'a str,
         pattern: &'a KeyPattern,
     ) -> StoreFuture<'a, u64> {
-        let mut deleted = 0u64;
-        let members = {
+        let (leases, members) = {
             let mut meta = self.meta();
-            let Meta { leases, sets } = &mut *meta;
+            let sets = &mut meta.sets;
             let mut members = HashSet::new();
             if let Some(all) = sets.get_mut(set) {
                 all.retain(|member| {
@@ -424,16 +420,9 @@ impl Store for MemoryStore {
             }
             // Leases first, under the lock: no fill of these keys can
             // store from here on.
-            for member in &members {
-                if let Some(key) = member.strip_suffix(":lease") {
-                    if leases.remove(key).is_some() {
-                        deleted += 1;
-                    }
-                }
-            }
-            members
+            (Self::remove_leases(&mut meta, &members), members)
         };
-        deleted += self.delete_entries(&members);
+        let deleted = leases + self.delete_entries(&members);
         Box::pin(std::future::ready(Ok(deleted)))
     }
 
@@ -448,23 +437,9 @@ impl Store for MemoryStore {
         pattern: &'a KeyPattern,
         at_ms: u64,
     ) -> StoreFuture<'a, u64> {
-        let mut changed = 0u64;
-        {
-            // Leases first, as in `delete_matching`.
-            let mut meta = self.meta();
-            let before = meta.leases.len();
-            meta.leases
-                .retain(|key, _| !pattern.matches(&super::lease_key(key)));
-            changed += (before - meta.leases.len()) as u64;
-        }
-        let selected: Vec<String> = self
-            .cache
-            .iter()
-            .filter(|(key, _)| pattern.matches(key))
-            .map(|(key, _)| String::clone(&key))
-            .collect();
-        changed += self.mark_entries_stale(&selected, at_ms);
-        Box::pin(std::future::ready(Ok(changed)))
+        let (leases, selected) = self.select(pattern);
+        let marked = self.mark_entries_stale(&selected, at_ms);
+        Box::pin(std::future::ready(Ok(leases + marked)))
     }
 
     fn mark_stale_members<'a>(&'a self, set: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {

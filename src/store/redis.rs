@@ -275,6 +275,43 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Two walks of the keyspace. The first deletes the leases `pattern`
+    /// selects: from then on no rebuild under it can store. A rebuild that
+    /// stored while that walk ran made a key the walk may have missed, but
+    /// that key exists for all of the second walk, which removes it (as
+    /// `removal` says) with every other key selected. Then other
+    /// processes' local tiers hear of it.
+    async fn walk(&self, pattern: &KeyPattern, removal: Removal) -> Result<u64, StoreError> {
+        let glob = pattern.glob();
+        let leases = self
+            .scan_remove(&pattern.leases().glob(), Removal::Delete)
+            .await?;
+        let entries = self.scan_remove(&glob, removal).await?;
+        self.query::<()>(&xadd_many_changed(&self.feed.key, &glob))
+            .await?;
+        Ok(leases + entries)
+    }
+
+    /// Two reads of the set `set` (for the reason [`walk`](Self::walk)
+    /// walks twice), removing the members `only` selects (all when `None`)
+    /// as `removal` says; what is deleted leaves the set, not the set
+    /// itself, so fills that join it meanwhile stay indexed. An entry
+    /// marked stale in the first read is not counted again.
+    async fn purge_members(
+        &self,
+        set: &str,
+        only: Option<&KeyPattern>,
+        removal: Removal,
+    ) -> Result<u64, StoreError> {
+        let first = self.sscan_remove(set, only, removal).await?;
+        let second = self.sscan_remove(set, only, removal).await?;
+        self.query::<()>(&xadd_many_changed(&self.feed.key, set))
+            .await?;
+        Ok(first + second)
+    }
+}
+
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
@@ -410,35 +447,11 @@ impl Store for RedisStore {
     }
 
     fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            // Two walks. The first removes the leases: from then on no
-            // rebuild under the prefix can store. A rebuild that stored
-            // while that walk ran made a key the walk may have missed, but
-            // that key exists for all of the second walk, which removes it
-            // with every other entry.
-            let glob = pattern.glob();
-            let leases = self
-                .scan_remove(&pattern.leases().glob(), Removal::Delete)
-                .await?;
-            let entries = self.scan_remove(&glob, Removal::Delete).await?;
-            self.query::<()>(&xadd_many_changed(&self.feed.key, &glob))
-                .await?;
-            Ok(leases + entries)
-        })
+        Box::pin(self.walk(pattern, Removal::Delete))
     }
 
     fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            // Two reads of the set, for the reason `delete_matching` walks
-            // twice; members are removed from the set as they are deleted
-            // (not the set itself), so fills that join it meanwhile stay
-            // indexed.
-            let first = self.sscan_remove(set, None, Removal::Delete).await?;
-            let second = self.sscan_remove(set, None, Removal::Delete).await?;
-            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
-                .await?;
-            Ok(first + second)
-        })
+        Box::pin(self.purge_members(set, None, Removal::Delete))
     }
 
     fn delete_members_matching<'a>(
@@ -446,19 +459,7 @@ impl Store for RedisStore {
         set: &'a str,
         pattern: &'a KeyPattern,
     ) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            // Two reads, as in `delete_members`; members the pattern does
-            // not select stay in the set.
-            let first = self
-                .sscan_remove(set, Some(pattern), Removal::Delete)
-                .await?;
-            let second = self
-                .sscan_remove(set, Some(pattern), Removal::Delete)
-                .await?;
-            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
-                .await?;
-            Ok(first + second)
-        })
+        Box::pin(self.purge_members(set, Some(pattern), Removal::Delete))
     }
 
     fn mark_stale<'a>(&'a self, key: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
@@ -478,33 +479,11 @@ impl Store for RedisStore {
         pattern: &'a KeyPattern,
         at_ms: u64,
     ) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            // Leases first, then the entries (and any lease made during the
-            // first walk), as `delete_matching` walks.
-            let leases = self
-                .scan_remove(&pattern.leases().glob(), Removal::Delete)
-                .await?;
-            let glob = pattern.glob();
-            let entries = self
-                .scan_remove(&glob, Removal::MarkStale { at_ms })
-                .await?;
-            self.query::<()>(&xadd_many_changed(&self.feed.key, &glob))
-                .await?;
-            Ok(leases + entries)
-        })
+        Box::pin(self.walk(pattern, Removal::MarkStale { at_ms }))
     }
 
     fn mark_stale_members<'a>(&'a self, set: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            // Two reads, as in `delete_members`; an entry marked in the
-            // first is stale by then and not counted again.
-            let removal = Removal::MarkStale { at_ms };
-            let first = self.sscan_remove(set, None, removal).await?;
-            let second = self.sscan_remove(set, None, removal).await?;
-            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
-                .await?;
-            Ok(first + second)
-        })
+        Box::pin(self.purge_members(set, None, Removal::MarkStale { at_ms }))
     }
 
     fn mark_stale_members_matching<'a>(
@@ -513,14 +492,7 @@ impl Store for RedisStore {
         pattern: &'a KeyPattern,
         at_ms: u64,
     ) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            let removal = Removal::MarkStale { at_ms };
-            let first = self.sscan_remove(set, Some(pattern), removal).await?;
-            let second = self.sscan_remove(set, Some(pattern), removal).await?;
-            self.query::<()>(&xadd_many_changed(&self.feed.key, set))
-                .await?;
-            Ok(first + second)
-        })
+        Box::pin(self.purge_members(set, Some(pattern), Removal::MarkStale { at_ms }))
     }
 
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {

@@ -276,8 +276,26 @@ impl<S: Store> TieredStore<S> {
         TieredStore { inner, local }
     }
 
-    fn before_key(&self, key: &'_ str) {
-        self.local.drop_key(key);
+    /// Runs a call that changes `key` (every key when `None`): the local
+    /// copies it touches are dropped before the call is made and again
+    /// when it ends or is cancelled (see [`DropAfter`]).
+    fn changing<'a, T: 'a>(
+        &'a self,
+        key: Option<&'a str>,
+        call: impl FnOnce() -> StoreFuture<'a, T>,
+    ) -> StoreFuture<'a, T> {
+        match key {
+            Some(key) => self.local.drop_key(key),
+            None => self.local.drop_all(),
+        }
+        let call = call();
+        Box::pin(async move {
+            let _after = DropAfter {
+                local: &self.local,
+                key,
+            };
+            call.await
+        })
     }
 }
 
@@ -312,25 +330,11 @@ impl<S: Store> Store for TieredStore<S> {
     }
 
     fn put<'a>(&'a self, key: &'a str, record: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
-        self.before_key(key);
-        Box::pin(async move {
-            let _after = DropAfter {
-                local: &self.local,
-                key: Some(key),
-            };
-            self.inner.put(key, record, ttl).await
-        })
+        self.changing(Some(key), || self.inner.put(key, record, ttl))
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
-        self.before_key(key);
-        Box::pin(async move {
-            let _after = DropAfter {
-                local: &self.local,
-                key: Some(key),
-            };
-            self.inner.delete(key).await
-        })
+        self.changing(Some(key), || self.inner.delete(key))
     }
 
     fn try_lease<'a>(
@@ -358,14 +362,7 @@ impl<S: Store> Store for TieredStore<S> {
 
     fn fill<'a>(&'a self, fill: Fill<'a>) -> StoreFuture<'a, bool> {
         let key = fill.key;
-        self.before_key(key);
-        Box::pin(async move {
-            let _after = DropAfter {
-                local: &self.local,
-                key: Some(key),
-            };
-            self.inner.fill(fill).await
-        })
+        self.changing(Some(key), || self.inner.fill(fill))
     }
 
     fn subscribe_fill(&self, key: &str) -> Option<FillSubscription> {
@@ -383,25 +380,11 @@ impl<S: Store> Store for TieredStore<S> {
     }
 
     fn delete_matching<'a>(&'a self, pattern: &'a KeyPattern) -> StoreFuture<'a, u64> {
-        self.local.drop_all();
-        Box::pin(async move {
-            let _after = DropAfter {
-                local: &self.local,
-                key: None,
-            };
-            self.inner.delete_matching(pattern).await
-        })
+        self.changing(None, || self.inner.delete_matching(pattern))
     }
 
     fn delete_members<'a>(&'a self, set: &'a str) -> StoreFuture<'a, u64> {
-        self.local.drop_all();
-        Box::pin(async move {
-            let _after = DropAfter {
-                local: &self.local,
-                key: None,
-            };
-            self.inner.delete_members(set).await
-        })
+        self.changing(None, || self.inner.delete_members(set))
     }
 
     fn delete_members_matching<'a>(
@@ -409,25 +392,11 @@ impl<S: Store> Store for TieredStore<S> {
         set: &'a str,
         pattern: &'a KeyPattern,
     ) -> StoreFuture<'a, u64> {
-        self.local.drop_all();
-        Box::pin(async move {
-            let _after = DropAfter {
-                local: &self.local,
-                key: None,
-            };
-            self.inner.delete_members_matching(set, pattern).await
-        })
+        self.changing(None, || self.inner.delete_members_matching(set, pattern))
     }
 
     fn mark_stale<'a>(&'a self, key: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
-        self.before_key(key);
-        Box::pin(async move {
-            let _after = DropAfter {
-                local: &self.local,
-                key: Some(key),
-            };
-            self.inner.mark_stale(key, at_ms).await
-        })
+        self.changing(Some(key), || self.inner.mark_stale(key, at_ms))
     }
 
     fn mark_stale_matching<'a>(
@@ -435,25 +404,11 @@ impl<S: Store> Store for TieredStore<S> {
         pattern: &'a KeyPattern,
         at_ms: u64,
     ) -> StoreFuture<'a, u64> {
-        self.local.drop_all();
-        Box::pin(async move {
-            let _after = DropAfter {
-                local: &self.local,
-                key: None,
-            };
-            self.inner.mark_stale_matching(pattern, at_ms).await
-        })
+        self.changing(None, || self.inner.mark_stale_matching(pattern, at_ms))
     }
 
     fn mark_stale_members<'a>(&'a self, set: &'a str, at_ms: u64) -> StoreFuture<'a, u64> {
-        self.local.drop_all();
-        Box::pin(async move {
-            let _after = DropAfter {
-                local: &self.local,
-                key: None,
-            };
-            self.inner.mark_stale_members(set, at_ms).await
-        })
+        self.changing(None, || self.inner.mark_stale_members(set, at_ms))
     }
 
     fn mark_stale_members_matching<'a>(
@@ -462,15 +417,8 @@ impl<S: Store> Store for TieredStore<S> {
         pattern: &'a KeyPattern,
         at_ms: u64,
     ) -> StoreFuture<'a, u64> {
-        self.local.drop_all();
-        Box::pin(async move {
-            let _after = DropAfter {
-                local: &self.local,
-                key: None,
-            };
-            self.inner
-                .mark_stale_members_matching(set, pattern, at_ms)
-                .await
+        self.changing(None, || {
+            self.inner.mark_stale_members_matching(set, pattern, at_ms)
         })
     }
 }
