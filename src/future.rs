@@ -32,7 +32,7 @@ use crate::body::{FenceBody, Recorder};
 use crate::entry::Entry;
 use crate::flow::hit::{self, Miss, Verdict};
 use crate::flow::lead::{self, Job, Leading};
-use crate::flow::lookup::lookup;
+use crate::flow::lookup::{lookup, lookup_now};
 use crate::flow::plan::{self, Plan, Write};
 use crate::flow::settle::{self, Fence};
 use crate::flow::wait::{self, AfterWait};
@@ -150,6 +150,11 @@ pin_project! {
             shared: Arc<Shared>,
             response: Option<Response<FenceBody<RB>>>,
         },
+        /// Answered when the future was made (a store that answers at
+        /// once, see [`Store::get_now`](crate::store::Store::get_now)).
+        Ready {
+            response: Option<Response<FenceBody<RB>>>,
+        },
         Done,
     }
 }
@@ -205,34 +210,9 @@ where
         }
     }
 
-    /// A request the cache may answer: it waits on a rebuild already
-    /// running in this process, or looks its key up.
-    pub(crate) fn start(pending: Pending<S, B>) -> Self {
-        let keyed = &pending.keyed;
-        let may_join = (pending.req.method() == Method::GET || is_grpc_lookup(&pending.req))
-            && keyed.may_share()
-            && !keyed.facts.only_if_cached
-            && !keyed.facts.no_cache;
-        let join = may_join
-            .then(|| {
-                keyed
-                    .shared
-                    .flights
-                    .join_running(keyed.key.as_str(), keyed.epoch)
-            })
-            .flatten();
-        match join {
-            Some(wait) => {
-                keyed.shared.bump(|c| &c.misses);
-                ResponseFuture::waiting(wait, pending)
-            }
-            None => ResponseFuture::lookup(pending),
-        }
-    }
-
-    pub(crate) fn lookup(mut pending: Pending<S, B>) -> Self {
-        // The origin chooses for the variant the request is keyed under.
-        crate::vary::normalise_request(pending.req.headers_mut());
+    /// A request whose key is looked up in the store (its headers
+    /// already normalised, see [`Step::lookup`]).
+    fn lookup_later(pending: Pending<S, B>) -> Self {
         let lookup = Box::pin(lookup(
             pending.keyed.shared.clone(),
             pending.keyed.key.clone(),
@@ -273,6 +253,50 @@ where
     }
 }
 
+impl<S, B, RB> ResponseFuture<S, B, RB>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    RB: Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Send,
+{
+    /// A request the cache may answer: it waits on a rebuild already
+    /// running in this process, or looks its key up (and is answered
+    /// already when the store could answer at once).
+    pub(crate) fn start(pending: Pending<S, B>) -> Self {
+        let keyed = &pending.keyed;
+        let may_join = (pending.req.method() == Method::GET || is_grpc_lookup(&pending.req))
+            && keyed.may_share()
+            && !keyed.facts.only_if_cached
+            && !keyed.facts.no_cache;
+        let join = may_join
+            .then(|| {
+                keyed
+                    .shared
+                    .flights
+                    .join_running(keyed.key.as_str(), keyed.epoch)
+            })
+            .flatten();
+        if let Some(wait) = join {
+            keyed.shared.bump(|c| &c.misses);
+            return ResponseFuture::waiting(wait, pending);
+        }
+        let state = match Step::lookup(pending) {
+            Step::Respond(response) => State::Ready {
+                response: Some(response),
+            },
+            Step::Go(state) => state,
+        };
+        ResponseFuture {
+            state,
+            telling: Telling::default(),
+        }
+    }
+}
+
 fn waiting<S, B, RB>(
     wait: Wait<Landing>,
     pending: Pending<S, B>,
@@ -308,6 +332,7 @@ where
             State::Permit { .. } => "Permit",
             State::Inner { .. } => "Inner",
             State::Invalidating { .. } => "Invalidating",
+            State::Ready { .. } => "Ready",
             State::Done => "Done",
         };
         f.debug_struct("ResponseFuture")
@@ -479,6 +504,10 @@ where
                         None => Step::Go(State::Done),
                     }
                 }
+                StateProj::Ready { response } => match response.take() {
+                    Some(response) => Step::Respond(response),
+                    None => Step::Go(State::Done),
+                },
                 // Polled after completion: the contract allows anything but
                 // a panic is an outage; stay pending.
                 StateProj::Done => return Poll::Pending,
@@ -503,8 +532,9 @@ fn after_read<S, B, RB>(
     shared: &Arc<Shared>,
 ) -> Step<S, B, RB>
 where
-    S: Service<Request<B>>,
-    RB: Body,
+    S: Inner<B, RB>,
+    B: Send + 'static,
+    RB: SendBody,
 {
     let (keyed, req) = match read {
         grpc::Read::Message { message, body } => {
@@ -614,6 +644,18 @@ where
     B: Send + 'static,
     RB: SendBody,
 {
+    /// Looks the request's key up: at once when the store can answer
+    /// without waiting (then this is what the answer leads to), else in a
+    /// lookup state.
+    fn lookup(mut pending: Pending<S, B>) -> Self {
+        // The origin chooses for the variant the request is keyed under.
+        crate::vary::normalise_request(pending.req.headers_mut());
+        match lookup_now(&pending.keyed.shared, &pending.keyed.key) {
+            Some(found) => Self::after_lookup(found, pending),
+            None => Step::Go(ResponseFuture::lookup_later(pending).state),
+        }
+    }
+
     fn after_lookup(found: Found, pending: Pending<S, B>) -> Self {
         let Pending {
             mut svc,
@@ -641,7 +683,7 @@ where
             }
             Verdict::Variant(key) => {
                 keyed.key = key;
-                Step::Go(ResponseFuture::lookup(Pending { svc, req, keyed }).state)
+                Self::lookup(Pending { svc, req, keyed })
             }
             Verdict::OnlyIfCached => Step::Respond(respond::only_if_cached_miss()),
             Verdict::Pass(status) => {

@@ -25,6 +25,8 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};
 
+use crate::recent_keys::{self, MAX_MATERIAL};
+
 /// Longest escaped path kept readable in a key, in bytes.
 pub(crate) const MAX_READABLE_PATH: usize = 512;
 
@@ -112,10 +114,10 @@ pub(crate) fn derive_with(
     for part in extra {
         material.frame(part);
     }
-    let digest = material.finish();
-    CacheKey {
-        storage: key_text(&config.namespace, path, &digest[..16]),
-    }
+    let storage = material.key(&config.namespace, |digest| {
+        key_text(&config.namespace, path, &digest[..16])
+    });
+    CacheKey { storage }
 }
 
 /// Longest key built on the stack (one allocation, the key's own).
@@ -172,27 +174,32 @@ const KEY_DOMAIN: &[u8] = b"tf key v2";
 /// Domain of a variant's hash.
 const VARIANT_DOMAIN: &[u8] = b"tf variant v3";
 
-/// The bytes a key's hash is taken over, gathered in one block-sized
-/// buffer before they reach SHA-256 (one `update` per block, not per
-/// field).
+/// The bytes a key's hash is taken over, gathered in a buffer before they
+/// reach SHA-256 (one `update` for the lot, not one per field).
 ///
 /// Every field is framed by its length as a LEB128 varint: a prefix-free
 /// framing, so distinct field lists never hash the same bytes, and one
 /// byte per field under 128 bytes instead of eight. A typical request's
 /// material (domain, method, host, path, query) then fits SHA-256's first
-/// 55 bytes and costs one compression instead of two.
+/// 55 bytes and costs one compression instead of two; and material that
+/// fits the buffer is looked up in [`recent_keys`] first, so a hot URL
+/// costs no compression at all.
 struct Material {
     hasher: Sha256,
-    buf: [u8; 64],
+    buf: [u8; MAX_MATERIAL],
     len: usize,
+    /// Whether the buffer overflowed into `hasher` (the material is then
+    /// too long to be remembered).
+    spilled: bool,
 }
 
 impl Material {
     fn new(domain: &[u8]) -> Self {
         let mut material = Material {
             hasher: Sha256::new(),
-            buf: [0; 64],
+            buf: [0; MAX_MATERIAL],
             len: 0,
+            spilled: false,
         };
         material.frame(domain);
         material
@@ -203,6 +210,7 @@ impl Material {
             if self.len == self.buf.len() {
                 self.hasher.update(self.buf);
                 self.len = 0;
+                self.spilled = true;
             }
             let take = bytes.len().min(self.buf.len() - self.len);
             self.buf[self.len..self.len + take].copy_from_slice(&bytes[..take]);
@@ -246,12 +254,32 @@ impl Material {
         }
     }
 
-    fn finish(mut self) -> [u8; 32] {
-        self.hasher.update(&self.buf[..self.len]);
-        let mut digest = [0u8; 32];
-        digest.copy_from_slice(&self.hasher.finalize());
-        digest
+    /// The key made by `make` from the material's digest, remembered per
+    /// thread under `prefix` (see [`recent_keys`]): `make` must be a
+    /// function of `prefix` and the material alone.
+    fn key(self, prefix: &str, make: impl FnOnce([u8; 32]) -> Arc<str>) -> Arc<str> {
+        if self.spilled {
+            return make(self.finish());
+        }
+        let Material {
+            hasher, buf, len, ..
+        } = self;
+        recent_keys::get_or_derive(prefix, &buf[..len], || {
+            make(digest(hasher, &buf[..len]))
+        })
     }
+
+    fn finish(self) -> [u8; 32] {
+        digest(self.hasher, &self.buf[..self.len])
+    }
+}
+
+/// The SHA-256 of what `hasher` took, then `rest`.
+fn digest(mut hasher: Sha256, rest: &[u8]) -> [u8; 32] {
+    hasher.update(rest);
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(&hasher.finalize());
+    digest
 }
 
 fn push_readable_path(out: &mut String, path: &str) {
@@ -316,14 +344,14 @@ pub(crate) fn variant(base: &CacheKey, names: &[HeaderName], headers: &HeaderMap
             }
         }
     }
-    let digest = material.finish();
-    let mut storage = String::with_capacity(base.storage.len() + 18);
-    storage.push_str(&base.storage);
-    storage.push_str(".v");
-    push_hex(&mut storage, &digest[..8]);
-    CacheKey {
-        storage: storage.into(),
-    }
+    let storage = material.key(&base.storage, |digest| {
+        let mut storage = String::with_capacity(base.storage.len() + 18);
+        storage.push_str(&base.storage);
+        storage.push_str(".v");
+        push_hex(&mut storage, &digest[..8]);
+        storage.into()
+    });
+    CacheKey { storage }
 }
 
 /// Lower-case hex digits.

@@ -116,13 +116,17 @@ where
         let clone = self.inner.clone();
         let svc = mem::replace(&mut self.inner, clone);
         // A missing entry being rebuilt in this process is waited for in
-        // memory, without a store round trip.
-        ResponseFuture::start(Pending {
-            svc,
-            req: Request::from_parts(parts, body),
-            keyed,
-        })
-        .told(telling)
+        // memory, without a store round trip. A store that answers at once
+        // is read here, inside the request's span (a refresh it starts
+        // carries the span).
+        let started = telling.span.in_scope(|| {
+            ResponseFuture::start(Pending {
+                svc,
+                req: Request::from_parts(parts, body),
+                keyed,
+            })
+        });
+        started.told(telling)
     }
 }
 

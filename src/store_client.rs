@@ -13,6 +13,7 @@ use std::time::Duration;
 use std::time::Instant;
 use tracing::Instrument;
 
+use bytes::Bytes;
 use http::HeaderName;
 
 use crate::breaker::{Admission, Breaker, Turn};
@@ -46,6 +47,19 @@ const DELETE: Op = Op::new("delete", "deleting a key");
 const PURGE_MATCHING: Op = Op::new("purge_matching", "purging by pattern");
 const PURGE_MEMBERS: Op = Op::new("purge_members", "purging a set's members");
 const PURGE_KEY: Op = Op::new("purge_key", "purging a key");
+
+/// When a store call started: read only for the metrics, so without them
+/// no clock is read.
+struct Timer(#[cfg(feature = "metrics")] Instant);
+
+impl Timer {
+    fn start() -> Self {
+        Timer(
+            #[cfg(feature = "metrics")]
+            Instant::now(),
+        )
+    }
+}
 
 /// The key a probe reads (nothing is stored under it).
 const PROBE_KEY: &str = "tower-fence:probe";
@@ -166,17 +180,21 @@ impl StoreClient {
             return Err(StoreError::skipped());
         }
         let result = self.attempt(op, admission, timeout, call).await;
-        if let Err(err) = &result {
+        self.count_failure(op, key, &result);
+        result
+    }
+
+    /// Counts and logs a failed call.
+    fn count_failure<T>(&self, op: Op, key: &str, result: &Result<T, StoreError>) {
+        if let Err(err) = result {
             self.errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(key, error = %err, "tower-fence: {} failed", op.doing);
         }
-        result
     }
 
     /// Runs an admitted `call` under `timeout` and tells the breaker how
     /// it went. A probe whose call is dropped before it ends lets the next
     /// call probe.
-    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
     async fn attempt<T>(
         &self,
         op: Op,
@@ -188,9 +206,7 @@ impl StoreClient {
             breaker: &self.breaker,
             admission,
         };
-        // Timed only for the metrics: no clock read without them.
-        #[cfg(feature = "metrics")]
-        let started = Instant::now();
+        let timer = Timer::start();
         let result = match timeout {
             None => call.await,
             Some(limit) => tokio::time::timeout(limit, call)
@@ -198,13 +214,20 @@ impl StoreClient {
                 .unwrap_or_else(|_| Err(StoreError::timeout())),
         };
         probe.admission = Admission::Call;
+        self.record(op, admission, timer, &result);
+        result
+    }
+
+    /// Tells the metrics and the breaker how an admitted call went.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn record<T>(&self, op: Op, admission: Admission, timer: Timer, result: &Result<T, StoreError>) {
         #[cfg(feature = "metrics")]
         {
-            let outcome = match &result {
+            let outcome = match result {
                 Ok(_) => "ok",
                 Err(err) => err.metric_label(),
             };
-            metrics::store_call(op.name, started.elapsed(), outcome);
+            metrics::store_call(op.name, timer.0.elapsed(), outcome);
         }
         let healthy = result.as_ref().map_or_else(|err| !err.is_sick(), |_| true);
         match self.breaker.record(admission, healthy) {
@@ -222,7 +245,6 @@ impl StoreClient {
             }
             Turn::Stayed => {}
         }
-        result
     }
 
     /// Probes an open breaker's store now, cool-down or not, with one
@@ -247,7 +269,27 @@ impl StoreClient {
     /// Reads and decodes the record under `key`. A record that does not
     /// decode is a miss (and is deleted in the background).
     pub(crate) async fn read(self: &Arc<Self>, key: &str) -> Found {
-        let record = match self.bounded(GET, key, self.store.get(key)).await {
+        let result = self.bounded(GET, key, self.store.get(key)).await;
+        self.found(key, result)
+    }
+
+    /// [`read`](Self::read) at once, when the store can answer without
+    /// waiting (see [`Store::get_now`]) and its breaker is closed; else
+    /// `None`, and the caller reads.
+    pub(crate) fn read_now(self: &Arc<Self>, key: &str) -> Option<Found> {
+        if self.breaker.is_open() {
+            return None;
+        }
+        let timer = Timer::start();
+        let result = self.store.get_now(key)?;
+        self.record(GET, Admission::Call, timer, &result);
+        self.count_failure(GET, key, &result);
+        Some(self.found(key, result))
+    }
+
+    /// What a read of `key` that gave `result` found.
+    fn found(self: &Arc<Self>, key: &str, result: Result<Option<Bytes>, StoreError>) -> Found {
+        let record = match result {
             Ok(Some(record)) => record,
             Ok(None) => return Found::Nothing,
             Err(err) => return Found::Failed(err),

@@ -12,6 +12,13 @@ use crate::shared::Shared;
 use crate::singleflight::{Role, Waited};
 use crate::store_client::Found;
 
+/// Looks `key` up at once when the store can answer without waiting (see
+/// [`Store::get_now`](crate::store::Store::get_now)): no read is shared
+/// then, since each is as fresh as any running one.
+pub(crate) fn lookup_now(shared: &Shared, key: &CacheKey) -> Option<Found> {
+    shared.store.read_now(key.as_str())
+}
+
 /// Looks `key` up for a request that arrived in write epoch `epoch`.
 pub(crate) async fn lookup(shared: Arc<Shared>, key: CacheKey, epoch: u64) -> Found {
     if !shared.share_lookups {

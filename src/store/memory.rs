@@ -10,7 +10,7 @@ use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache;
 use moka::Expiry;
 
-use super::{Fill, KeyPattern, Store, StoreFuture};
+use super::{Fill, KeyPattern, Store, StoreError, StoreFuture};
 
 /// Bytes counted for an entry besides its key and record (moka's own
 /// bookkeeping, roughly).
@@ -225,6 +225,11 @@ impl MemoryStore {
         removed
     }
 
+    /// The record under `key`, if any.
+    fn record(&self, key: &str) -> Option<Bytes> {
+        self.cache.get(key).map(|record| record.bytes)
+    }
+
     /// Number of records held now, after pending evictions have run.
     pub fn entry_count(&self) -> u64 {
         self.cache.run_pending_tasks();
@@ -250,8 +255,11 @@ impl fmt::Debug for MemoryStore {
 
 impl Store for MemoryStore {
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
-        let found = self.cache.get(key).map(|record| record.bytes);
-        Box::pin(std::future::ready(Ok(found)))
+        Box::pin(std::future::ready(Ok(self.record(key))))
+    }
+
+    fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>, StoreError>> {
+        Some(Ok(self.record(key)))
     }
 
     fn put<'a>(&'a self, key: &'a str, record: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {

@@ -78,6 +78,33 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// expired). One round trip on a remote store.
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>>;
 
+    /// Answers [`get`](Self::get) at once when this store can without
+    /// waiting (it holds the answer in this process); `None` when the
+    /// answer needs [`get`](Self::get). A hit on such a store then costs
+    /// no future and no task switch. The answer must be the one `get`
+    /// would give now. The default is `None`: every read goes through
+    /// `get`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use tower_fence::store::{MemoryStore, Store};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_fence::store::StoreError> {
+    /// let store = MemoryStore::new(1 << 20);
+    /// store.put("k", Bytes::from_static(b"v"), Duration::from_secs(5)).await?;
+    /// // An in-memory store always knows at once.
+    /// assert_eq!(store.get_now("k").transpose()?, Some(Some(Bytes::from_static(b"v"))));
+    /// assert_eq!(store.get_now("gone").transpose()?, Some(None));
+    /// # Ok(())
+    /// # }
+    /// ```
+    fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>, StoreError>> {
+        let _ = key;
+        None
+    }
+
     /// Stores `record` under `key`, replacing what was there, for `ttl`.
     fn put<'a>(&'a self, key: &'a str, record: Bytes, ttl: Duration) -> StoreFuture<'a, ()>;
 
@@ -380,6 +407,10 @@ impl FillSubscription {
 impl<T: Store + ?Sized> Store for Arc<T> {
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
         (**self).get(key)
+    }
+
+    fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>, StoreError>> {
+        (**self).get_now(key)
     }
 
     fn put<'a>(&'a self, key: &'a str, record: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use moka::sync::Cache;
 
-use super::{Fill, FillSubscription, KeyPattern, Store, StoreFuture};
+use super::{Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture};
 
 /// A change of the records in a store, made by this process or another,
 /// as a store's change feed tells it (see [`Store::watch_changes`]).
@@ -327,6 +327,15 @@ impl<S: Store> Store for TieredStore<S> {
             }
             Ok(record)
         })
+    }
+
+    /// A copy in the local tier at once; else what the inner store can
+    /// say at once.
+    fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>, StoreError>> {
+        match self.local.get(key) {
+            Some(record) => Some(Ok(Some(record))),
+            None => self.inner.get_now(key),
+        }
     }
 
     fn put<'a>(&'a self, key: &'a str, record: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
