@@ -19,13 +19,21 @@
 //! every path sharing the cut is selected with them (more than asked, never
 //! less; see [`KeyPattern`]).
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};
 
-use crate::recent_keys::{self, MAX_MATERIAL};
+use crate::recent::{self, Recent, MAX_MATERIAL};
+
+/// Keys per thread remembered by their material (see [`recent`]).
+const RECENT_KEYS: usize = 256;
+
+thread_local! {
+    static KEYS: RefCell<Recent<Arc<str>>> = const { RefCell::new(Recent::new(RECENT_KEYS)) };
+}
 
 /// Longest escaped path kept readable in a key, in bytes.
 pub(crate) const MAX_READABLE_PATH: usize = 512;
@@ -182,7 +190,7 @@ const VARIANT_DOMAIN: &[u8] = b"tf variant v3";
 /// byte per field under 128 bytes instead of eight. A typical request's
 /// material (domain, method, host, path, query) then fits SHA-256's first
 /// 55 bytes and costs one compression instead of two; and material that
-/// fits the buffer is looked up in [`recent_keys`] first, so a hot URL
+/// fits the buffer is looked up in this thread's recent keys first, so a hot URL
 /// costs no compression at all.
 struct Material {
     hasher: Sha256,
@@ -255,7 +263,7 @@ impl Material {
     }
 
     /// The key made by `make` from the material's digest, remembered per
-    /// thread under `prefix` (see [`recent_keys`]): `make` must be a
+    /// thread under `prefix` (see [`recent`]): `make` must be a
     /// function of `prefix` and the material alone.
     fn key(self, prefix: &str, make: impl FnOnce([u8; 32]) -> Arc<str>) -> Arc<str> {
         if self.spilled {
@@ -264,7 +272,7 @@ impl Material {
         let Material {
             hasher, buf, len, ..
         } = self;
-        recent_keys::get_or_derive(prefix, &buf[..len], || {
+        recent::get_or_make(&KEYS, prefix, &buf[..len], || {
             make(digest(hasher, &buf[..len]))
         })
     }

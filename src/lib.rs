@@ -20,7 +20,7 @@ mod owed;
 pub mod policy;
 pub mod purge;
 mod range;
-mod recent_keys;
+mod recent;
 mod respond;
 mod service;
 mod shared;
