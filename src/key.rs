@@ -213,7 +213,19 @@ impl Material {
         material
     }
 
-    fn put(&mut self, mut bytes: &[u8]) {
+    fn put(&mut self, bytes: &[u8]) {
+        match self.buf.get_mut(self.len..self.len + bytes.len()) {
+            Some(room) => {
+                room.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            None => self.spill(bytes),
+        }
+    }
+
+    /// [`put`](Self::put) of bytes that do not fit what is left of the
+    /// buffer: they go to the hasher a buffer at a time.
+    fn spill(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             if self.len == self.buf.len() {
                 self.hasher.update(self.buf);
@@ -228,6 +240,12 @@ impl Material {
     }
 
     fn put_len(&mut self, len: usize) {
+        // One byte, the common case, written in place.
+        if len < 0x80 && self.len < self.buf.len() {
+            self.buf[self.len] = len as u8;
+            self.len += 1;
+            return;
+        }
         let mut encoded = [0u8; 10];
         let mut n = 0;
         let mut rest = len as u64;
