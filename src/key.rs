@@ -726,6 +726,44 @@ mod tests {
         Request::get(uri).body(()).unwrap()
     }
 
+    /// The key SHA-256 gives for `/users/42` under `tf:`, computed without
+    /// the memo: a remembered key must be this one, whatever thread asks.
+    fn unremembered(path: &str, namespace: &str) -> String {
+        let mut material = Material::new(KEY_DOMAIN);
+        material.frame(b"GET");
+        material.frame_lowercase(b"example.com");
+        material.frame(path.as_bytes());
+        material.put(&[0]);
+        material.put_len(0);
+        let digest = material.finish();
+        key_text(namespace, path, &digest[..16]).to_string()
+    }
+
+    #[test]
+    fn remembered_keys_are_the_derived_keys() {
+        let c = config();
+        let want = unremembered("/users/42", "tf:");
+        for _ in 0..3 {
+            assert_eq!(key_of(&c, get("http://example.com/users/42")), want);
+        }
+        let other =
+            std::thread::spawn(move || key_of(&config(), get("http://example.com/users/42")));
+        assert_eq!(other.join().unwrap(), want);
+        // Same material, another namespace: another key.
+        let ns = KeyConfig {
+            namespace: "other:".into(),
+            headers: vec![],
+        };
+        let theirs = key_of(&ns, get("http://example.com/users/42"));
+        assert_eq!(theirs, unremembered("/users/42", "other:"));
+        assert_eq!(key_of(&c, get("http://example.com/users/42")), want);
+        // Longer material than the memo keeps: still the same key each time.
+        let long = format!("/{}", "p".repeat(MAX_MATERIAL));
+        let once = key_of(&c, get(&format!("http://example.com{long}")));
+        assert_eq!(once, unremembered(&long, "tf:"));
+        assert_eq!(key_of(&c, get(&format!("http://example.com{long}"))), once);
+    }
+
     #[test]
     fn key_keeps_path_readable_with_hash_tag() {
         let key = key_of(&config(), get("http://example.com/users/42?x=1"));

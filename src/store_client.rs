@@ -220,7 +220,13 @@ impl StoreClient {
 
     /// Tells the metrics and the breaker how an admitted call went.
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    fn record<T>(&self, op: Op, admission: Admission, timer: Timer, result: &Result<T, StoreError>) {
+    fn record<T>(
+        &self,
+        op: Op,
+        admission: Admission,
+        timer: Timer,
+        result: &Result<T, StoreError>,
+    ) {
         #[cfg(feature = "metrics")]
         {
             let outcome = match result {

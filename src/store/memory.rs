@@ -512,6 +512,34 @@ mod tests {
     }
 
     #[test]
+    fn get_now_answers_what_get_answers() {
+        block_on(async {
+            let store = MemoryStore::new(1 << 20);
+            let arc: Arc<dyn Store> = Arc::new(store.clone());
+            let both = |key: &'static str| {
+                let store = store.clone();
+                let arc = arc.clone();
+                async move {
+                    let now = store.get_now(key).expect("a memory store answers at once");
+                    let through_arc = arc.get_now(key).expect("forwarded through Arc");
+                    let later = store.get(key).await.unwrap();
+                    assert_eq!(now.unwrap(), later, "{key}");
+                    assert_eq!(through_arc.unwrap(), later, "{key}");
+                    later
+                }
+            };
+            assert_eq!(both("k").await, None);
+            store
+                .put("k", Bytes::from_static(b"v"), Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert_eq!(both("k").await, Some(Bytes::from_static(b"v")));
+            store.delete("k").await.unwrap();
+            assert_eq!(both("k").await, None);
+        });
+    }
+
+    #[test]
     fn records_expire_after_their_ttl() {
         block_on(async {
             let store = MemoryStore::new(1 << 20);

@@ -525,6 +525,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn get_now_answers_from_the_local_copy_only() {
+        let inner = Counting::new();
+        let (now_ms, now) = manual();
+        let tier = TieredStore::new(inner.clone(), 1 << 20, TTL, now_ms);
+        inner
+            .put("k", Bytes::from_static(b"v1"), TTL * 10)
+            .await
+            .unwrap();
+        // No copy yet, and the inner store cannot answer at once.
+        assert!(tier.get_now("k").is_none());
+        assert_eq!(tier.get("k").await.unwrap().unwrap(), "v1");
+        let copy = tier.get_now("k").expect("the local copy").unwrap();
+        assert_eq!(copy.unwrap(), "v1");
+        assert_eq!(inner.gets.load(Ordering::SeqCst), 1);
+        // A change through the tier drops the copy.
+        tier.put("k", Bytes::from_static(b"v2"), TTL * 10)
+            .await
+            .unwrap();
+        assert!(tier.get_now("k").is_none());
+        assert_eq!(tier.get("k").await.unwrap().unwrap(), "v2");
+        assert!(tier.get_now("k").is_some());
+        // Past the local TTL the copy is not answered.
+        now.store(TTL.as_millis() as u64, Ordering::SeqCst);
+        assert!(tier.get_now("k").is_none());
+    }
+
+    #[tokio::test]
     async fn changes_drop_copies() {
         let inner = Counting::new();
         let (now_ms, _now) = manual();
