@@ -12,6 +12,10 @@
 //! and divide the difference of the two "Collected" counts by 20,000: the
 //! instructions of one hit through the whole service (clone, `oneshot`,
 //! collect a 1 KiB body), without the start-up.
+//!
+//! With `bare` after the count (`hit_loop 10000 bare`) the same loop calls
+//! the origin without the layer: the difference between the two figures is
+//! what the layer itself costs a hit.
 
 use std::convert::Infallible;
 
@@ -26,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(arg) => arg.parse()?,
         None => 100_000,
     };
+    let bare = std::env::args().nth(2).as_deref() == Some("bare");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -40,11 +45,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let svc = FenceLayer::builder()
             .xfetch_beta(0.0)
             .build()?
-            .layer(origin);
+            .layer(origin.clone());
         for _ in 0..=hits {
             let request = Request::get("/users/42").body(Empty::new())?;
-            let response = svc.clone().oneshot(request).await?;
-            response.into_body().collect().await?;
+            if bare {
+                let response = origin.clone().oneshot(request).await?;
+                response.into_body().collect().await?;
+            } else {
+                let response = svc.clone().oneshot(request).await?;
+                response.into_body().collect().await?;
+            }
         }
         Ok(())
     })
