@@ -1,5 +1,7 @@
 //! The `Cache-Status` response header (RFC 9211).
 
+use std::cell::RefCell;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The name tower-fence gives itself in `Cache-Status`.
@@ -134,9 +136,33 @@ impl CacheStatus {
         }
     }
 
-    /// The member as a header value: rendered on the stack, then copied
-    /// once into the value (one allocation, the value's own).
+    /// The member as a header value: the one this thread made last when
+    /// the member is the same (a hit's member changes once a second, with
+    /// its `ttl`), else rendered on the stack and copied once into the
+    /// value (one allocation, the value's own).
     fn header_value(&self) -> Option<HeaderValue> {
+        let last = LAST_MEMBER
+            .try_with(|last| {
+                let last = last.try_borrow().ok()?;
+                let (member, value) = last.as_ref()?;
+                (member == self).then(|| value.clone())
+            })
+            .ok()
+            .flatten();
+        if last.is_some() {
+            return last;
+        }
+        let value = self.rendered_value()?;
+        let _ = LAST_MEMBER.try_with(|last| {
+            if let Ok(mut last) = last.try_borrow_mut() {
+                *last = Some((self.clone(), value.clone()));
+            }
+        });
+        Some(value)
+    }
+
+    /// The member rendered into a new header value.
+    fn rendered_value(&self) -> Option<HeaderValue> {
         let mut line = Line::default();
         self.write_to(&mut line);
         match line.overflowed {
@@ -223,9 +249,44 @@ const TWO_DIGITS: &str = "\
     40414243444546474849505152535455565758596061626364656667686970717273747576777879\
     8081828384858687888990919293949596979899";
 
+thread_local! {
+    /// The last `Cache-Status` member this thread made a value of.
+    static LAST_MEMBER: RefCell<Option<(CacheStatus, HeaderValue)>> = const { RefCell::new(None) };
+    /// The last two numbers of 100 or more this thread made values of
+    /// (a response's `Age` and `Content-Length`), and which goes next.
+    static LAST_DECIMALS: RefCell<([Option<(u64, HeaderValue)>; 2], usize)> =
+        const { RefCell::new(([None, None], 0)) };
+}
+
 /// `value` as a header value (`Age`, `Content-Length`): below 100 a static
-/// slice (no allocation), else rendered on the stack and copied once.
+/// slice (no allocation); else one of the last two this thread made, when
+/// it is the same number; else rendered on the stack and copied once.
 pub(crate) fn decimal_value(value: u64) -> HeaderValue {
+    let last = LAST_DECIMALS
+        .try_with(|last| {
+            let last = last.try_borrow().ok()?;
+            last.0.iter().flatten().find(|(n, _)| *n == value).map(|(_, v)| v.clone())
+        })
+        .ok()
+        .flatten();
+    if let Some(made) = last {
+        return made;
+    }
+    let made = new_decimal_value(value);
+    if value >= 100 {
+        let _ = LAST_DECIMALS.try_with(|last| {
+            if let Ok(mut last) = last.try_borrow_mut() {
+                let (slots, next) = &mut *last;
+                slots[*next % 2] = Some((value, made.clone()));
+                *next = (*next + 1) % 2;
+            }
+        });
+    }
+    made
+}
+
+/// [`decimal_value`] made anew.
+fn new_decimal_value(value: u64) -> HeaderValue {
     if value < 100 {
         let at = 2 * value as usize;
         let digits = match value {
@@ -423,6 +484,24 @@ mod tests {
     #[test]
     fn decimal_values_are_the_numbers() {
         for n in (0..=1000).chain([65_535, u64::from(u32::MAX), i64::MAX as u64, u64::MAX]) {
+            assert_eq!(decimal_value(n), HeaderValue::from(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn remembered_values_are_the_rendered_ones() {
+        let members = [
+            CacheStatus::hit(60),
+            CacheStatus::hit(59),
+            CacheStatus::stale(-3, "stale-while-revalidate"),
+            CacheStatus::hit(60),
+            CacheStatus::forward(Fwd::UriMiss),
+            CacheStatus::forward(Fwd::UriMiss),
+        ];
+        for member in members.iter().chain(members.iter().rev()) {
+            assert_eq!(member.header_value().unwrap(), member.render().as_str());
+        }
+        for n in [100, 4096, 100, 100, 4096, 101, 4096, 100, u64::MAX, 7, u64::MAX] {
             assert_eq!(decimal_value(n), HeaderValue::from(n), "{n}");
         }
     }
