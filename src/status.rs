@@ -265,7 +265,11 @@ pub(crate) fn decimal_value(value: u64) -> HeaderValue {
     let last = LAST_DECIMALS
         .try_with(|last| {
             let last = last.try_borrow().ok()?;
-            last.0.iter().flatten().find(|(n, _)| *n == value).map(|(_, v)| v.clone())
+            last.0
+                .iter()
+                .flatten()
+                .find(|(n, _)| *n == value)
+                .map(|(_, v)| v.clone())
         })
         .ok()
         .flatten();
@@ -501,7 +505,19 @@ mod tests {
         for member in members.iter().chain(members.iter().rev()) {
             assert_eq!(member.header_value().unwrap(), member.render().as_str());
         }
-        for n in [100, 4096, 100, 100, 4096, 101, 4096, 100, u64::MAX, 7, u64::MAX] {
+        for n in [
+            100,
+            4096,
+            100,
+            100,
+            4096,
+            101,
+            4096,
+            100,
+            u64::MAX,
+            7,
+            u64::MAX,
+        ] {
             assert_eq!(decimal_value(n), HeaderValue::from(n), "{n}");
         }
     }

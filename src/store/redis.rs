@@ -8,6 +8,7 @@ use std::time::Duration;
 use bb8_redis::redis::{self, aio::MultiplexedConnection, RedisError, Script, Value};
 use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
+use tokio::runtime::Id as RuntimeId;
 use tokio::sync::oneshot;
 
 use super::feed::{
@@ -141,8 +142,10 @@ struct Reads {
 #[derive(Debug, Default)]
 struct Gathering {
     next_id: u64,
-    /// The batch that `GET`s join.
-    open: Option<(u64, Batch)>,
+    /// The batch that `GET`s join, and the runtime its task runs on: only
+    /// `GET`s made on that runtime join it (a caller on that runtime keeps
+    /// it running while it waits; another runtime might not be run again).
+    open: Option<(u64, RuntimeId, Batch)>,
     /// Batches that filled up before their tasks ran.
     full: Vec<(u64, Batch)>,
 }
@@ -150,8 +153,12 @@ struct Gathering {
 impl Gathering {
     /// The batch `id`, gone from here (empty when it is gone already).
     fn take(&mut self, id: u64) -> Batch {
-        if self.open.as_ref().is_some_and(|(open, _)| *open == id) {
-            return self.open.take().map(|(_, batch)| batch).unwrap_or_default();
+        if self.open.as_ref().is_some_and(|(open, _, _)| *open == id) {
+            return self
+                .open
+                .take()
+                .map(|(_, _, batch)| batch)
+                .unwrap_or_default();
         }
         match self.full.iter().position(|(full, _)| *full == id) {
             Some(at) => self.full.swap_remove(at).1,
@@ -368,15 +375,16 @@ impl RedisStore {
     /// when the key must go alone: no batch can be opened (no runtime, or
     /// [`BATCHES_MAX`] of them already).
     fn join_batch(&self, key: &str) -> Option<oneshot::Receiver<Reply>> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let runtime_id = runtime.id();
         let mut gathering = self.reads.gathering.lock().ok()?;
         let (tx, rx) = oneshot::channel();
-        if let Some((_, batch)) = gathering.open.as_mut() {
-            if batch.len() < BATCH_MAX_GETS {
+        if let Some((_, opened_on, batch)) = gathering.open.as_mut() {
+            if *opened_on == runtime_id && batch.len() < BATCH_MAX_GETS {
                 batch.push((key.to_owned(), tx));
                 return Some(rx);
             }
         }
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
         let batches = &self.reads.batches;
         if batches.fetch_add(1, Ordering::AcqRel) >= BATCHES_MAX {
             batches.fetch_sub(1, Ordering::AcqRel);
@@ -389,8 +397,8 @@ impl RedisStore {
         let sender = BatchSender::start(&self.reads, id);
         let mut batch = Vec::with_capacity(16);
         batch.push((key.to_owned(), tx));
-        if let Some(full) = gathering.open.replace((id, batch)) {
-            gathering.full.push(full);
+        if let Some((full, _, batch)) = gathering.open.replace((id, runtime_id, batch)) {
+            gathering.full.push((full, batch));
         }
         drop(gathering);
         let store = self.clone();
@@ -1000,5 +1008,48 @@ mod tests {
         assert!(store.reads.gathering.lock().expect("lock").is_empty());
         assert_eq!(store.reads.batches.load(Ordering::Acquire), 0);
         assert_eq!(store.reads.in_flight.load(Ordering::Acquire), 1);
+    }
+
+    /// A `GET` made on another runtime does not join a batch whose task
+    /// runs on the first: that runtime may never be run again (here it is
+    /// dropped), and its batch's callers alone hear of it.
+    #[test]
+    fn batches_are_joined_on_their_own_runtime_only() {
+        let first_runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let second_runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let store = {
+            let _entered = first_runtime.enter();
+            let manager = RedisConnectionManager::new("redis://127.0.0.1:1").expect("valid url");
+            RedisStore::new(bb8::Pool::builder().build_unchecked(manager))
+        };
+        store.reads.in_flight.fetch_add(1, Ordering::AcqRel);
+        let mut on_first = {
+            let _entered = first_runtime.enter();
+            store.join_batch("tf:/a").expect("a batch opens")
+        };
+        let mut on_second = {
+            let _entered = second_runtime.enter();
+            store.join_batch("tf:/b").expect("another batch opens")
+        };
+        assert_eq!(store.reads.batches.load(Ordering::Acquire), 2);
+        drop(first_runtime);
+        assert!(matches!(
+            on_first.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+        assert!(matches!(
+            on_second.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        drop(second_runtime);
+        assert!(on_second.try_recv().is_err());
+        assert_eq!(store.reads.batches.load(Ordering::Acquire), 0);
+        assert!(store.reads.gathering.lock().expect("lock").is_empty());
     }
 }
