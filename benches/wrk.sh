@@ -1,50 +1,92 @@
 #!/usr/bin/env bash
-# Cache hits under load, all four ways in one run (see
-# examples/bench_server.rs): bare (no layer, the upper bound), memory,
-# redis, tiered. Starts its own redis-server on a free loopback port.
+# Cache hits under load, all four ways (see examples/bench_server.rs): bare
+# (no layer, the upper bound), memory, redis, tiered. Starts its own
+# redis-server on a free loopback port.
 #
-#   bash benches/wrk.sh [seconds] [connections]
+#   bash benches/wrk.sh [seconds] [connections] [rounds]
 #
-# Prints one line per mode and route: requests/s, p50, p99 (wrk's
-# --latency), and the ratio to bare in this same run.
+# The four servers run side by side (only the one under load uses CPU),
+# and the modes take turns, round after round: bare, memory, redis, tiered,
+# bare, ... so that a machine whose speed drifts (a shared VM) moves every
+# mode alike. Prints, per mode and route, the median requests/s over the
+# rounds, the p50 and p99 of the median run (wrk's --latency), and the
+# median of the rounds' ratios to bare (each round against its own bare
+# run), then every round's ratio.
 #
-# On a small machine wrk and the server share the cores. The server is
+# On a small machine wrk and the server share the cores. The servers are
 # pinned to SERVER_CPUS (default: CPU 0; tokio then runs one worker) and
 # wrk and redis-server to CLIENT_CPUS (default: CPU 1), so that each mode
 # gets the same one core and the ratio measures the server. Set both to
 # "" to run unpinned.
 set -euo pipefail
-secs=${1:-10}
+secs=${1:-5}
 conns=${2:-64}
+rounds=${3:-3}
 server_cpus=${SERVER_CPUS-0}
 client_cpus=${CLIENT_CPUS-1}
+modes=(bare memory redis tiered)
+routes=(1k 64k)
 # taskset execs its command, so `$!` below is the process itself.
 server_pin=(); [[ -n $server_cpus ]] && server_pin=(taskset -c "$server_cpus")
 client_pin=(); [[ -n $client_cpus ]] && client_pin=(taskset -c "$client_cpus")
 cd "$(dirname "$0")/.."
 cargo build --release --example bench_server >/dev/null 2>&1
 bin=target/release/examples/bench_server
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+pids=()
+results=$(mktemp)
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -f "$results"
+}
+trap cleanup EXIT
+rport=$(free_port)
 "${client_pin[@]}" redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
-redis_pid=$!
-trap 'kill $redis_pid 2>/dev/null || true' EXIT
+pids+=($!)
 for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
 export REDIS_URL="redis://127.0.0.1:$rport"
-declare -A bare
-printf '%-7s %-5s %10s %9s %9s %7s\n' mode route req/s p50 p99 ratio
-for mode in bare memory redis tiered; do
-  "${server_pin[@]}" "$bin" "$mode" "127.0.0.1:$port" 2>/dev/null &
-  pid=$!
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/mode" >/dev/null 2>&1 && break; sleep 0.1; done
-  for route in 1k 64k; do
-    out=$("${client_pin[@]}" wrk -t1 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:$port/$route")
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
-    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-    [[ $mode == bare ]] && bare[$route]=$rps
-    ratio=$(python3 -c "print(f'{$rps/${bare[$route]}:.2f}')")
-    printf '%-7s %-5s %10s %9s %9s %7s\n' "$mode" "$route" "$rps" "$p50" "$p99" "$ratio"
-  done
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+declare -A port
+for mode in "${modes[@]}"; do
+  port[$mode]=$(free_port)
+  "${server_pin[@]}" "$bin" "$mode" "127.0.0.1:${port[$mode]}" 2>/dev/null &
+  pids+=($!)
 done
+for mode in "${modes[@]}"; do
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:${port[$mode]}/mode" >/dev/null 2>&1 && break; sleep 0.1; done
+  # Fill the caches: the measured runs are hits.
+  for route in "${routes[@]}"; do
+    curl -sf "http://127.0.0.1:${port[$mode]}/$route" >/dev/null
+    curl -sf "http://127.0.0.1:${port[$mode]}/$route" >/dev/null
+  done
+done
+for round in $(seq "$rounds"); do
+  for route in "${routes[@]}"; do
+    for mode in "${modes[@]}"; do
+      out=$("${client_pin[@]}" wrk -t1 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:${port[$mode]}/$route")
+      rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+      p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+      p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+      echo "$round $route $mode $rps $p50 $p99" >>"$results"
+    done
+  done
+done
+python3 - "$results" "${modes[*]}" "${routes[*]}" <<'EOF'
+import statistics, sys
+rows = [line.split() for line in open(sys.argv[1])]
+modes, routes = sys.argv[2].split(), sys.argv[3].split()
+runs = {}
+for rnd, route, mode, rps, p50, p99 in rows:
+    runs.setdefault((route, mode), []).append((int(rnd), float(rps), p50, p99))
+print(f"{'mode':<7} {'route':<5} {'req/s':>10} {'p50':>9} {'p99':>9} {'ratio':>6}  ratio per round")
+for route in routes:
+    bare = {rnd: rps for rnd, rps, _, _ in runs[(route, "bare")]}
+    for mode in modes:
+        mine = sorted(runs[(route, mode)], key=lambda run: run[1])
+        median = mine[len(mine) // 2]
+        ratios = [rps / bare[rnd] for rnd, rps, _, _ in sorted(runs[(route, mode)])]
+        each = " / ".join(f"{r:.2f}" for r in ratios)
+        print(f"{mode:<7} {route:<5} {median[1]:>10.0f} {median[2]:>9} {median[3]:>9} "
+              f"{statistics.median(ratios):>6.2f}  {each}")
+EOF

@@ -53,13 +53,14 @@ pub(crate) fn asks_range(request: &HeaderMap) -> bool {
 
 /// What `entry` answers to a `GET` with `request` headers.
 pub(crate) fn select(entry: &Entry, request: &HeaderMap) -> Selected {
-    if entry.status != StatusCode::OK || entry.trailers.is_some() || refuses_ranges(entry) {
-        return Selected::Full;
-    }
+    // Most requests ask for no range: one lookup, and done.
     let mut lines = request.get_all(header::RANGE).iter();
     let (Some(line), None) = (lines.next(), lines.next()) else {
         return Selected::Full;
     };
+    if entry.status != StatusCode::OK || entry.trailers.is_some() || refuses_ranges(entry) {
+        return Selected::Full;
+    }
     let Ok(text) = line.to_str() else {
         return Selected::Full;
     };
