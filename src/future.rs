@@ -253,47 +253,41 @@ where
     }
 }
 
-impl<S, B, RB> ResponseFuture<S, B, RB>
+/// The response future of a request the cache may answer: it waits on a
+/// rebuild already running in this process, or looks its key up (and is
+/// answered already when the store could answer at once).
+pub(crate) fn start<S, B, RB>(pending: Pending<S, B>) -> ResponseFuture<S, B, RB>
 where
-    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<B, RB>,
     B: Send + 'static,
-    RB: Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Send,
+    RB: SendBody,
 {
-    /// A request the cache may answer: it waits on a rebuild already
-    /// running in this process, or looks its key up (and is answered
-    /// already when the store could answer at once).
-    pub(crate) fn start(pending: Pending<S, B>) -> Self {
-        let keyed = &pending.keyed;
-        let may_join = (pending.req.method() == Method::GET || is_grpc_lookup(&pending.req))
-            && keyed.may_share()
-            && !keyed.facts.only_if_cached
-            && !keyed.facts.no_cache;
-        let join = may_join
-            .then(|| {
-                keyed
-                    .shared
-                    .flights
-                    .join_running(keyed.key.as_str(), keyed.epoch)
-            })
-            .flatten();
-        if let Some(wait) = join {
-            keyed.shared.bump(|c| &c.misses);
-            return ResponseFuture::waiting(wait, pending);
-        }
-        let state = match Step::lookup(pending) {
-            Step::Respond(response) => State::Ready {
-                response: Some(response),
-            },
-            Step::Go(state) => state,
-        };
-        ResponseFuture {
-            state,
-            telling: Telling::default(),
-        }
+    let keyed = &pending.keyed;
+    let may_join = (pending.req.method() == Method::GET || is_grpc_lookup(&pending.req))
+        && keyed.may_share()
+        && !keyed.facts.only_if_cached
+        && !keyed.facts.no_cache;
+    let join = may_join
+        .then(|| {
+            keyed
+                .shared
+                .flights
+                .join_running(keyed.key.as_str(), keyed.epoch)
+        })
+        .flatten();
+    if let Some(wait) = join {
+        keyed.shared.bump(|c| &c.misses);
+        return ResponseFuture::waiting(wait, pending);
+    }
+    let state = match Step::lookup(pending) {
+        Step::Respond(response) => State::Ready {
+            response: Some(response),
+        },
+        Step::Go(state) => state,
+    };
+    ResponseFuture {
+        state,
+        telling: Telling::default(),
     }
 }
 
@@ -569,7 +563,7 @@ where
             });
         }
     };
-    Step::Go(ResponseFuture::start(Pending { svc, req, keyed }).state)
+    Step::Go(start(Pending { svc, req, keyed }).state)
 }
 
 /// Whether a request in a lookup is a gRPC call (a `POST` only ever is,

@@ -120,7 +120,7 @@ where
         // is read here, inside the request's span (a refresh it starts
         // carries the span).
         let started = telling.span.in_scope(|| {
-            ResponseFuture::start(Pending {
+            crate::future::start(Pending {
                 svc,
                 req: Request::from_parts(parts, body),
                 keyed,

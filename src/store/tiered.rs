@@ -499,8 +499,8 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(5);
 
-    #[tokio::test]
-    async fn second_read_is_local_until_the_ttl() {
+    /// A tier over a counting store that holds `k` = `v1`, and its clock.
+    async fn tier_over_k_v1() -> (Counting, TieredStore<Counting>, Arc<AtomicU64>) {
         let inner = Counting::new();
         let (now_ms, now) = manual();
         let tier = TieredStore::new(inner.clone(), 1 << 20, TTL, now_ms);
@@ -508,6 +508,12 @@ mod tests {
             .put("k", Bytes::from_static(b"v1"), TTL * 10)
             .await
             .unwrap();
+        (inner, tier, now)
+    }
+
+    #[tokio::test]
+    async fn second_read_is_local_until_the_ttl() {
+        let (inner, tier, now) = tier_over_k_v1().await;
         assert_eq!(tier.get("k").await.unwrap().unwrap(), "v1");
         assert_eq!(tier.get("k").await.unwrap().unwrap(), "v1");
         assert_eq!(inner.gets.load(Ordering::SeqCst), 1);
@@ -526,13 +532,7 @@ mod tests {
 
     #[tokio::test]
     async fn get_now_answers_from_the_local_copy_only() {
-        let inner = Counting::new();
-        let (now_ms, now) = manual();
-        let tier = TieredStore::new(inner.clone(), 1 << 20, TTL, now_ms);
-        inner
-            .put("k", Bytes::from_static(b"v1"), TTL * 10)
-            .await
-            .unwrap();
+        let (inner, tier, now) = tier_over_k_v1().await;
         // No copy yet, and the inner store cannot answer at once.
         assert!(tier.get_now("k").is_none());
         assert_eq!(tier.get("k").await.unwrap().unwrap(), "v1");
