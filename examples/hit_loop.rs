@@ -45,11 +45,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let svc = FenceLayer::builder()
             .xfetch_beta(0.0)
             .build()?
-            .layer(origin.clone());
+            .layer(origin);
         for _ in 0..=hits {
             let request = Request::get("/users/42").body(Empty::new())?;
             if bare {
-                let response = origin.clone().oneshot(request).await?;
+                let response = origin.oneshot(request).await?;
                 response.into_body().collect().await?;
             } else {
                 let response = svc.clone().oneshot(request).await?;

@@ -254,9 +254,11 @@ thread_local! {
     static LAST_MEMBER: RefCell<Option<(CacheStatus, HeaderValue)>> = const { RefCell::new(None) };
     /// The last two numbers of 100 or more this thread made values of
     /// (a response's `Age` and `Content-Length`), and which goes next.
-    static LAST_DECIMALS: RefCell<([Option<(u64, HeaderValue)>; 2], usize)> =
-        const { RefCell::new(([None, None], 0)) };
+    static LAST_DECIMALS: RefCell<LastDecimals> = const { RefCell::new(([None, None], 0)) };
 }
+
+/// Two numbers and their header values, and the slot the next one takes.
+type LastDecimals = ([Option<(u64, HeaderValue)>; 2], usize);
 
 /// `value` as a header value (`Age`, `Content-Length`): below 100 a static
 /// slice (no allocation); else one of the last two this thread made, when
