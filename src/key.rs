@@ -190,8 +190,8 @@ const VARIANT_DOMAIN: &[u8] = b"tf variant v3";
 /// byte per field under 128 bytes instead of eight. A typical request's
 /// material (domain, method, host, path, query) then fits SHA-256's first
 /// 55 bytes and costs one compression instead of two; and material that
-/// fits the buffer is looked up in this thread's recent keys first, so a hot URL
-/// costs no compression at all.
+/// fits the buffer is looked up in this thread's recent keys first, so a
+/// hot URL costs no compression at all.
 struct Material {
     hasher: Sha256,
     buf: [u8; MAX_MATERIAL],
@@ -726,8 +726,9 @@ mod tests {
         Request::get(uri).body(()).unwrap()
     }
 
-    /// The key SHA-256 gives for `/users/42` under `tf:`, computed without
-    /// the memo: a remembered key must be this one, whatever thread asks.
+    /// The key SHA-256 gives for a `GET` of `path` on `example.com` under
+    /// `namespace`, computed without the memo: a remembered key must be
+    /// this one, whatever thread asks.
     fn unremembered(path: &str, namespace: &str) -> String {
         let mut material = Material::new(KEY_DOMAIN);
         material.frame(b"GET");
