@@ -385,7 +385,7 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Appends `bytes` in lower-case hex. A table, not `write!("{:02x}")`:
 /// the formatting machinery was a tenth of a memory hit's instructions.
-fn push_hex(storage: &mut String, bytes: &[u8]) {
+pub(crate) fn push_hex(storage: &mut String, bytes: &[u8]) {
     for &byte in bytes {
         storage.push(char::from(HEX[usize::from(byte >> 4)]));
         storage.push(char::from(HEX[usize::from(byte & 0x0f)]));
