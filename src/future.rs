@@ -379,140 +379,130 @@ fn poll_state<S, B, RB>(
     cx: &mut Context<'_>,
 ) -> Poll<Result<Response<FenceBody<RB>>, S::Error>>
 where
-    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<B, RB>,
     B: Send + 'static,
-    RB: Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Send,
+    RB: SendBody,
 {
-    {
-        loop {
-            let step = match state.as_mut().project() {
-                StateProj::ReadGrpc {
-                    read,
-                    svc,
-                    parts,
-                    shared,
-                } => {
-                    let read = ready!(read.as_mut().poll(cx));
-                    match (svc.take(), parts.take()) {
-                        (Some(svc), Some(parts)) => after_read(svc, parts, read, shared),
-                        _ => Step::Go(State::Done),
-                    }
+    loop {
+        let step = match state.as_mut().project() {
+            StateProj::ReadGrpc {
+                read,
+                svc,
+                parts,
+                shared,
+            } => {
+                let read = ready!(read.as_mut().poll(cx));
+                match (svc.take(), parts.take()) {
+                    (Some(svc), Some(parts)) => after_read(svc, parts, read, shared),
+                    _ => Step::Go(State::Done),
                 }
-                StateProj::Lookup { lookup, pending } => {
-                    let found = ready!(lookup.as_mut().poll(cx));
-                    match pending.take() {
-                        Some(pending) => Step::after_lookup(found, pending),
-                        // Only reachable if polled again after completing.
-                        None => Step::Go(State::Done),
-                    }
+            }
+            StateProj::Lookup { lookup, pending } => {
+                let found = ready!(lookup.as_mut().poll(cx));
+                match pending.take() {
+                    Some(pending) => Step::after_lookup(found, pending),
+                    // Only reachable if polled again after completing.
+                    None => Step::Go(State::Done),
                 }
-                StateProj::Waiting {
-                    wait,
-                    pending,
-                    stale,
-                    fwd,
-                    joins,
-                } => {
-                    let waited = ready!(wait.as_mut().poll(cx));
-                    match pending.take() {
-                        Some(pending) => {
-                            Step::after_wait(waited, pending, stale.take(), *fwd, *joins)
-                        }
-                        None => Step::Go(State::Done),
-                    }
+            }
+            StateProj::Waiting {
+                wait,
+                pending,
+                stale,
+                fwd,
+                joins,
+            } => {
+                let waited = ready!(wait.as_mut().poll(cx));
+                match pending.take() {
+                    Some(pending) => Step::after_wait(waited, pending, stale.take(), *fwd, *joins),
+                    None => Step::Go(State::Done),
                 }
-                StateProj::Leading { leading } => {
-                    let result = match ready!(Pin::new(&mut leading.reply).poll(cx)) {
-                        Ok(result) => result,
-                        Err(_) => match ready!(Pin::new(&mut leading.task).poll(cx)) {
-                            // The inner service panicked in the rebuild
-                            // task: panic here as it would have without
-                            // the cache.
-                            Err(err) if err.is_panic() => {
-                                std::panic::resume_unwind(err.into_panic())
-                            }
-                            _ => Ok(respond::unavailable()),
-                        },
-                    };
-                    state.set(State::Done);
-                    return Poll::Ready(result);
-                }
-                StateProj::Permit {
-                    permit,
-                    pending,
-                    fwd,
-                } => {
-                    let (fence, started) = ready!(permit.as_mut().poll(cx));
-                    match pending.take() {
-                        Some(Pending {
-                            mut svc,
-                            req,
+            }
+            StateProj::Leading { leading } => {
+                let result = match ready!(Pin::new(&mut leading.reply).poll(cx)) {
+                    Ok(result) => result,
+                    Err(_) => match ready!(Pin::new(&mut leading.task).poll(cx)) {
+                        // The inner service panicked in the rebuild
+                        // task: panic here as it would have without
+                        // the cache.
+                        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                        _ => Ok(respond::unavailable()),
+                    },
+                };
+                state.set(State::Done);
+                return Poll::Ready(result);
+            }
+            StateProj::Permit {
+                permit,
+                pending,
+                fwd,
+            } => {
+                let (fence, started) = ready!(permit.as_mut().poll(cx));
+                match pending.take() {
+                    Some(Pending {
+                        mut svc,
+                        req,
+                        keyed,
+                    }) => {
+                        let outcome = Outcome::Alone {
+                            fwd: *fwd,
+                            fence,
+                            request_headers: req.headers().clone(),
+                            path: req.uri().path().to_owned(),
+                            started,
                             keyed,
-                        }) => {
-                            let outcome = Outcome::Alone {
-                                fwd: *fwd,
-                                fence,
-                                request_headers: req.headers().clone(),
-                                path: req.uri().path().to_owned(),
-                                started,
-                                keyed,
-                            };
-                            let fut = svc.call(req);
-                            Step::Go(State::Inner {
-                                fut,
-                                outcome: Some(outcome),
-                            })
-                        }
-                        None => Step::Go(State::Done),
+                        };
+                        let fut = svc.call(req);
+                        Step::Go(State::Inner {
+                            fut,
+                            outcome: Some(outcome),
+                        })
                     }
+                    None => Step::Go(State::Done),
                 }
-                StateProj::Inner { fut, outcome } => {
-                    let response = match ready!(fut.poll(cx)) {
-                        Ok(response) => response,
-                        Err(err) => {
-                            state.set(State::Done);
-                            return Poll::Ready(Err(err));
-                        }
-                    };
-                    match outcome.take() {
-                        Some(Outcome::Write(shared, write)) => after_write(shared, write, response),
-                        Some(outcome) => Step::Respond(finish(response, outcome)),
-                        None => Step::Go(State::Done),
+            }
+            StateProj::Inner { fut, outcome } => {
+                let response = match ready!(fut.poll(cx)) {
+                    Ok(response) => response,
+                    Err(err) => {
+                        state.set(State::Done);
+                        return Poll::Ready(Err(err));
                     }
+                };
+                match outcome.take() {
+                    Some(Outcome::Write(shared, write)) => after_write(shared, write, response),
+                    Some(outcome) => Step::Respond(finish(response, outcome)),
+                    None => Step::Go(State::Done),
                 }
-                StateProj::Invalidating {
-                    work,
-                    shared,
-                    response,
-                } => {
-                    ready!(work.as_mut().poll(cx));
-                    // From now on no request joins a flight or read that
-                    // may have seen data from before this write.
-                    shared.write_done();
-                    match response.take() {
-                        Some(response) => Step::Respond(response),
-                        None => Step::Go(State::Done),
-                    }
-                }
-                StateProj::Ready { response } => match response.take() {
+            }
+            StateProj::Invalidating {
+                work,
+                shared,
+                response,
+            } => {
+                ready!(work.as_mut().poll(cx));
+                // From now on no request joins a flight or read that
+                // may have seen data from before this write.
+                shared.write_done();
+                match response.take() {
                     Some(response) => Step::Respond(response),
                     None => Step::Go(State::Done),
-                },
-                // Polled after completion: the contract allows anything but
-                // a panic is an outage; stay pending.
-                StateProj::Done => return Poll::Pending,
-            };
-            match step {
-                Step::Respond(response) => {
-                    state.set(State::Done);
-                    return Poll::Ready(Ok(response));
                 }
-                Step::Go(next) => state.set(next),
             }
+            StateProj::Ready { response } => match response.take() {
+                Some(response) => Step::Respond(response),
+                None => Step::Go(State::Done),
+            },
+            // Polled after completion: the contract allows anything but
+            // a panic is an outage; stay pending.
+            StateProj::Done => return Poll::Pending,
+        };
+        match step {
+            Step::Respond(response) => {
+                state.set(State::Done);
+                return Poll::Ready(Ok(response));
+            }
+            Step::Go(next) => state.set(next),
         }
     }
 }

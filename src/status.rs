@@ -264,6 +264,9 @@ type LastDecimals = ([Option<(u64, HeaderValue)>; 2], usize);
 /// slice (no allocation); else one of the last two this thread made, when
 /// it is the same number; else rendered on the stack and copied once.
 pub(crate) fn decimal_value(value: u64) -> HeaderValue {
+    if value < 100 {
+        return new_decimal_value(value);
+    }
     let last = LAST_DECIMALS
         .try_with(|last| {
             let last = last.try_borrow().ok()?;
@@ -279,19 +282,17 @@ pub(crate) fn decimal_value(value: u64) -> HeaderValue {
         return made;
     }
     let made = new_decimal_value(value);
-    if value >= 100 {
-        let _ = LAST_DECIMALS.try_with(|last| {
-            if let Ok(mut last) = last.try_borrow_mut() {
-                let (slots, next) = &mut *last;
-                slots[*next % 2] = Some((value, made.clone()));
-                *next = (*next + 1) % 2;
-            }
-        });
-    }
+    let _ = LAST_DECIMALS.try_with(|last| {
+        if let Ok(mut last) = last.try_borrow_mut() {
+            let (slots, next) = &mut *last;
+            slots[*next % 2] = Some((value, made.clone()));
+            *next = (*next + 1) % 2;
+        }
+    });
     made
 }
 
-/// [`decimal_value`] made anew.
+/// [`decimal_value`] made anew: below 100 a static slice.
 fn new_decimal_value(value: u64) -> HeaderValue {
     if value < 100 {
         let at = 2 * value as usize;

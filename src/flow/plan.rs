@@ -12,7 +12,7 @@ use crate::grpc;
 
 use crate::key::{self, CacheKey};
 use crate::policy::rules::Matched;
-use crate::policy::{self, Overrides, RequestPlan};
+use crate::policy::{self, Overrides, RequestFacts, RequestPlan};
 use crate::shared::Shared;
 use crate::status::CacheStatus;
 
@@ -100,14 +100,7 @@ pub(crate) fn plan(shared: &Arc<Shared>, parts: &Parts) -> Plan {
         RequestPlan::Lookup(facts) => facts,
     };
     let (key, overrides) = key_and_overrides(shared, parts, matched.as_ref(), &[]);
-    Plan::Lookup(Keyed {
-        shared: shared.clone(),
-        base: key.clone(),
-        key,
-        facts,
-        overrides,
-        epoch: shared.epoch(),
-    })
+    Plan::Lookup(keyed(shared, key, facts, overrides))
 }
 
 /// The key a request is cached under, with its route's key parts: what
@@ -194,14 +187,7 @@ pub(crate) fn plan_grpc(shared: &Arc<Shared>, parts: &Parts, message: &[u8]) -> 
     };
     let extra = [grpc::key_part(message, &parts.headers)];
     let (key, overrides) = key_and_overrides(shared, parts, Some(&matched), &extra);
-    Plan::Lookup(Keyed {
-        shared: shared.clone(),
-        base: key.clone(),
-        key,
-        facts,
-        overrides,
-        epoch: shared.epoch(),
-    })
+    Plan::Lookup(keyed(shared, key, facts, overrides))
 }
 
 /// The pattern of the route rule `parts` matches: the `route` of its
@@ -261,6 +247,19 @@ fn key_and_overrides(
         cookies_shared: rule.cookies_shared(),
     };
     (key, overrides)
+}
+
+/// A request looked up under `key` (its URL's key, until a vary stub
+/// sends it to a variant), arriving in this write epoch.
+fn keyed(shared: &Arc<Shared>, key: CacheKey, facts: RequestFacts, overrides: Overrides) -> Keyed {
+    Keyed {
+        shared: shared.clone(),
+        base: key.clone(),
+        key,
+        facts,
+        overrides,
+        epoch: shared.epoch(),
+    }
 }
 
 fn is_read(method: &http::Method) -> bool {
