@@ -255,15 +255,20 @@ where
 
 /// The response future of a request the cache may answer: it waits on a
 /// rebuild already running in this process, or looks its key up (and is
-/// answered already when the store could answer at once).
-pub(crate) fn start<S, B, RB>(pending: Pending<S, B>) -> ResponseFuture<S, B, RB>
+/// answered already when the store could answer at once). `inner` gives
+/// the readied inner service; a hit the store answered at once never asks
+/// for it.
+pub(crate) fn start<S, B, RB>(
+    inner: impl FnOnce() -> S,
+    req: Request<B>,
+    keyed: Keyed,
+) -> ResponseFuture<S, B, RB>
 where
     S: Inner<B, RB>,
     B: Send + 'static,
     RB: SendBody,
 {
-    let keyed = &pending.keyed;
-    let may_join = (pending.req.method() == Method::GET || is_grpc_lookup(&pending.req))
+    let may_join = (req.method() == Method::GET || is_grpc_lookup(&req))
         && keyed.may_share()
         && !keyed.facts.only_if_cached
         && !keyed.facts.no_cache;
@@ -277,9 +282,10 @@ where
         .flatten();
     if let Some(wait) = join {
         keyed.shared.bump(|c| &c.misses);
-        return ResponseFuture::waiting(wait, pending);
+        let svc = inner();
+        return ResponseFuture::waiting(wait, Pending { svc, req, keyed });
     }
-    let state = match Step::lookup(pending) {
+    let state = match Step::first_lookup(inner, req, keyed) {
         Step::Respond(response) => State::Ready {
             response: Some(response),
         },
@@ -553,7 +559,18 @@ where
             });
         }
     };
-    Step::Go(start(Pending { svc, req, keyed }).state)
+    Step::Go(start(|| svc, req, keyed).state)
+}
+
+/// The response of a stored entry the lookup found usable.
+fn serve<B, RB: Body>(
+    entry: Entry,
+    status: CacheStatus,
+    now_ms: u64,
+    req: &Request<B>,
+) -> Response<FenceBody<RB>> {
+    let head = req.method() == Method::HEAD;
+    respond::entry_response(entry, now_ms, head, status, true, Some(req.headers()))
 }
 
 /// Whether a request in a lookup is a gRPC call (a `POST` only ever is,
@@ -628,12 +645,31 @@ where
     B: Send + 'static,
     RB: SendBody,
 {
+    /// Looks the request's key up before the inner service was taken: a
+    /// fresh hit the store answers at once is served without it.
+    fn first_lookup(inner: impl FnOnce() -> S, req: Request<B>, keyed: Keyed) -> Self {
+        let Some(found) = lookup_now(&keyed.shared, &keyed.key) else {
+            let svc = inner();
+            return Step::Go(ResponseFuture::lookup_later(Pending { svc, req, keyed }).state);
+        };
+        let now_ms = keyed.shared.clock.now_ms();
+        match hit::after_lookup(found, &keyed, req.headers(), now_ms) {
+            Verdict::Serve {
+                entry,
+                status,
+                refresh: false,
+            } => Step::Respond(serve(entry, status, now_ms, &req)),
+            verdict => {
+                let svc = inner();
+                Self::after_verdict(verdict, Pending { svc, req, keyed }, now_ms)
+            }
+        }
+    }
+
     /// Looks the request's key up: at once when the store can answer
     /// without waiting (then this is what the answer leads to), else in a
     /// lookup state.
-    fn lookup(mut pending: Pending<S, B>) -> Self {
-        // The origin chooses for the variant the request is keyed under.
-        crate::vary::normalise_request(pending.req.headers_mut());
+    fn lookup(pending: Pending<S, B>) -> Self {
         match lookup_now(&pending.keyed.shared, &pending.keyed.key) {
             Some(found) => Self::after_lookup(found, pending),
             None => Step::Go(ResponseFuture::lookup_later(pending).state),
@@ -641,15 +677,27 @@ where
     }
 
     fn after_lookup(found: Found, pending: Pending<S, B>) -> Self {
+        let now_ms = pending.keyed.shared.clock.now_ms();
+        let verdict = hit::after_lookup(found, &pending.keyed, pending.req.headers(), now_ms);
+        Self::after_verdict(verdict, pending, now_ms)
+    }
+
+    fn after_verdict(verdict: Verdict, pending: Pending<S, B>, now_ms: u64) -> Self {
         let Pending {
             mut svc,
-            req,
+            mut req,
             mut keyed,
         } = pending;
-        let shared = keyed.shared.clone();
-        let now_ms = shared.clock.now_ms();
-        let head = req.method() == Method::HEAD;
-        match hit::after_lookup(found, &keyed, req.headers(), now_ms) {
+        let answered_here = matches!(
+            verdict,
+            Verdict::Serve { refresh: false, .. } | Verdict::Variant(_) | Verdict::OnlyIfCached
+        );
+        if !answered_here {
+            // The request goes to the origin (or a refresh): the origin
+            // chooses for the variant the request is keyed under.
+            crate::vary::normalise_request(req.headers_mut());
+        }
+        match verdict {
             Verdict::Serve {
                 entry,
                 status,
@@ -658,8 +706,7 @@ where
                 // A refresh needs the entry too (to revalidate it, and to
                 // serve it if the origin fails): copy it only then.
                 let current = refresh.then(|| Arc::new(entry.clone()));
-                let response =
-                    respond::entry_response(entry, now_ms, head, status, true, Some(req.headers()));
+                let response = serve(entry, status, now_ms, &req);
                 if let Some(current) = current {
                     refresh::spawn(svc, req, keyed, current);
                 }
@@ -674,13 +721,13 @@ where
                 let fut = svc.call(req);
                 Step::Go(State::Inner {
                     fut,
-                    outcome: Some(Outcome::Pass(shared, status)),
+                    outcome: Some(Outcome::Pass(keyed.shared, status)),
                 })
             }
             Verdict::Miss(miss) => {
-                let alone = head
+                let alone = req.method() == Method::HEAD
                     || !keyed.may_share()
-                    || shared.hit_for_miss.contains_key(keyed.key.as_str());
+                    || keyed.shared.hit_for_miss.contains_key(keyed.key.as_str());
                 let pending = Pending { svc, req, keyed };
                 if alone {
                     // HEAD gets no body to store; a personal request is not

@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use crate::body::FenceBody;
 use crate::flow::plan::{self, Plan};
-use crate::future::{Outcome, Pending, ResponseFuture, Telling};
+use crate::future::{Outcome, ResponseFuture, Telling};
 use crate::shared::Shared;
 
 /// Caches the responses of the inner service `S`; made by
@@ -111,21 +111,21 @@ where
                     .told(telling);
             }
         };
-        // `poll_ready` readied `self.inner`: take that one for this request
-        // and leave a fresh clone behind (tower's clone-and-swap).
-        let clone = self.inner.clone();
-        let svc = mem::replace(&mut self.inner, clone);
-        // A missing entry being rebuilt in this process is waited for in
-        // memory, without a store round trip. A store that answers at once
-        // is read here, inside the request's span (a refresh it starts
-        // carries the span).
-        let started = telling.span.in_scope(|| {
-            crate::future::start(Pending {
-                svc,
-                req: Request::from_parts(parts, body),
-                keyed,
-            })
-        });
+        // `poll_ready` readied `self.inner`: a request that needs it takes
+        // that one and leaves a fresh clone behind (tower's clone-and-swap);
+        // a hit the store answers at once never clones it. A missing entry
+        // being rebuilt in this process is waited for in memory, without a
+        // store round trip. A store that answers at once is read here,
+        // inside the request's span (a refresh it starts carries the span).
+        let inner = &mut self.inner;
+        let take_inner = || {
+            let clone = inner.clone();
+            mem::replace(inner, clone)
+        };
+        let req = Request::from_parts(parts, body);
+        let started = telling
+            .span
+            .in_scope(|| crate::future::start(take_inner, req, keyed));
         started.told(telling)
     }
 }

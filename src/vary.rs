@@ -26,12 +26,32 @@
 //! Every other header is compared as sent: its field lines joined by `, `.
 //! Normalising is idempotent: a normalised value normalises to itself.
 
+use std::cell::RefCell;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::recent::{self, Recent};
+
+/// Normalised values per thread, by header name and value (see [`recent`]).
+const RECENT_VALUES: usize = 64;
+
+thread_local! {
+    static NORMALISED: RefCell<Recent<Option<HeaderValue>>> =
+        const { RefCell::new(Recent::new(RECENT_VALUES)) };
+}
 
 /// The request's value of the header `name` as a variant is keyed and
 /// compared on: its field lines joined by `, ` and normalised; `None` when
 /// the header is absent.
 pub(crate) fn value(request: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
+    let mut lines = request.get_all(name).iter();
+    let first = lines.next()?;
+    if lines.next().is_none() {
+        // One field line (the usual case): its trimmed bytes are the
+        // joined value, normalised through the thread's memo.
+        let trimmed = first.as_bytes().trim_ascii();
+        return remembered(name, trimmed);
+    }
     let joined = joined(request, name)?;
     Some(normalise(name, &joined))
 }
@@ -58,6 +78,22 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
 
 /// `value` of the header `name`, normalised as the module says.
 pub(crate) fn normalise(name: &HeaderName, value: &HeaderValue) -> HeaderValue {
+    remembered(name, value.as_bytes()).unwrap_or_else(|| value.clone())
+}
+
+/// The bytes `value` of the header `name`, normalised: remembered by this
+/// thread (browsers send the same few values on every request), or
+/// computed. `None` only when `value` is no header value at all.
+fn remembered(name: &HeaderName, value: &[u8]) -> Option<HeaderValue> {
+    recent::get_or_make(&NORMALISED, name.as_str(), value, || {
+        HeaderValue::from_bytes(value)
+            .ok()
+            .map(|value| normalise_now(name, &value))
+    })
+}
+
+/// [`normalise`], computed.
+fn normalise_now(name: &HeaderName, value: &HeaderValue) -> HeaderValue {
     let Ok(text) = value.to_str() else {
         return value.clone();
     };
@@ -260,6 +296,35 @@ mod tests {
 
     fn ae(value: &str) -> String {
         norm(header::ACCEPT_ENCODING, value)
+    }
+
+    #[test]
+    fn remembered_values_are_the_computed_ones_for_their_own_header() {
+        // Same bytes under different names normalise differently; asked
+        // twice, the second answer comes from the memo.
+        let names = [
+            header::ACCEPT_ENCODING,
+            header::ACCEPT_LANGUAGE,
+            header::ACCEPT,
+            HeaderName::from_static("x-other"),
+        ];
+        let values = ["gzip, BR;q=0.5", "text/HTML;Level=1, EN", " de ,de ", ""];
+        for _ in 0..2 {
+            for name in &names {
+                for text in values {
+                    let sent = HeaderValue::from_str(text).unwrap();
+                    assert_eq!(normalise(name, &sent), normalise_now(name, &sent));
+                    let mut request = HeaderMap::new();
+                    request.insert(name.clone(), sent);
+                    let trimmed = HeaderValue::from_str(text.trim()).unwrap();
+                    assert_eq!(
+                        value(&request, name),
+                        Some(normalise_now(name, &trimmed)),
+                        "{name}: {text:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

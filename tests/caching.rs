@@ -971,3 +971,64 @@ async fn heuristic_freshness_comes_from_last_modified_only_when_asked() {
         .build()
         .is_err());
 }
+
+/// The inner service, counting its clones.
+struct Counted<S> {
+    inner: S,
+    clones: Arc<AtomicUsize>,
+}
+
+impl<S: Clone> Clone for Counted<S> {
+    fn clone(&self) -> Self {
+        self.clones.fetch_add(1, Ordering::SeqCst);
+        Counted {
+            inner: self.inner.clone(),
+            clones: self.clones.clone(),
+        }
+    }
+}
+
+impl<S: tower::Service<R>, R> tower::Service<R> for Counted<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> S::Future {
+        self.inner.call(req)
+    }
+}
+
+/// A hit the memory store answers at once leaves the readied inner service
+/// in place: tower's clone-and-swap happens only for a request that calls
+/// it (an axum route's clone is an allocation).
+#[tokio::test]
+async fn a_memory_hit_does_not_clone_the_inner_service() {
+    use tower::{Layer, Service};
+    let origin = Origin::default();
+    let clones = Arc::new(AtomicUsize::new(0));
+    let mut svc = FenceLayer::memory().layer(Counted {
+        inner: origin.router(),
+        clones: clones.clone(),
+    });
+    for round in 0..5 {
+        let request = Request::get("/counted").body(Body::empty()).unwrap();
+        let ready = ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
+        let response = ready.call(request).await.unwrap();
+        let hit = response
+            .headers()
+            .get("cache-status")
+            .is_some_and(|v| v.to_str().unwrap().starts_with("tower-fence; hit"));
+        response.into_body().collect().await.unwrap();
+        assert_eq!(hit, round > 0, "round {round}");
+        settle().await;
+    }
+    assert_eq!(origin.calls(), 1);
+    assert_eq!(clones.load(Ordering::SeqCst), 1, "only the miss took it");
+}

@@ -229,6 +229,60 @@ async fn an_encoding_none_of_the_three_serves_keeps_its_members(backend: Backend
     assert_eq!(identity.text(), "accept-encoding: identity (call 2)");
 }
 
+/// Each way a request reaches the origin (the leader of a miss, a refresh
+/// behind a stale hit, a `HEAD` and a personal request that go alone)
+/// carries the normalised `Accept-Encoding`; a hit never needs it.
+async fn every_way_to_the_origin_carries_the_normalised_encoding(backend: Backend) {
+    let origin = Origin::default();
+    let clock = tower_fence::Clock::manual();
+    let app = backend
+        .builder()
+        .await
+        .clock(clock.clone())
+        .grace(Duration::from_secs(600))
+        .xfetch_beta(0.0)
+        .build()
+        .unwrap()
+        .layer(origin.router());
+    let browser = [("accept-encoding", "gzip, deflate, br, zstd")];
+    let first = send(&app, "/enc", &browser).await;
+    assert_eq!(first.text(), "accept-encoding: br (call 1)");
+    let hit = send(&app, "/enc", &browser).await;
+    assert!(hit.is_hit());
+    assert_eq!(hit.body, first.body);
+    assert_eq!(origin.calls(), 1);
+    // Stale (max-age=60) but in grace: served, refreshed behind.
+    clock.advance(Duration::from_secs(61));
+    let stale = send(&app, "/enc", &[("accept-encoding", "br, gzip")]).await;
+    assert_eq!(stale.body, first.body);
+    for _ in 0..1000 {
+        if origin.calls() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(origin.calls(), 2, "one refresh");
+    let head = Request::head("/enc")
+        .header("accept-encoding", "x-gzip")
+        .body(Body::empty())
+        .unwrap();
+    let head = app.clone().oneshot(head).await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    let personal = send(
+        &app,
+        "/enc",
+        &[
+            ("accept-encoding", "GZIP;q=0.9"),
+            ("authorization", "Bearer x"),
+        ],
+    )
+    .await;
+    assert_eq!(personal.text(), "accept-encoding: gzip (call 4)");
+    let got = origin.encodings.lock().unwrap().clone();
+    let want = [["br"], ["br"], ["gzip"], ["gzip"]];
+    assert_eq!(got, want.map(|one| one.map(str::to_owned).to_vec()));
+}
+
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -254,4 +308,5 @@ on_both_stores!(
     language_lists_differing_in_spelling_share_a_variant,
     browser_encodings_fold_into_a_handful_of_variants,
     an_encoding_none_of_the_three_serves_keeps_its_members,
+    every_way_to_the_origin_carries_the_normalised_encoding,
 );
