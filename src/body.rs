@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 #[derive(Debug, Default)]
 pub(crate) struct Recorded {
     pub(crate) body: Bytes,
-    pub(crate) trailers: Option<HeaderMap>,
+    pub(crate) trailers: Option<Box<HeaderMap>>,
 }
 
 /// What to do with a recording once its body ended cleanly.
@@ -27,7 +27,7 @@ pub(crate) struct Recorder {
     max: usize,
     chunks: Vec<Bytes>,
     len: usize,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
     done: Option<OnRecorded>,
 }
 
@@ -78,7 +78,7 @@ impl Recorder {
         } else if let Some(trailers) = frame.trailers_ref() {
             match &mut self.trailers {
                 Some(existing) => existing.extend(trailers.clone()),
-                None => self.trailers = Some(trailers.clone()),
+                None => self.trailers = Some(Box::new(trailers.clone())),
             }
         }
         true
@@ -130,7 +130,7 @@ pin_project! {
     enum Kind<B: Body> {
         Cached {
             data: Option<Bytes>,
-            trailers: Option<HeaderMap>,
+            trailers: Option<Box<HeaderMap>>,
         },
         Passthrough {
             #[pin]
@@ -153,7 +153,7 @@ pin_project! {
 
 impl<B: Body> FenceBody<B> {
     /// A body replaying cached bytes, then trailers if any.
-    pub(crate) fn cached(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+    pub(crate) fn cached(data: Bytes, trailers: Option<Box<HeaderMap>>) -> Self {
         FenceBody {
             kind: Kind::Cached {
                 data: Some(data).filter(|d| !d.is_empty()),
@@ -231,7 +231,7 @@ where
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
             KindProj::Passthrough { body } => {
                 let frame = ready!(body.poll_frame(cx));
@@ -349,7 +349,7 @@ mod tests {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
         let body: FenceBody<http_body_util::Empty<Bytes>> =
-            FenceBody::cached(Bytes::from_static(b"abc"), Some(trailers.clone()));
+            FenceBody::cached(Bytes::from_static(b"abc"), Some(Box::new(trailers.clone())));
         assert_eq!(body.size_hint().exact(), Some(3));
         assert!(!body.is_end_stream());
         let collected = body.collect().await.unwrap();

@@ -152,7 +152,8 @@ pub(crate) struct Entry {
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
-    pub(crate) trailers: Option<HeaderMap>,
+    /// Boxed: rare (gRPC), and a box keeps every moved entry smaller.
+    pub(crate) trailers: Option<Box<HeaderMap>>,
     /// When the response was generated, as far as this cache can tell
     /// (arrival time minus the `Age` it arrived with), in ms since the epoch.
     pub(crate) stored_at_ms: u64,
@@ -180,7 +181,7 @@ impl fmt::Debug for Entry {
             .field("status", &self.status)
             .field("headers", &self.headers.len())
             .field("body_len", &self.body.len())
-            .field("trailers", &self.trailers.as_ref().map(HeaderMap::len))
+            .field("trailers", &self.trailers.as_ref().map(|t| t.len()))
             .field("stored_at_ms", &self.stored_at_ms)
             .field("fresh_until_ms", &self.fresh_until_ms)
             .field("stale_until_ms", &self.stale_until_ms)
@@ -294,7 +295,7 @@ impl Entry {
         status: StatusCode,
         headers: HeaderMap,
         body: Bytes,
-        trailers: Option<HeaderMap>,
+        trailers: Option<Box<HeaderMap>>,
         freshness: &Freshness,
         started: std::time::Instant,
         vary: Vec<(HeaderName, Option<HeaderValue>)>,
@@ -385,7 +386,7 @@ impl Entry {
         let body = get_bytes(&mut buf)?;
         let trailers = match get_u8(&mut buf)? {
             0 => None,
-            1 => Some(get_headers(&mut buf, 0)?),
+            1 => Some(Box::new(get_headers(&mut buf, 0)?)),
             _ => return Err(DecodeError::Invalid),
         };
         let vary_len = get_len(&mut buf)?;
@@ -595,7 +596,7 @@ mod tests {
             status: StatusCode::OK,
             headers,
             body: Bytes::from_static(b"hello"),
-            trailers: Some(trailers),
+            trailers: Some(Box::new(trailers)),
             stored_at_ms: 1_000,
             fresh_until_ms: 61_000,
             stale_until_ms: 71_000,
@@ -884,7 +885,7 @@ mod tests {
                     status,
                     headers,
                     body: Bytes::from(body),
-                    trailers,
+                    trailers: trailers.map(Box::new),
                     stored_at_ms: stored,
                     fresh_until_ms: fresh,
                     stale_until_ms: fresh.saturating_add(extra % 1_000_000),

@@ -153,7 +153,7 @@ impl Record {
                     .collect::<Option<Vec<_>>>()?;
                 let trailers = match &p.trailers {
                     None => None,
-                    Some(fields) => Some(header_map(fields)?),
+                    Some(fields) => Some(Box::new(header_map(fields)?)),
                 };
                 Some(Record(entry::Record::Entry(Entry {
                     status: StatusCode::from_u16(p.status).ok()?,
@@ -183,7 +183,7 @@ impl Record {
                 status: e.status.as_u16(),
                 headers: fields(&e.headers),
                 body: e.body.to_vec(),
-                trailers: e.trailers.as_ref().map(fields),
+                trailers: e.trailers.as_deref().map(fields),
                 stored_at_ms: e.stored_at_ms,
                 fresh_until_ms: e.fresh_until_ms,
                 stale_until_ms: e.stale_until_ms,

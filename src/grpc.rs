@@ -101,7 +101,8 @@ pub(crate) fn messages(body: &[u8]) -> Option<usize> {
 /// succeeded (`grpc-status: 0`).
 pub(crate) fn storable(entry: &Entry) -> bool {
     !is_grpc(&entry.headers)
-        || (succeeded(&entry.headers, entry.trailers.as_ref()) && messages(&entry.body) == Some(1))
+        || (succeeded(&entry.headers, entry.trailers.as_deref())
+            && messages(&entry.body) == Some(1))
 }
 
 /// The key part of a request message: a SHA-256 of its bytes as they came
