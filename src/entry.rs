@@ -569,7 +569,7 @@ fn get_headers(buf: &mut Bytes, headroom: usize) -> Result<HeaderMap, DecodeErro
     let count = get_len(buf)?;
     let mut headers = HeaderMap::with_capacity(count.min(128) + headroom);
     for _ in 0..count {
-        let name = HeaderName::from_bytes(&get_bytes(buf)?).map_err(|_| DecodeError::Invalid)?;
+        let name = stored_name(&get_bytes(buf)?)?;
         let value =
             HeaderValue::from_maybe_shared(get_bytes(buf)?).map_err(|_| DecodeError::Invalid)?;
         // More distinct names than a map holds: `append` would panic.
@@ -580,10 +580,71 @@ fn get_headers(buf: &mut Bytes, headroom: usize) -> Result<HeaderMap, DecodeErro
     Ok(headers)
 }
 
+/// A stored header name. Names are stored as `HeaderName::as_str` wrote
+/// them (lowercase), so the fields most responses carry are matched as
+/// they are, without `HeaderName::from_bytes` lowercasing a copy first.
+fn stored_name(bytes: &[u8]) -> Result<HeaderName, DecodeError> {
+    use http::header;
+    let known = match bytes {
+        b"content-type" => header::CONTENT_TYPE,
+        b"content-length" => header::CONTENT_LENGTH,
+        b"cache-control" => header::CACHE_CONTROL,
+        b"content-encoding" => header::CONTENT_ENCODING,
+        b"etag" => header::ETAG,
+        b"last-modified" => header::LAST_MODIFIED,
+        b"date" => header::DATE,
+        b"expires" => header::EXPIRES,
+        b"vary" => header::VARY,
+        b"server" => header::SERVER,
+        b"content-language" => header::CONTENT_LANGUAGE,
+        b"content-security-policy" => header::CONTENT_SECURITY_POLICY,
+        b"strict-transport-security" => header::STRICT_TRANSPORT_SECURITY,
+        b"x-content-type-options" => header::X_CONTENT_TYPE_OPTIONS,
+        b"access-control-allow-origin" => header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        b"accept-ranges" => header::ACCEPT_RANGES,
+        _ => return HeaderName::from_bytes(bytes).map_err(|_| DecodeError::Invalid),
+    };
+    Ok(known)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn known_header_names_are_the_parsed_ones() {
+        let names = [
+            "content-type",
+            "content-length",
+            "cache-control",
+            "content-encoding",
+            "etag",
+            "last-modified",
+            "date",
+            "expires",
+            "vary",
+            "server",
+            "content-language",
+            "content-security-policy",
+            "strict-transport-security",
+            "x-content-type-options",
+            "access-control-allow-origin",
+            "accept-ranges",
+            "x-custom",
+        ];
+        for name in names {
+            let parsed = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            assert_eq!(stored_name(name.as_bytes()), Ok(parsed.clone()), "{name}");
+            assert_eq!(parsed.as_str(), name);
+        }
+        assert_eq!(
+            stored_name(b"Content-Type"),
+            Ok(http::header::CONTENT_TYPE),
+            "another spelling still parses"
+        );
+        assert_eq!(stored_name(b"bad name"), Err(DecodeError::Invalid));
+    }
 
     fn sample() -> Entry {
         let mut headers = HeaderMap::new();
