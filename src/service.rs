@@ -27,6 +27,10 @@ use crate::shared::Shared;
 /// rebuild runs in a task of its own (so that a client hanging up does not
 /// cancel it for everyone waiting), and background refreshes call `S` after
 /// the triggering response was sent. axum, tonic and hyper services are.
+///
+/// `S` is cloned only for a request that calls it: a hit answered in the
+/// process leaves the service `poll_ready` readied in place, still ready
+/// for the next call.
 pub struct FenceService<S> {
     inner: S,
     shared: Arc<Shared>,
