@@ -253,16 +253,30 @@ where
     }
 }
 
-/// The response future of a request the cache may answer: it waits on a
+/// The response future of a request the cache may answer, told to
+/// `telling` (its span is entered while the store is read: a refresh it
+/// starts carries it). See [`start`].
+pub(crate) fn start_told<S, B, RB>(
+    inner: impl FnOnce() -> S,
+    req: Request<B>,
+    keyed: Keyed,
+    telling: Telling,
+) -> ResponseFuture<S, B, RB>
+where
+    S: Inner<B, RB>,
+    B: Send + 'static,
+    RB: SendBody,
+{
+    let state = telling.span.in_scope(|| start(inner, req, keyed));
+    ResponseFuture { state, telling }
+}
+
+/// The first state of a request the cache may answer: it waits on a
 /// rebuild already running in this process, or looks its key up (and is
 /// answered already when the store could answer at once). `inner` gives
 /// the readied inner service; a hit the store answered at once never asks
 /// for it.
-pub(crate) fn start<S, B, RB>(
-    inner: impl FnOnce() -> S,
-    req: Request<B>,
-    keyed: Keyed,
-) -> ResponseFuture<S, B, RB>
+fn start<S, B, RB>(inner: impl FnOnce() -> S, req: Request<B>, keyed: Keyed) -> State<S, B, RB>
 where
     S: Inner<B, RB>,
     B: Send + 'static,
@@ -283,17 +297,13 @@ where
     if let Some(wait) = join {
         keyed.shared.bump(|c| &c.misses);
         let svc = inner();
-        return ResponseFuture::waiting(wait, Pending { svc, req, keyed });
+        return ResponseFuture::waiting(wait, Pending { svc, req, keyed }).state;
     }
-    let state = match Step::first_lookup(inner, req, keyed) {
+    match Step::first_lookup(inner, req, keyed) {
         Step::Respond(response) => State::Ready {
             response: Some(response),
         },
         Step::Go(state) => state,
-    };
-    ResponseFuture {
-        state,
-        telling: Telling::default(),
     }
 }
 
@@ -495,10 +505,14 @@ where
                     None => Step::Go(State::Done),
                 }
             }
-            StateProj::Ready { response } => match response.take() {
-                Some(response) => Step::Respond(response),
-                None => Step::Go(State::Done),
-            },
+            StateProj::Ready { response } => {
+                let response = response.take();
+                state.set(State::Done);
+                return match response {
+                    Some(response) => Poll::Ready(Ok(response)),
+                    None => Poll::Pending,
+                };
+            }
             // Polled after completion: the contract allows anything but
             // a panic is an outage; stay pending.
             StateProj::Done => return Poll::Pending,
@@ -559,7 +573,7 @@ where
             });
         }
     };
-    Step::Go(start(|| svc, req, keyed).state)
+    Step::Go(start(|| svc, req, keyed))
 }
 
 /// The response of a stored entry the lookup found usable.

@@ -127,10 +127,7 @@ where
             mem::replace(inner, clone)
         };
         let req = Request::from_parts(parts, body);
-        let started = telling
-            .span
-            .in_scope(|| crate::future::start(take_inner, req, keyed));
-        started.told(telling)
+        crate::future::start_told(take_inner, req, keyed, telling)
     }
 }
 
