@@ -660,22 +660,31 @@ where
     RB: SendBody,
 {
     /// Looks the request's key up before the inner service was taken: a
-    /// fresh hit the store answers at once is served without it.
-    fn first_lookup(inner: impl FnOnce() -> S, req: Request<B>, keyed: Keyed) -> Self {
-        let Some(found) = lookup_now(&keyed.shared, &keyed.key) else {
-            let svc = inner();
-            return Step::Go(ResponseFuture::lookup_later(Pending { svc, req, keyed }).state);
-        };
-        let now_ms = keyed.shared.clock.now_ms();
-        match hit::after_lookup(found, &keyed, req.headers(), now_ms) {
-            Verdict::Serve {
-                entry,
-                status,
-                refresh: false,
-            } => Step::Respond(serve(entry, status, now_ms, &req)),
-            verdict => {
+    /// fresh hit the store answers at once, on the URL's key or on its
+    /// variant's, is served without it.
+    fn first_lookup(inner: impl FnOnce() -> S, req: Request<B>, mut keyed: Keyed) -> Self {
+        let mut variant_looked_up = false;
+        loop {
+            let Some(found) = lookup_now(&keyed.shared, &keyed.key) else {
                 let svc = inner();
-                Self::after_verdict(verdict, Pending { svc, req, keyed }, now_ms)
+                return Step::Go(ResponseFuture::lookup_later(Pending { svc, req, keyed }).state);
+            };
+            let now_ms = keyed.shared.clock.now_ms();
+            match hit::after_lookup(found, &keyed, req.headers(), now_ms) {
+                Verdict::Serve {
+                    entry,
+                    status,
+                    refresh: false,
+                } => return Step::Respond(serve(entry, status, now_ms, &req)),
+                // Once: a variant's lookup finds an entry or a miss.
+                Verdict::Variant(key) if !variant_looked_up => {
+                    keyed.key = key;
+                    variant_looked_up = true;
+                }
+                verdict => {
+                    let svc = inner();
+                    return Self::after_verdict(verdict, Pending { svc, req, keyed }, now_ms);
+                }
             }
         }
     }

@@ -1017,18 +1017,24 @@ async fn a_memory_hit_does_not_clone_the_inner_service() {
         inner: origin.router(),
         clones: clones.clone(),
     });
-    for round in 0..5 {
-        let request = Request::get("/counted").body(Body::empty()).unwrap();
-        let ready = ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
-        let response = ready.call(request).await.unwrap();
-        let hit = response
-            .headers()
-            .get("cache-status")
-            .is_some_and(|v| v.to_str().unwrap().starts_with("tower-fence; hit"));
-        response.into_body().collect().await.unwrap();
-        assert_eq!(hit, round > 0, "round {round}");
-        settle().await;
+    // A plain entry, then one that varies (a hit there is two lookups).
+    for uri in ["/counted", "/counted?cc=max-age%3D60&vary=accept-language"] {
+        for round in 0..5 {
+            let request = Request::get(uri)
+                .header("accept-language", "en")
+                .body(Body::empty())
+                .unwrap();
+            let ready = ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
+            let response = ready.call(request).await.unwrap();
+            let hit = response
+                .headers()
+                .get("cache-status")
+                .is_some_and(|v| v.to_str().unwrap().starts_with("tower-fence; hit"));
+            response.into_body().collect().await.unwrap();
+            assert_eq!(hit, round > 0, "{uri}: round {round}");
+            settle().await;
+        }
     }
-    assert_eq!(origin.calls(), 1);
-    assert_eq!(clones.load(Ordering::SeqCst), 1, "only the miss took it");
+    assert_eq!(origin.calls(), 2);
+    assert_eq!(clones.load(Ordering::SeqCst), 2, "only the misses took it");
 }
