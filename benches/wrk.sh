@@ -18,6 +18,10 @@
 # wrk and redis-server to CLIENT_CPUS (default: CPU 1), so that each mode
 # gets the same one core and the ratio measures the server. Set both to
 # "" to run unpinned.
+#
+# WRK_HEADER adds one request header to every request, for example
+# WRK_HEADER='Accept-Encoding: gzip, deflate, br, zstd' for what browsers
+# send (wrk alone sends only Host).
 set -euo pipefail
 secs=${1:-5}
 conns=${2:-64}
@@ -29,6 +33,7 @@ routes=(1k 64k)
 # taskset execs its command, so `$!` below is the process itself.
 server_pin=(); [[ -n $server_cpus ]] && server_pin=(taskset -c "$server_cpus")
 client_pin=(); [[ -n $client_cpus ]] && client_pin=(taskset -c "$client_cpus")
+header=(); [[ -n ${WRK_HEADER:-} ]] && header=(-H "$WRK_HEADER")
 cd "$(dirname "$0")/.."
 cargo build --release --example bench_server >/dev/null 2>&1
 bin=target/release/examples/bench_server
@@ -64,7 +69,7 @@ done
 for round in $(seq "$rounds"); do
   for route in "${routes[@]}"; do
     for mode in "${modes[@]}"; do
-      out=$("${client_pin[@]}" wrk -t1 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:${port[$mode]}/$route")
+      out=$("${client_pin[@]}" wrk -t1 -c"$conns" -d"${secs}s" --latency "${header[@]}" "http://127.0.0.1:${port[$mode]}/$route")
       rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
       p50=$(awk '$1=="50%" {print $2}' <<<"$out")
       p99=$(awk '$1=="99%" {print $2}' <<<"$out")
