@@ -210,8 +210,8 @@ where
         }
     }
 
-    /// A request whose key is looked up in the store (its headers
-    /// already normalised, see [`Step::lookup`]).
+    /// A request whose key is read from a store that needs a round trip
+    /// (see [`Step::lookup`]).
     fn lookup_later(pending: Pending<S, B>) -> Self {
         let lookup = Box::pin(lookup(
             pending.keyed.shared.clone(),
@@ -299,7 +299,7 @@ where
         let svc = inner();
         return ResponseFuture::waiting(wait, Pending { svc, req, keyed }).state;
     }
-    match Step::first_lookup(inner, req, keyed) {
+    match Step::lookup(inner, req, keyed) {
         Step::Respond(response) => State::Ready {
             response: Some(response),
         },
@@ -659,10 +659,12 @@ where
     B: Send + 'static,
     RB: SendBody,
 {
-    /// Looks the request's key up before the inner service was taken: a
-    /// fresh hit the store answers at once, on the URL's key or on its
-    /// variant's, is served without it.
-    fn first_lookup(inner: impl FnOnce() -> S, req: Request<B>, mut keyed: Keyed) -> Self {
+    /// Looks the request's key up: at once when the store can answer
+    /// without waiting (then this is what the answer leads to), else in a
+    /// lookup state. `inner` gives the inner service; a fresh hit the store
+    /// answers at once, on the URL's key or on its variant's, is served
+    /// without asking for it.
+    fn lookup(inner: impl FnOnce() -> S, req: Request<B>, mut keyed: Keyed) -> Self {
         let mut variant_looked_up = false;
         loop {
             let Some(found) = lookup_now(&keyed.shared, &keyed.key) else {
@@ -686,16 +688,6 @@ where
                     return Self::after_verdict(verdict, Pending { svc, req, keyed }, now_ms);
                 }
             }
-        }
-    }
-
-    /// Looks the request's key up: at once when the store can answer
-    /// without waiting (then this is what the answer leads to), else in a
-    /// lookup state.
-    fn lookup(pending: Pending<S, B>) -> Self {
-        match lookup_now(&pending.keyed.shared, &pending.keyed.key) {
-            Some(found) => Self::after_lookup(found, pending),
-            None => Step::Go(ResponseFuture::lookup_later(pending).state),
         }
     }
 
@@ -737,7 +729,7 @@ where
             }
             Verdict::Variant(key) => {
                 keyed.key = key;
-                Self::lookup(Pending { svc, req, keyed })
+                Self::lookup(|| svc, req, keyed)
             }
             Verdict::OnlyIfCached => Step::Respond(respond::only_if_cached_miss()),
             Verdict::Pass(status) => {

@@ -812,66 +812,17 @@ impl Store for RedisStore {
     }
 }
 
+/// The integration tests' harness: private `redis-server` processes.
+#[cfg(test)]
+#[path = "../../tests/support/mod.rs"]
+mod test_support;
+
 #[cfg(test)]
 mod tests {
-    use std::process::{Child, Command, Stdio};
-    use std::time::Instant;
-
     use futures_util::future::join_all;
 
+    use super::test_support::RedisProcess;
     use super::*;
-
-    /// A private `redis-server` on a free loopback port, killed on drop.
-    struct Server {
-        child: Child,
-        port: u16,
-    }
-
-    impl Server {
-        fn start() -> Server {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
-                .expect("a free loopback port")
-                .port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server on PATH (apt-get install redis-server)");
-            Server { child, port }
-        }
-
-        fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
-        }
-
-        async fn pool(&self) -> RedisPool {
-            let manager = RedisConnectionManager::new(self.url()).expect("valid url");
-            let started = Instant::now();
-            loop {
-                let pool = bb8::Pool::builder()
-                    .connection_timeout(Duration::from_millis(200))
-                    .build(manager.clone())
-                    .await;
-                match pool {
-                    Ok(pool) if pool.get().await.is_ok() => return pool,
-                    _ if started.elapsed() < Duration::from_secs(10) => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    _ => panic!("redis-server on port {} never answered", self.port),
-                }
-            }
-        }
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 
     fn value_of(i: usize) -> Vec<u8> {
         format!("value {i} ").repeat(i + 1).into_bytes()
@@ -883,7 +834,7 @@ mod tests {
     /// flight, all the others join batches.
     #[tokio::test]
     async fn batched_gets_each_get_their_own_reply() {
-        let server = Server::start();
+        let server = RedisProcess::start_async().await;
         let pool = server.pool().await;
         let store = RedisStore::new(pool.clone());
         let keys: Vec<String> = (0..300).map(|i| format!("tf:/batch#{i}")).collect();
@@ -946,7 +897,7 @@ mod tests {
     /// flight; small values bring batches back.
     #[tokio::test]
     async fn large_values_are_read_alone() {
-        let server = Server::start();
+        let server = RedisProcess::start_async().await;
         let pool = server.pool().await;
         let store = RedisStore::new(pool.clone());
         {
