@@ -114,6 +114,28 @@ impl Record {
         Entry::decode(record, key).map(Record::Entry)
     }
 
+    /// A copy of a record decoded earlier, equal to what decoding it again
+    /// gives (an entry's header map keeps the same room for the fields a
+    /// response adds), made without parsing or checking it again.
+    pub(crate) fn copy_to_serve(&self) -> Record {
+        match self {
+            Record::Entry(entry) => Record::Entry(Entry {
+                status: entry.status,
+                headers: copy_headers(&entry.headers, SERVED_HEADROOM),
+                body: entry.body.clone(),
+                trailers: entry.trailers.clone(),
+                stored_at_ms: entry.stored_at_ms,
+                fresh_until_ms: entry.fresh_until_ms,
+                stale_until_ms: entry.stale_until_ms,
+                error_until_ms: entry.error_until_ms,
+                rebuild_ms: entry.rebuild_ms,
+                flags: entry.flags,
+                vary: entry.vary.clone(),
+            }),
+            Record::Vary(names) => Record::Vary(names.clone()),
+        }
+    }
+
     /// Encodes a vary stub naming `names`, to be stored under `key`.
     pub(crate) fn encode_vary(names: &[HeaderName], key: &str) -> Bytes {
         let mut out = BytesMut::new();
@@ -564,6 +586,22 @@ fn get_bytes(buf: &mut Bytes) -> Result<Bytes, DecodeError> {
 /// `Cache-Status`), so that serving it never grows the map.
 const SERVED_HEADROOM: usize = 4;
 
+/// A copy of `headers`, decoded earlier, with room for `headroom` more
+/// fields: what [`get_headers`] would give again, without parsing or
+/// checking a field again. (A `clone` would leave no room: the first field
+/// a response adds would grow the map.)
+fn copy_headers(headers: &HeaderMap, headroom: usize) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len().min(128) + headroom);
+    for (name, value) in headers {
+        if copy.try_append(name.clone(), value.clone()).is_err() {
+            // Cannot happen (the fields fit in `headers`); a clone is
+            // right too, only slower to serve.
+            return headers.clone();
+        }
+    }
+    copy
+}
+
 /// Reads a header block into a map with room for `headroom` more fields.
 fn get_headers(buf: &mut Bytes, headroom: usize) -> Result<HeaderMap, DecodeError> {
     let count = get_len(buf)?;
@@ -683,6 +721,37 @@ mod tests {
         assert_eq!(decoded, entry);
         let multi: Vec<_> = decoded.headers.get_all("x-multi").iter().collect();
         assert_eq!(multi, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_copy_to_serve_is_what_decoding_again_gives() {
+        let record = sample().encode(KEY);
+        let decoded = Record::decode(&record, KEY).unwrap();
+        let copy = decoded.copy_to_serve();
+        assert_eq!(copy, Record::decode(&record, KEY).unwrap());
+        let Record::Entry(copy) = copy else {
+            panic!("an entry copies to an entry")
+        };
+        let order: Vec<_> = copy
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("content-type", "text/plain"),
+                ("x-multi", "a"),
+                ("x-multi", "b")
+            ],
+            "every value, in order"
+        );
+        // Room for what a response adds, as a decoded map has.
+        assert!(copy.headers.capacity() >= copy.headers.keys_len() + SERVED_HEADROOM);
+
+        let names = vec![HeaderName::from_static("accept-language")];
+        let stub = Record::decode(&Record::encode_vary(&names, KEY), KEY).unwrap();
+        assert_eq!(stub.copy_to_serve(), Record::Vary(names));
     }
 
     #[test]

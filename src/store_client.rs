@@ -13,7 +13,6 @@ use std::time::Duration;
 use std::time::Instant;
 use tracing::Instrument;
 
-use bytes::Bytes;
 use http::HeaderName;
 
 use crate::breaker::{Admission, Breaker, Turn};
@@ -21,7 +20,7 @@ use crate::entry::{Entry, Record};
 use crate::error::StoreError;
 use crate::metrics;
 use crate::owed::Owed;
-use crate::store::{Fill, FillSubscription, KeyPattern, Store};
+use crate::store::{Fill, FillSubscription, HeldRecord, KeyPattern, Store};
 
 /// A kind of store call: its metric label and what a log line says.
 #[derive(Debug, Clone, Copy)]
@@ -276,7 +275,7 @@ impl StoreClient {
     /// decode is a miss (and is deleted in the background).
     pub(crate) async fn read(self: &Arc<Self>, key: &str) -> Found {
         let result = self.bounded(GET, key, self.store.get(key)).await;
-        self.found(key, result)
+        self.found(key, result.map(|record| record.map(HeldRecord::new)))
     }
 
     /// [`read`](Self::read) at once, when the store can answer without
@@ -287,20 +286,25 @@ impl StoreClient {
             return None;
         }
         let timer = Timer::start();
-        let result = self.store.get_now(key)?;
+        let result = self.store.get_held_now(key)?;
         self.record(GET, Admission::Call, timer, &result);
         self.count_failure(GET, key, &result);
         Some(self.found(key, result))
     }
 
     /// What a read of `key` that gave `result` found.
-    fn found(self: &Arc<Self>, key: &str, result: Result<Option<Bytes>, StoreError>) -> Found {
+    fn found(self: &Arc<Self>, key: &str, result: Result<Option<HeldRecord>, StoreError>) -> Found {
         let record = match result {
             Ok(Some(record)) => record,
             Ok(None) => return Found::Nothing,
             Err(err) => return Found::Failed(err),
         };
-        match Record::decode(&record, key) {
+        // Decoded when it was stored (a store in this process), else now.
+        let decoded = match record.decoded() {
+            Some(decoded) => Ok(decoded.copy_to_serve()),
+            None => Record::decode(record.bytes(), key),
+        };
+        match decoded {
             Ok(Record::Entry(entry)) if !self.owed.trusts(entry.generated_ms()) => {
                 // Maybe older than a write whose invalidation is not
                 // applied yet: rebuilt, not served.

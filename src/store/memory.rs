@@ -10,7 +10,7 @@ use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache;
 use moka::Expiry;
 
-use super::{Fill, KeyPattern, Store, StoreError, StoreFuture};
+use super::{Fill, HeldRecord, KeyPattern, Store, StoreError, StoreFuture};
 
 /// Bytes counted for an entry besides its key and record (moka's own
 /// bookkeeping, roughly).
@@ -22,6 +22,11 @@ pub const DEFAULT_MEMORY_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
 /// An in-process store bounded by the total size of its keys and records,
 /// with a time to live per record. Backed by [moka] (TinyLFU admission, LRU
 /// eviction); entries are not shared between processes.
+///
+/// A record the layer wrote is decoded once, when it is stored, and a hit
+/// clones that decoded response ([`HeldRecord`]); what the decoded form
+/// adds (about 128 bytes per header field, the values' bytes shared with
+/// the record) counts against the capacity too.
 ///
 /// [moka]: https://docs.rs/moka
 ///
@@ -62,7 +67,9 @@ const SET_SWEEP_THRESHOLD: usize = 100_000;
 
 #[derive(Clone)]
 struct Record {
-    bytes: Bytes,
+    /// The bytes, decoded once when stored (a hit clones the decoded
+    /// response instead of decoding it again).
+    held: HeldRecord,
     ttl: Duration,
     /// A rewrite of the record it replaces (a soft purge): it keeps that
     /// record's expiry instead of starting `ttl` afresh.
@@ -97,7 +104,7 @@ impl MemoryStore {
         let cache = Cache::builder()
             .max_capacity(capacity_bytes)
             .weigher(|key: &String, record: &Record| {
-                let weight = key.len() + record.bytes.len() + ENTRY_OVERHEAD_BYTES;
+                let weight = key.len() + record.held.weight() + ENTRY_OVERHEAD_BYTES;
                 u32::try_from(weight).unwrap_or(u32::MAX)
             })
             .expire_after(PerRecordTtl)
@@ -114,8 +121,8 @@ impl MemoryStore {
         self.capacity_bytes
     }
 
-    /// Bytes held now (keys, records and overhead), after pending evictions
-    /// have run.
+    /// Bytes held now (keys, records, their decoded forms and overhead),
+    /// after pending evictions have run.
     pub fn weighted_size(&self) -> u64 {
         self.cache.run_pending_tasks();
         self.cache.weighted_size()
@@ -180,9 +187,9 @@ impl MemoryStore {
                 return Op::Nop;
             };
             let record = current.value();
-            match crate::entry::mark_stale_record(&record.bytes, key, at_ms) {
+            match crate::entry::mark_stale_record(record.held.bytes(), key, at_ms) {
                 Some(bytes) => Op::Put(Record {
-                    bytes,
+                    held: HeldRecord::decoding(key, bytes),
                     ttl: record.ttl,
                     keeps_expiry: true,
                 }),
@@ -226,8 +233,8 @@ impl MemoryStore {
     }
 
     /// The record under `key`, if any.
-    fn record(&self, key: &str) -> Option<Bytes> {
-        self.cache.get(key).map(|record| record.bytes)
+    fn record(&self, key: &str) -> Option<HeldRecord> {
+        self.cache.get(key).map(|record| record.held)
     }
 
     /// Number of records held now, after pending evictions have run.
@@ -255,10 +262,16 @@ impl fmt::Debug for MemoryStore {
 
 impl Store for MemoryStore {
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
-        Box::pin(std::future::ready(Ok(self.record(key))))
+        Box::pin(std::future::ready(Ok(self
+            .record(key)
+            .map(HeldRecord::into_bytes))))
     }
 
     fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>, StoreError>> {
+        Some(Ok(self.record(key).map(HeldRecord::into_bytes)))
+    }
+
+    fn get_held_now(&self, key: &str) -> Option<Result<Option<HeldRecord>, StoreError>> {
         Some(Ok(self.record(key)))
     }
 
@@ -267,7 +280,7 @@ impl Store for MemoryStore {
             self.cache.insert(
                 key.to_owned(),
                 Record {
-                    bytes: record,
+                    held: HeldRecord::decoding(key, record),
                     ttl,
                     keeps_expiry: false,
                 },
@@ -350,6 +363,9 @@ impl Store for MemoryStore {
 
     fn fill<'a>(&'a self, fill: Fill<'a>) -> StoreFuture<'a, bool> {
         let now = Instant::now();
+        // Decoded before the lock is taken: a fill that is refused wasted a
+        // decode, not other fills' time.
+        let record = HeldRecord::decoding(fill.key, fill.record.clone());
         // Check and store under the lock, so an invalidation that removes
         // the lease first cannot interleave.
         let mut meta = self.meta();
@@ -370,7 +386,7 @@ impl Store for MemoryStore {
             self.cache.insert(
                 fill.key.to_owned(),
                 Record {
-                    bytes: fill.record,
+                    held: record,
                     ttl: fill.ttl,
                     keeps_expiry: false,
                 },

@@ -23,6 +23,9 @@ use bytes::Bytes;
 pub use crate::error::StoreError;
 pub use crate::key::{lease_key, KeyPattern};
 
+mod held;
+pub use held::HeldRecord;
+
 mod memory;
 pub use memory::{MemoryStore, DEFAULT_MEMORY_CAPACITY_BYTES};
 
@@ -103,6 +106,32 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>, StoreError>> {
         let _ = key;
         None
+    }
+
+    /// [`get_now`](Self::get_now), with the record as this store holds it
+    /// ([`HeldRecord`]): the layer reads through this method. The stores of
+    /// this crate that keep records in process answer with the record
+    /// decoded when it was stored, so that a hit decodes nothing. The
+    /// default answers with [`get_now`](Self::get_now)'s bytes alone, which
+    /// is right for every other store.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use tower_fence::store::{MemoryStore, Store};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_fence::store::StoreError> {
+    /// let store = MemoryStore::new(1 << 20);
+    /// store.put("k", Bytes::from_static(b"v"), Duration::from_secs(5)).await?;
+    /// let held = store.get_held_now("k").transpose()?.flatten();
+    /// assert_eq!(held.map(|h| h.into_bytes()), Some(Bytes::from_static(b"v")));
+    /// # Ok(())
+    /// # }
+    /// ```
+    fn get_held_now(&self, key: &str) -> Option<Result<Option<HeldRecord>, StoreError>> {
+        self.get_now(key)
+            .map(|result| result.map(|record| record.map(HeldRecord::new)))
     }
 
     /// Stores `record` under `key`, replacing what was there, for `ttl`.
@@ -411,6 +440,10 @@ impl<T: Store + ?Sized> Store for Arc<T> {
 
     fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>, StoreError>> {
         (**self).get_now(key)
+    }
+
+    fn get_held_now(&self, key: &str) -> Option<Result<Option<HeldRecord>, StoreError>> {
+        (**self).get_held_now(key)
     }
 
     fn put<'a>(&'a self, key: &'a str, record: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {

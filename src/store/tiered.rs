@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use moka::sync::Cache;
 
-use super::{Fill, FillSubscription, KeyPattern, Store, StoreError, StoreFuture};
+use super::{Fill, FillSubscription, HeldRecord, KeyPattern, Store, StoreError, StoreFuture};
 
 /// A change of the records in a store, made by this process or another,
 /// as a store's change feed tells it (see [`Store::watch_changes`]).
@@ -139,7 +139,9 @@ struct Local {
 
 #[derive(Clone)]
 struct Copy {
-    record: Bytes,
+    /// Decoded once when kept, as a [`MemoryStore`](super::MemoryStore)
+    /// does.
+    record: HeldRecord,
     expires_ms: u64,
 }
 
@@ -193,7 +195,7 @@ impl Local {
         }
     }
 
-    fn get(&self, key: &str) -> Option<Bytes> {
+    fn get(&self, key: &str) -> Option<HeldRecord> {
         let copy = self.copies.get(key)?;
         if (self.now_ms)() < copy.expires_ms {
             Some(copy.record)
@@ -210,7 +212,7 @@ impl Local {
             return;
         }
         let copy = Copy {
-            record: record.clone(),
+            record: HeldRecord::decoding(key, record.clone()),
             expires_ms: (self.now_ms)().saturating_add(self.ttl_ms),
         };
         self.copies.insert(key.to_owned(), copy);
@@ -246,7 +248,7 @@ impl<S: Store> TieredStore<S> {
         let copies = Cache::builder()
             .max_capacity(capacity_bytes)
             .weigher(|key: &String, copy: &Copy| {
-                u32::try_from(key.len() + copy.record.len() + COPY_OVERHEAD_BYTES)
+                u32::try_from(key.len() + copy.record.weight() + COPY_OVERHEAD_BYTES)
                     .unwrap_or(u32::MAX)
             })
             // The TTL as `now_ms` counts is checked on each read; this
@@ -316,7 +318,7 @@ where
 impl<S: Store> Store for TieredStore<S> {
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
         if let Some(record) = self.local.get(key) {
-            return Box::pin(std::future::ready(Ok(Some(record))));
+            return Box::pin(std::future::ready(Ok(Some(record.into_bytes()))));
         }
         let stripe = Local::stripe(key);
         let stamp = self.local.stamp(stripe);
@@ -333,8 +335,17 @@ impl<S: Store> Store for TieredStore<S> {
     /// say at once.
     fn get_now(&self, key: &str) -> Option<Result<Option<Bytes>, StoreError>> {
         match self.local.get(key) {
-            Some(record) => Some(Ok(Some(record))),
+            Some(record) => Some(Ok(Some(record.into_bytes()))),
             None => self.inner.get_now(key),
+        }
+    }
+
+    /// [`get_now`](Self::get_now), with a local copy as it was decoded
+    /// when kept.
+    fn get_held_now(&self, key: &str) -> Option<Result<Option<HeldRecord>, StoreError>> {
+        match self.local.get(key) {
+            Some(record) => Some(Ok(Some(record))),
+            None => self.inner.get_held_now(key),
         }
     }
 
@@ -641,7 +652,7 @@ mod tests {
             tier.local.copies.insert(
                 format!("k{i}"),
                 Copy {
-                    record: record.clone(),
+                    record: HeldRecord::new(record.clone()),
                     expires_ms: u64::MAX,
                 },
             );
