@@ -34,6 +34,7 @@ routes=(1k 64k)
 server_pin=(); [[ -n $server_cpus ]] && server_pin=(taskset -c "$server_cpus")
 client_pin=(); [[ -n $client_cpus ]] && client_pin=(taskset -c "$client_cpus")
 header=(); [[ -n ${WRK_HEADER:-} ]] && header=(-H "$WRK_HEADER")
+command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
 cd "$(dirname "$0")/.."
 cargo build --release --example bench_server >/dev/null 2>&1
 bin=target/release/examples/bench_server
