@@ -21,8 +21,9 @@ const DECODED_FIELD_BYTES: usize = 128;
 ///
 /// Its bytes are what [`Store::get`] returns. The stores of this crate that
 /// keep records in process ([`MemoryStore`], the local tier of
-/// [`FenceLayer::two_tier`]) also keep the record decoded, made once when it
-/// was stored: a hit on it then clones the decoded response instead of
+/// [`FenceLayerBuilder::local_tier`]) also keep the record decoded, made
+/// once when it was stored: a hit on it then copies the decoded response
+/// (reference counts to the same checked names and values) instead of
 /// parsing and checking every header field again. A store outside this crate
 /// answers with [`HeldRecord::new`], bytes alone, and the layer decodes them
 /// on each read as it does for [`Store::get`].
@@ -30,7 +31,7 @@ const DECODED_FIELD_BYTES: usize = 128;
 /// [`Store::get_held_now`]: super::Store::get_held_now
 /// [`Store::get`]: super::Store::get
 /// [`MemoryStore`]: super::MemoryStore
-/// [`FenceLayer::two_tier`]: crate::FenceLayer::two_tier
+/// [`FenceLayerBuilder::local_tier`]: crate::FenceLayerBuilder::local_tier
 ///
 /// ```
 /// use bytes::Bytes;

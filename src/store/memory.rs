@@ -24,7 +24,7 @@ pub const DEFAULT_MEMORY_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
 /// eviction); entries are not shared between processes.
 ///
 /// A record the layer wrote is decoded once, when it is stored, and a hit
-/// clones that decoded response ([`HeldRecord`]); what the decoded form
+/// copies that decoded response ([`HeldRecord`]); what the decoded form
 /// adds (about 128 bytes per header field, the values' bytes shared with
 /// the record) counts against the capacity too.
 ///
@@ -67,7 +67,7 @@ const SET_SWEEP_THRESHOLD: usize = 100_000;
 
 #[derive(Clone)]
 struct Record {
-    /// The bytes, decoded once when stored (a hit clones the decoded
+    /// The bytes, decoded once when stored (a hit copies the decoded
     /// response instead of decoding it again).
     held: HeldRecord,
     ttl: Duration,
