@@ -577,6 +577,34 @@ mod tests {
     }
 
     #[test]
+    fn decoded_records_count_against_the_capacity() {
+        block_on(async {
+            let store = MemoryStore::new(1 << 20);
+            let ttl = Duration::from_secs(60);
+            // Bytes that are no record of the layer's: weighed as bytes.
+            store
+                .put("raw", Bytes::from_static(b"v"), ttl)
+                .await
+                .unwrap();
+            let raw = store.weighted_size();
+            assert_eq!(raw, ("raw".len() + 1 + ENTRY_OVERHEAD_BYTES) as u64);
+            // A record the layer wrote is kept decoded too, and weighed so.
+            let names = [http::HeaderName::from_static("accept-language")];
+            let stub = crate::entry::Record::encode_vary(&names, "stub");
+            let held = store.get_held_now("raw").unwrap().unwrap().unwrap();
+            assert!(held.decoded().is_none());
+            store.put("stub", stub.clone(), ttl).await.unwrap();
+            let held = store.get_held_now("stub").unwrap().unwrap().unwrap();
+            assert!(held.decoded().is_some(), "decoded when stored");
+            let stub_weight = store.weighted_size() - raw;
+            assert!(
+                stub_weight > ("stub".len() + stub.len() + ENTRY_OVERHEAD_BYTES) as u64,
+                "{stub_weight}"
+            );
+        });
+    }
+
+    #[test]
     fn capacity_bounds_the_bytes_held() {
         block_on(async {
             let store = MemoryStore::new(64 * 1024);
