@@ -19,6 +19,15 @@
 //!   accepts connections.
 //! - `--redis redis://...`: cache in that Redis instead of process memory;
 //!   `--redis-cluster redis://A,redis://B,...`: in that Redis Cluster.
+//! - `--local-tier BYTES` (default off; with `--redis` or `--redis-cluster`
+//!   only): keep up to that many bytes of the entries read from Redis in
+//!   this process too, and serve hits on them without a round trip (see
+//!   [`FenceLayerBuilder::local_tier`](tower_fence::FenceLayerBuilder::local_tier)).
+//!   A write, a fill or a purge through any proxy on the same Redis drops
+//!   the copies it touches in every proxy, through the fill feed;
+//!   `--local-tier-ttl SECS` (default 2) bounds how long a copy is kept if
+//!   such a message never arrives, and so how much older than a completed
+//!   write another proxy's answer can be.
 //! - `--default-ttl SECS` (default 0): how long a response that states no
 //!   freshness of its own is kept; 0 keeps only what the upstream's headers
 //!   make cacheable.
@@ -135,6 +144,9 @@ const DEFAULT_PROXY_KEEP: Duration = Duration::from_secs(3600);
 /// How long the upstream may take to answer unless `--upstream-timeout`
 /// says otherwise.
 const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a local-tier copy is kept unless `--local-tier-ttl` says
+/// otherwise.
+const DEFAULT_LOCAL_TIER_TTL: Duration = Duration::from_secs(2);
 /// The heuristic freshness cap unless `--heuristic-cap` says otherwise.
 const DEFAULT_HEURISTIC_CAP: Duration = Duration::from_secs(86_400);
 /// Where the purge secret is read from when `--purge-secret` is not given.
@@ -149,6 +161,12 @@ usage: proxy --upstream http://HOST:PORT [options]
   --redis URL              cache in this Redis (default: process memory)
   --redis-cluster URLS     cache in this Redis Cluster, nodes comma-separated
                            (default: process memory)
+  --local-tier BYTES       with --redis or --redis-cluster: keep this many bytes of
+                           entries in this process too, hits without a round trip
+                           (default off)
+  --local-tier-ttl SECS    longest a local copy is kept: how much older than a write
+                           another proxy may answer if the change never reaches it
+                           (default 2)
   --default-ttl SECS       how long a response without Cache-Control/Expires freshness
                            is kept (default 0: only what the upstream makes cacheable)
   --grace SECS             serve an expired entry this long while one request refreshes
@@ -186,6 +204,9 @@ pub(crate) struct Args {
     pub(crate) redis: Option<String>,
     /// The Redis Cluster nodes to cache in. Process memory when neither.
     pub(crate) redis_cluster: Option<Vec<String>>,
+    /// A local tier in front of Redis: its capacity in bytes and the
+    /// longest a copy is kept.
+    pub(crate) local_tier: Option<(u64, Duration)>,
     /// TTL of responses that state no freshness; zero stores only those
     /// that do.
     pub(crate) default_ttl: Duration,
@@ -216,11 +237,13 @@ pub(crate) struct Args {
 }
 
 /// Options that take a value.
-pub(crate) const VALUE_OPTIONS: [&str; 14] = [
+pub(crate) const VALUE_OPTIONS: [&str; 16] = [
     "--upstream",
     "--listen",
     "--redis",
     "--redis-cluster",
+    "--local-tier",
+    "--local-tier-ttl",
     "--default-ttl",
     "--grace",
     "--stale-if-error",
@@ -312,6 +335,7 @@ where
     if redis.is_some() && redis_cluster.is_some() {
         return Err("--redis and --redis-cluster exclude each other".into());
     }
+    let local_tier_ttl = values.contains_key("--local-tier-ttl");
     let mut secs = |flag: &'static str, default: Duration| -> Result<Duration, String> {
         match values.remove(flag) {
             None => Ok(default),
@@ -327,6 +351,7 @@ where
     let keep = secs("--keep", DEFAULT_PROXY_KEEP)?;
     let upstream_timeout = secs("--upstream-timeout", DEFAULT_UPSTREAM_TIMEOUT)?;
     let heuristic_cap = secs("--heuristic-cap", DEFAULT_HEURISTIC_CAP)?;
+    let local_ttl = secs("--local-tier-ttl", DEFAULT_LOCAL_TIER_TTL)?;
     if upstream_timeout.is_zero() {
         return Err("--upstream-timeout must be at least 1 second".into());
     }
@@ -347,6 +372,26 @@ where
             }
         },
     };
+    let local_tier =
+        match values.remove("--local-tier") {
+            None if local_tier_ttl => return Err("--local-tier-ttl needs --local-tier".into()),
+            None => None,
+            Some(_) if redis.is_none() && redis_cluster.is_none() => return Err(
+                "--local-tier needs --redis or --redis-cluster (process memory is local already)"
+                    .into(),
+            ),
+            Some(_) if local_ttl.is_zero() => {
+                return Err("--local-tier-ttl must be at least 1 second".into())
+            }
+            Some(bytes) => match bytes.parse::<u64>() {
+                Ok(bytes) if bytes > 0 => Some((bytes, local_ttl)),
+                _ => {
+                    return Err(format!(
+                        "--local-tier {bytes:?} is not a number of bytes above 0"
+                    ))
+                }
+            },
+        };
     let namespace = values
         .remove("--namespace")
         .unwrap_or_else(|| tower_fence::DEFAULT_NAMESPACE.to_owned());
@@ -357,6 +402,7 @@ where
         listen,
         redis,
         redis_cluster,
+        local_tier,
         default_ttl,
         grace,
         stale_if_error,
@@ -953,6 +999,9 @@ async fn fence_layer(args: &Args) -> Result<FenceLayer, BoxError> {
         .clock(args.clock.clone());
     if let Some((fraction, cap)) = args.heuristic {
         builder = builder.heuristic_freshness(fraction, cap);
+    }
+    if let Some((capacity_bytes, ttl)) = args.local_tier {
+        builder = builder.local_tier(capacity_bytes, ttl);
     }
     if args.soft_purge {
         builder = builder.write_purge(Purge::Soft);

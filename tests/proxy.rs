@@ -1403,6 +1403,179 @@ async fn purge_needs_the_secret_and_purges_a_path_a_prefix_or_tags() {
     proxy.shutdown().await.unwrap();
 }
 
+// ---------------------------------------------------------------------------
+// A local tier in front of Redis
+// ---------------------------------------------------------------------------
+
+#[cfg(feature = "redis")]
+#[test]
+fn parse_args_reads_the_local_tier() {
+    let args = proxy::parse_args([
+        "--upstream",
+        "http://a:1",
+        "--redis",
+        "redis://127.0.0.1:6380",
+        "--local-tier",
+        "1048576",
+        "--local-tier-ttl",
+        "5",
+    ])
+    .unwrap();
+    assert_eq!(args.local_tier, Some((1_048_576, Duration::from_secs(5))));
+    #[cfg(feature = "cluster")]
+    {
+        let args = proxy::parse_args([
+            "--upstream",
+            "http://a:1",
+            "--redis-cluster",
+            "redis://127.0.0.1:7000",
+            "--local-tier=4096",
+        ])
+        .unwrap();
+        assert_eq!(args.local_tier, Some((4096, Duration::from_secs(2))));
+    }
+    let defaults = proxy::parse_args(["--upstream", "http://a:1"]).unwrap();
+    assert_eq!(defaults.local_tier, None);
+
+    for bad in [
+        // Process memory is local already.
+        &["--local-tier", "4096"][..],
+        &["--redis", "redis://a:1", "--local-tier", "0"][..],
+        &["--redis", "redis://a:1", "--local-tier", "-1"][..],
+        &["--redis", "redis://a:1", "--local-tier", "4k"][..],
+        &[
+            "--redis",
+            "redis://a:1",
+            "--local-tier",
+            "4096",
+            "--local-tier-ttl",
+            "0",
+        ][..],
+        &[
+            "--redis",
+            "redis://a:1",
+            "--local-tier",
+            "4096",
+            "--local-tier-ttl",
+            "1.5",
+        ][..],
+        &["--redis", "redis://a:1", "--local-tier-ttl", "5"][..],
+    ] {
+        let mut argv = vec!["--upstream", "http://a:1"];
+        argv.extend_from_slice(bad);
+        let result = proxy::parse_args(argv.iter().copied());
+        let Err(reason) = result else {
+            panic!("{bad:?} was accepted: {result:?}");
+        };
+        assert!(reason.contains("--local-tier"), "{bad:?}: {reason}");
+    }
+}
+
+/// The public host every request of the local-tier test names, so that
+/// proxies on different ports share their entries.
+#[cfg(feature = "redis")]
+const SITE: &str = "site.example";
+
+#[cfg(feature = "redis")]
+async fn get_site(proxy: &Proxy, path: &str) -> Reply {
+    let request = Request::get(proxy.url(path)).header(header::HOST, SITE);
+    send(request.body(empty()).unwrap()).await
+}
+
+/// `GET`s Redis has answered since its statistics were last reset.
+#[cfg(feature = "redis")]
+async fn redis_gets(conn: &mut bb8_redis::redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = bb8_redis::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find(|l| l.starts_with("cmdstat_get:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn with_a_local_tier_hits_skip_redis_and_a_purge_reaches_every_proxy() {
+    let redis = support::RedisProcess::start_async().await;
+    let upstream = Upstream::start().await;
+    let url = redis.url();
+    // Copies live ten minutes: within this test only the fill feed can
+    // drop one.
+    let tier = [
+        "--redis",
+        url.as_str(),
+        "--local-tier",
+        "1048576",
+        "--local-tier-ttl",
+        "600",
+    ];
+    let a = Proxy::for_upstream(&upstream, &tier).await;
+    let mut purging = tier.to_vec();
+    purging.extend(["--purge-secret", SECRET]);
+    let b = Proxy::for_upstream(&upstream, &purging).await;
+
+    let first = get_site(&a, "/max-age").await;
+    assert_eq!(first.text(), "call 1", "{}", first.cache_status());
+    let mut conn = redis.conn().await;
+    // The fill lands in Redis in the background, and a proxy keeps copies
+    // once its feed is read: wait for both, bounded. Then ten hits on A
+    // send Redis at most one `GET` (the read that kept the copy).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let _: () = bb8_redis::redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for _ in 0..10 {
+            let hit = get_site(&a, "/max-age").await;
+            assert!(hit.is_hit(), "{}", hit.cache_status());
+            assert_eq!(hit.text(), "call 1");
+        }
+        let gets = redis_gets(&mut conn).await;
+        if gets <= 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A's local tier never answered: {gets} GETs for 10 hits"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let on_b = get_site(&b, "/max-age").await;
+    assert!(on_b.is_hit(), "{}", on_b.cache_status());
+    assert_eq!(on_b.text(), "call 1");
+    assert_eq!(upstream.calls(), 1);
+
+    // A purge through B: B's own copy is gone before it answers...
+    let purged = purge(&b, "/max-age", &[AUTH, ("host", SITE)]).await;
+    assert_eq!(purged.status, StatusCode::OK, "{}", purged.text());
+    let after = get_site(&b, "/max-age").await;
+    assert_eq!(after.text(), format!("call {}", upstream.calls()));
+    assert_ne!(after.text(), "call 1");
+    // ...and A's goes when A reads the change from the feed: A answers
+    // with the origin's current version well before its copy's ten
+    // minutes are up.
+    loop {
+        let on_a = get_site(&a, "/max-age").await;
+        if on_a.text() != "call 1" {
+            assert_eq!(on_a.text(), format!("call {}", upstream.calls()));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A still serves its copy after the purge"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn without_a_secret_purge_is_just_another_request() {
     let upstream = Upstream::start().await;
