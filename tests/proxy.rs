@@ -1482,21 +1482,6 @@ async fn get_site(proxy: &Proxy, path: &str) -> Reply {
     send(request.body(empty()).unwrap()).await
 }
 
-/// `GET`s Redis has answered since its statistics were last reset.
-#[cfg(feature = "redis")]
-async fn redis_gets(conn: &mut bb8_redis::redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = bb8_redis::redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find(|l| l.starts_with("cmdstat_get:"))
-        .and_then(|l| l.split("calls=").nth(1))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
-}
-
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn with_a_local_tier_hits_skip_redis_and_a_purge_reaches_every_proxy() {
@@ -1520,23 +1505,23 @@ async fn with_a_local_tier_hits_skip_redis_and_a_purge_reaches_every_proxy() {
 
     let first = get_site(&a, "/max-age").await;
     assert_eq!(first.text(), "call 1", "{}", first.cache_status());
-    let mut conn = redis.conn().await;
-    // The fill lands in Redis in the background, and a proxy keeps copies
-    // once its feed is read: wait for both, bounded. Then ten hits on A
-    // send Redis at most one `GET` (the read that kept the copy).
+    // The fill lands in Redis in the background: wait for it, bounded.
     let deadline = tokio::time::Instant::now() + WAIT;
+    while redis.keys_matching("tf:/max-age#*").await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no fill in Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A proxy keeps copies once its feed is read: wait for that, bounded.
+    // Then ten hits on A send Redis at most one `GET` (the read that kept
+    // the copy).
     loop {
-        let _: () = bb8_redis::redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        redis.reset_stats().await;
         for _ in 0..10 {
             let hit = get_site(&a, "/max-age").await;
             assert!(hit.is_hit(), "{}", hit.cache_status());
             assert_eq!(hit.text(), "call 1");
         }
-        let gets = redis_gets(&mut conn).await;
+        let gets = redis.command_calls("get").await;
         if gets <= 1 {
             break;
         }

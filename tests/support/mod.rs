@@ -480,6 +480,34 @@ impl RedisProcess {
         }
     }
 
+    /// Zeroes the server's command statistics (`CONFIG RESETSTAT`).
+    pub async fn reset_stats(&self) {
+        let mut conn = self.conn().await;
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut conn)
+            .await
+            .expect("CONFIG RESETSTAT");
+    }
+
+    /// How many times the server ran `command` (lowercase, as `INFO
+    /// commandstats` names it: `get`, `ping`) since its statistics were
+    /// last reset ([`reset_stats`](Self::reset_stats)).
+    pub async fn command_calls(&self, command: &str) -> u64 {
+        let mut conn = self.conn().await;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .expect("INFO commandstats");
+        let prefix = format!("cmdstat_{command}:");
+        info.lines()
+            .find(|line| line.starts_with(&prefix))
+            .and_then(|line| line.split("calls=").nth(1))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().expect("a count of calls"))
+    }
+
     /// `DBSIZE` of the current database.
     pub async fn dbsize(&self) -> usize {
         let mut conn = self.conn().await;
