@@ -372,26 +372,28 @@ where
             }
         },
     };
-    let local_tier =
-        match values.remove("--local-tier") {
-            None if local_tier_ttl => return Err("--local-tier-ttl needs --local-tier".into()),
-            None => None,
-            Some(_) if redis.is_none() && redis_cluster.is_none() => return Err(
-                "--local-tier needs --redis or --redis-cluster (process memory is local already)"
-                    .into(),
-            ),
-            Some(_) if local_ttl.is_zero() => {
-                return Err("--local-tier-ttl must be at least 1 second".into())
+    let local_tier = match values.remove("--local-tier") {
+        None if local_tier_ttl => return Err("--local-tier-ttl needs --local-tier".into()),
+        None => None,
+        Some(bytes) => match bytes.parse::<u64>() {
+            Ok(bytes) if bytes > 0 => Some((bytes, local_ttl)),
+            _ => {
+                return Err(format!(
+                    "--local-tier {bytes:?} is not a number of bytes above 0"
+                ))
             }
-            Some(bytes) => match bytes.parse::<u64>() {
-                Ok(bytes) if bytes > 0 => Some((bytes, local_ttl)),
-                _ => {
-                    return Err(format!(
-                        "--local-tier {bytes:?} is not a number of bytes above 0"
-                    ))
-                }
-            },
-        };
+        },
+    };
+    if local_tier.is_some() {
+        if redis.is_none() && redis_cluster.is_none() {
+            return Err(
+                "--local-tier needs --redis or --redis-cluster (memory is local already)".into(),
+            );
+        }
+        if local_ttl.is_zero() {
+            return Err("--local-tier-ttl must be at least 1 second".into());
+        }
+    }
     let namespace = values
         .remove("--namespace")
         .unwrap_or_else(|| tower_fence::DEFAULT_NAMESPACE.to_owned());

@@ -279,7 +279,7 @@ impl StoreClient {
     }
 
     /// [`read`](Self::read) at once, when the store can answer without
-    /// waiting (see [`Store::get_now`]) and its breaker is closed; else
+    /// waiting (see [`Store::get_held_now`]) and its breaker is closed; else
     /// `None`, and the caller reads.
     pub(crate) fn read_now(self: &Arc<Self>, key: &str) -> Option<Found> {
         if self.breaker.is_open() {
