@@ -19,6 +19,13 @@
 //!   flight;
 //! - `origin_alone`: the same request to the bare origin, the floor.
 //!
+//! After the group, `redis_vs_raw_get` measures the Redis hit against the
+//! raw `GET` a second way, paired: rounds of [`PAIRED_BATCH`] hits and as
+//! many raw `GET`s back to back (which goes first alternates), and the
+//! median of the rounds' ratios. A loopback round trip drifts by more than
+//! the layer's share between criterion's runs of one function and the
+//! next; within a round both sides see the same machine.
+//!
 //! Every measured path is checked first: the service must answer with a
 //! `Cache-Status` hit and the raw `GET` must return the stored record.
 
@@ -174,6 +181,132 @@ async fn raw_get(pool: &bb8::Pool<RedisConnectionManager>, key: &str) -> Option<
         .expect("GET")
 }
 
+/// Requests per side in one round of the paired measurement.
+const PAIRED_BATCH: u32 = 400;
+/// Rounds of the paired measurement.
+const PAIRED_ROUNDS: usize = 25;
+
+/// The paired measurement's result: each round's ratio of a Redis hit's
+/// mean time to a raw `GET`'s.
+struct PairedRatio {
+    hit: Vec<Duration>,
+    raw: Vec<Duration>,
+    ratios: Vec<f64>,
+}
+
+impl std::fmt::Display for PairedRatio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut ratios = self.ratios.clone();
+        ratios.sort_by(f64::total_cmp);
+        let quartile = |q: usize| ratios[(ratios.len() - 1) * q / 4];
+        let median = |times: &[Duration]| {
+            let mut times = times.to_vec();
+            times.sort();
+            times[times.len() / 2]
+        };
+        write!(
+            f,
+            "hit_path/redis_vs_raw_get: a Redis hit over a raw GET, {} rounds of {} each: \
+             median {:.3}x (quartiles {:.3}x / {:.3}x, range {:.3}x to {:.3}x); \
+             median round: hit {:.1} us, raw GET {:.1} us",
+            ratios.len(),
+            PAIRED_BATCH,
+            quartile(2),
+            quartile(1),
+            quartile(3),
+            ratios[0],
+            ratios[ratios.len() - 1],
+            median(&self.hit).as_secs_f64() * 1e6,
+            median(&self.raw).as_secs_f64() * 1e6,
+        )
+    }
+}
+
+/// Rounds of [`PAIRED_BATCH`] Redis hits through `svc` and as many raw
+/// `GET`s of `key` through `pool`, back to back, which side goes first
+/// alternating from round to round.
+async fn paired_ratio<S>(
+    svc: &S,
+    pool: &bb8::Pool<RedisConnectionManager>,
+    key: &str,
+) -> PairedRatio
+where
+    S: Service<Req, Response = Res, Error = Infallible> + Clone,
+{
+    let hits = || async {
+        let start = std::time::Instant::now();
+        for _ in 0..PAIRED_BATCH {
+            black_box(call(svc, request()).await);
+        }
+        start.elapsed() / PAIRED_BATCH
+    };
+    let raws = || async {
+        let start = std::time::Instant::now();
+        for _ in 0..PAIRED_BATCH {
+            black_box(raw_get(pool, black_box(key)).await);
+        }
+        start.elapsed() / PAIRED_BATCH
+    };
+    // One round unmeasured: connections and caches warm.
+    hits().await;
+    raws().await;
+    let mut result = PairedRatio {
+        hit: Vec::new(),
+        raw: Vec::new(),
+        ratios: Vec::new(),
+    };
+    for round in 0..PAIRED_ROUNDS {
+        let (hit, raw) = if round % 2 == 0 {
+            let hit = hits().await;
+            (hit, raws().await)
+        } else {
+            let raw = raws().await;
+            (hits().await, raw)
+        };
+        result.hit.push(hit);
+        result.raw.push(raw);
+        result
+            .ratios
+            .push(hit.as_secs_f64() / raw.as_secs_f64().max(1e-12));
+    }
+    result
+}
+
+/// Criterion's options that take a value as the next argument.
+const OPTIONS_WITH_VALUES: &[&str] = &[
+    "--save-baseline",
+    "--baseline",
+    "--baseline-lenient",
+    "--load-baseline",
+    "--sample-size",
+    "--warm-up-time",
+    "--measurement-time",
+    "--nresamples",
+    "--noise-threshold",
+    "--confidence-level",
+    "--significance-level",
+    "--plotting-backend",
+    "--output-format",
+    "--color",
+    "--profile-time",
+];
+
+/// Whether the bench's command-line filter (the first argument that is
+/// neither an option nor an option's value: a regular expression for
+/// criterion, taken here as a substring) lets `name` run. No filter lets
+/// everything run.
+fn criterion_filter_allows(name: &str) -> bool {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if OPTIONS_WITH_VALUES.contains(&arg.as_str()) {
+            args.next();
+        } else if !arg.starts_with('-') {
+            return name.contains(arg.trim_start_matches('^').trim_end_matches('$'));
+        }
+    }
+    true
+}
+
 fn hit_path(c: &mut Criterion) {
     let rt = runtime();
 
@@ -262,6 +395,11 @@ fn hit_path(c: &mut Criterion) {
     });
 
     group.finish();
+
+    if criterion_filter_allows("hit_path/redis_vs_raw_get") {
+        let ratio = rt.block_on(paired_ratio(&redis_svc, &pool, &key));
+        eprintln!("{ratio}");
+    }
 
     // The measured requests were hits. A Redis GET that outlasts the store
     // timeout (50 ms: a descheduled process on a loaded machine) bypasses
