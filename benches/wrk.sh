@@ -24,7 +24,9 @@
 # per request, kernel included, which the client's noise moves less than
 # requests/s (and the redis-server's, for the modes that use it). bare's
 # CPU per request over a mode's is the ceiling of that mode's ratio when
-# the server's core is the bottleneck.
+# the server's core is the bottleneck. The same file gives the server's
+# minor page faults per request: memory the allocator handed back to the
+# kernel and touched again (each fault costs kernel time).
 #
 # WRK_HEADER adds one request header to every request, for example
 # WRK_HEADER='Accept-Encoding: gzip, deflate, br, zstd' for what browsers
@@ -68,10 +70,11 @@ for mode in "${modes[@]}"; do
   pids+=($!)
   spid[$mode]=$!
 done
-# User and kernel CPU ticks a process has used so far (fields 14 and 15
-# of /proc/PID/stat, counted after the parenthesised name).
+# User and kernel CPU ticks a process has used so far, and its minor page
+# faults (fields 14, 15 and 10 of /proc/PID/stat, counted after the
+# parenthesised name).
 ticks() {
-  awk '{sub(/.*\) /, ""); print $12, $13}' "/proc/$1/stat"
+  awk '{sub(/.*\) /, ""); print $12, $13, $8}' "/proc/$1/stat"
 }
 for mode in "${modes[@]}"; do
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:${port[$mode]}/mode" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -84,16 +87,16 @@ done
 for round in $(seq "$rounds"); do
   for route in "${routes[@]}"; do
     for mode in "${modes[@]}"; do
-      read -r su0 ss0 < <(ticks "${spid[$mode]}")
-      read -r ru0 rs0 < <(ticks "$redis_pid")
+      read -r su0 ss0 sf0 < <(ticks "${spid[$mode]}")
+      read -r ru0 rs0 _ < <(ticks "$redis_pid")
       out=$("${client_pin[@]}" wrk -t1 -c"$conns" -d"${secs}s" --latency "${header[@]}" "http://127.0.0.1:${port[$mode]}/$route")
-      read -r su1 ss1 < <(ticks "${spid[$mode]}")
-      read -r ru1 rs1 < <(ticks "$redis_pid")
+      read -r su1 ss1 sf1 < <(ticks "${spid[$mode]}")
+      read -r ru1 rs1 _ < <(ticks "$redis_pid")
       rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
       p50=$(awk '$1=="50%" {print $2}' <<<"$out")
       p99=$(awk '$1=="99%" {print $2}' <<<"$out")
       requests=$(awk '/requests in/ {print $1}' <<<"$out")
-      echo "$round $route $mode $rps $p50 $p99 $requests $((su1 - su0)) $((ss1 - ss0)) $((ru1 - ru0 + rs1 - rs0))" >>"$results"
+      echo "$round $route $mode $rps $p50 $p99 $requests $((su1 - su0)) $((ss1 - ss0)) $((ru1 - ru0 + rs1 - rs0)) $((sf1 - sf0))" >>"$results"
     done
   done
 done
@@ -104,12 +107,14 @@ modes, routes = sys.argv[2].split(), sys.argv[3].split()
 us_per_tick = 1e6 / int(sys.argv[4])
 runs = {}
 cpu = {}
-for rnd, route, mode, rps, p50, p99, requests, user, kernel, redis in rows:
+faults = {}
+for rnd, route, mode, rps, p50, p99, requests, user, kernel, redis, minflt in rows:
     runs.setdefault((route, mode), []).append((int(rnd), float(rps), p50, p99))
     n = max(int(requests), 1)
     cpu.setdefault((route, mode), []).append(
         (int(rnd), int(user) * us_per_tick / n, int(kernel) * us_per_tick / n,
          int(redis) * us_per_tick / n))
+    faults.setdefault((route, mode), []).append(int(minflt) / n)
 print(f"{'mode':<7} {'route':<5} {'req/s':>10} {'p50':>9} {'p99':>9} {'ratio':>6}  ratio per round")
 for route in routes:
     bare = {rnd: rps for rnd, rps, _, _ in runs[(route, "bare")]}
@@ -124,7 +129,8 @@ print()
 print("server CPU per request (us, median over rounds; kernel included), and")
 print("bare's CPU per request over the mode's: its ratio's ceiling when the")
 print("server's core is the bottleneck (redis-server's own CPU not counted there)")
-print(f"{'mode':<7} {'route':<5} {'cpu/req':>8} {'user':>7} {'kernel':>7} {'redis':>7} {'ceiling':>8}  ceiling per round")
+print("(faults: the server's minor page faults per request)")
+print(f"{'mode':<7} {'route':<5} {'cpu/req':>8} {'user':>7} {'kernel':>7} {'redis':>7} {'faults':>7} {'ceiling':>8}  ceiling per round")
 for route in routes:
     bare = {rnd: user + kernel for rnd, user, kernel, _ in cpu[(route, "bare")]}
     for mode in modes:
@@ -133,8 +139,9 @@ for route in routes:
         user = statistics.median(u for _, u, _, _ in mine)
         kernel = statistics.median(k for _, _, k, _ in mine)
         redis = statistics.median(r for _, _, _, r in mine)
+        minflt = statistics.median(faults[(route, mode)])
         ceilings = [bare[rnd] / max(u + k, 1e-9) for rnd, u, k, _ in sorted(mine)]
         each = " / ".join(f"{c:.2f}" for c in ceilings)
-        print(f"{mode:<7} {route:<5} {total:>8.2f} {user:>7.2f} {kernel:>7.2f} {redis:>7.2f} "
+        print(f"{mode:<7} {route:<5} {total:>8.2f} {user:>7.2f} {kernel:>7.2f} {redis:>7.2f} {minflt:>7.2f} "
               f"{statistics.median(ceilings):>8.2f}  {each}")
 EOF
