@@ -19,8 +19,9 @@
 //! - `bare`: the same loop calls the origin without the layer: the
 //!   difference between the two figures is what the layer itself costs a
 //!   hit;
-//! - `redis`: hits on a `RedisStore` at `REDIS_URL` (default
-//!   `redis://127.0.0.1:6379`), on a pool that does not `PING` on checkout;
+//! - `redis`: hits on a `RedisStore` at `REDIS_URL` (required: a
+//!   `redis-server` of your own, such as `redis://127.0.0.1:PORT`), on a
+//!   pool that does not `PING` on checkout;
 //! - `raw`: a bare `GET` of the same record through the same kind of pool,
 //!   no layer: the floor a Redis hit is measured against (the `hit_path`
 //!   bench's `redis_raw_get`).
@@ -119,7 +120,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// A pool on `REDIS_URL` that does not `PING` on checkout.
 async fn pool() -> Result<bb8::Pool<RedisConnectionManager>, Box<dyn std::error::Error>> {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let url = std::env::var("REDIS_URL").map_err(|_| {
+        "the redis and raw modes need REDIS_URL: a redis-server of your own, \
+         such as redis://127.0.0.1:PORT"
+    })?;
     let manager = RedisConnectionManager::new(url)?;
     Ok(bb8::Pool::builder()
         .max_size(4)
