@@ -191,17 +191,21 @@ const PAIRED_BATCH: u32 = 400;
 /// Rounds of the paired measurement.
 const PAIRED_ROUNDS: usize = 25;
 
-/// The paired measurement's result: each round's ratio of a Redis hit's
-/// mean time to a raw `GET`'s.
+/// The paired measurement's result: each round's mean time of a Redis
+/// hit and of a raw `GET`, in the same order.
 struct PairedRatio {
     hit: Vec<Duration>,
     raw: Vec<Duration>,
-    ratios: Vec<f64>,
 }
 
 impl std::fmt::Display for PairedRatio {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut ratios = self.ratios.clone();
+        let mut ratios: Vec<f64> = self
+            .hit
+            .iter()
+            .zip(&self.raw)
+            .map(|(hit, raw)| hit.as_secs_f64() / raw.as_secs_f64().max(1e-12))
+            .collect();
         ratios.sort_by(f64::total_cmp);
         let quartile = |q: usize| ratios[(ratios.len() - 1) * q / 4];
         let median = |times: &[Duration]| {
@@ -258,7 +262,6 @@ where
     let mut result = PairedRatio {
         hit: Vec::new(),
         raw: Vec::new(),
-        ratios: Vec::new(),
     };
     for round in 0..PAIRED_ROUNDS {
         let (hit, raw) = if round % 2 == 0 {
@@ -270,9 +273,6 @@ where
         };
         result.hit.push(hit);
         result.raw.push(raw);
-        result
-            .ratios
-            .push(hit.as_secs_f64() / raw.as_secs_f64().max(1e-12));
     }
     result
 }

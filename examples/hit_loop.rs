@@ -22,8 +22,8 @@
 //! - `redis`: hits on a `RedisStore` at `REDIS_URL` (required: a
 //!   `redis-server` of your own, such as `redis://127.0.0.1:PORT`), on a
 //!   pool that does not `PING` on checkout;
-//! - `raw`: a bare `GET` of the same record through the same kind of pool,
-//!   no layer: the floor a Redis hit is measured against (the `hit_path`
+//! - `raw`: a bare `GET` of the same record through the same pool, no
+//!   layer: the floor a Redis hit is measured against (the `hit_path`
 //!   bench's `redis_raw_get`).
 //!
 //! The `redis` and `raw` modes write their entry first (one miss through
@@ -65,28 +65,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let request = || Request::get(PATH).body(Empty::new());
         // No early refresh: every request is the same plain hit.
         let builder = FenceLayer::builder().xfetch_beta(0.0);
-        let layer = match mode.as_str() {
-            "bare" => {
+        // One pool for the layer's store and the raw `GET`s, as in the
+        // `hit_path` bench.
+        let pool = match mode.as_str() {
+            "redis" | "raw" => Some(pool().await?),
+            _ => None,
+        };
+        let layer = match (mode.as_str(), &pool) {
+            ("bare", _) => {
                 for _ in 0..=hits {
                     let response = origin.oneshot(request()?).await?;
                     response.into_body().collect().await?;
                 }
                 return Ok(());
             }
-            "memory" => builder.build()?,
-            "redis" | "raw" => builder.store(RedisStore::new(pool().await?)).build()?,
-            other => return Err(format!("unknown mode {other:?}: memory|bare|redis|raw").into()),
+            ("memory", _) => builder.build()?,
+            ("redis" | "raw", Some(pool)) => {
+                builder.store(RedisStore::new(pool.clone())).build()?
+            }
+            (other, _) => {
+                return Err(format!("unknown mode {other:?}: memory|bare|redis|raw").into())
+            }
         };
         let svc = layer.layer(origin);
-        if mode == "redis" || mode == "raw" {
+        if let Some(pool) = &pool {
             // The layer writes its entry in the background: ask until a
             // raw `GET` finds it.
             let key = layer.cache_key(&request()?);
-            let pool = pool().await?;
             let mut stored = false;
             for _ in 0..200 {
                 svc.clone().oneshot(request()?).await?;
-                if raw_get(&pool, &key).await?.is_some() {
+                if raw_get(pool, &key).await?.is_some() {
                     stored = true;
                     break;
                 }
@@ -97,7 +106,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             if mode == "raw" {
                 for _ in 0..=hits {
-                    if raw_get(&pool, &key).await?.is_none() {
+                    if raw_get(pool, &key).await?.is_none() {
                         return Err("the record went missing".into());
                     }
                 }
